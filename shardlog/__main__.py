@@ -1,0 +1,5 @@
+import sys
+
+from shardlog.cli import main
+
+sys.exit(main())

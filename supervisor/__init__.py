@@ -1,0 +1,4 @@
+"""The shardlog supervisor: runs one recorder process per shard and watches them.
+
+This package imports shardlog; shardlog never imports it.
+"""
