@@ -1,0 +1,343 @@
+"""The shard map: YAML in, validated msgspec Structs out.
+
+Every config object is built through :func:`msgspec.convert` (constructors skip
+validation), so unknown keys, wrong types and impossible values are errors that
+name their path, e.g. ``shards[2].rotate.max_bytes: expected >= 1KiB``.
+
+Loading goes: read text -> YAML -> expand ``${VAR}`` / ``${VAR:-default}`` in
+string values -> validate ``defaults`` alone -> deep-merge ``defaults`` into every
+shard -> convert the whole map -> cross-shard checks (names, prefixes, hosts).
+Relative roots are resolved against the directory of the shard map file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from shardlog.units import format_duration, format_size, parse_duration, parse_size
+
+
+class ConfigError(Exception):
+    """A shard map that cannot be used; the message names the offending key."""
+
+
+# -- custom scalar types, parsed by _dec_hook so errors keep their path -------------
+
+
+class Size(int):
+    """A byte count written as ``64MiB`` or an integer."""
+
+    minimum: ClassVar[int] = 0
+
+
+class SegmentSize(Size):
+    minimum = 1024
+
+
+class Duration(float):
+    """Seconds, written as ``30s``, ``1d``, ``250ms`` or a number."""
+
+    minimum: ClassVar[float] = 0.0
+
+
+class PositiveDuration(Duration):
+    minimum = 0.001
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, Size):
+        n = parse_size(obj)
+        if n < tp.minimum:
+            raise ValueError(f"expected >= {format_size(tp.minimum)}, got {obj!r}")
+        return tp(n)
+    if isinstance(tp, type) and issubclass(tp, Duration):
+        s = parse_duration(obj)
+        if s < tp.minimum:
+            raise ValueError(f"expected >= {format_duration(tp.minimum)}, got {obj!r}")
+        return tp(s)
+    raise NotImplementedError(f"no decoder for {tp!r}")
+
+
+# -- the structs ---------------------------------------------------------------------
+
+_STRICT = {"forbid_unknown_fields": True, "kw_only": True}
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+ShardName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class TLS(Struct, **_STRICT):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip host name verification (testing only)
+
+
+class Broker(Struct, **_STRICT):
+    host: str = "localhost"
+    port: Port = 1883
+    protocol: Literal[5, "5", "3.1.1", "311"] = 5
+    username: str | None = None
+    password: str | None = None
+    tls: TLS | None = None
+    client_id_prefix: str = "shardlog-"
+    keepalive: Annotated[int, Meta(ge=5, le=65535)] = 60
+    # MQTT 5 session expiry: how long the broker keeps the session (and queues
+    # messages) while a shard is down. 3.1.1 sessions never expire on their own.
+    session_expiry: Duration = Duration(7 * 86400)
+    # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send.
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 2000
+    reconnect_max: PositiveDuration = PositiveDuration(30.0)
+
+    @property
+    def mqtt5(self) -> bool:
+        return self.protocol in (5, "5")
+
+
+class Rotate(Struct, **_STRICT):
+    max_bytes: SegmentSize | None = SegmentSize(64 * 1024 * 1024)
+    max_age: PositiveDuration | None = PositiveDuration(86400.0)
+
+
+class Retention(Struct, **_STRICT):
+    max_segments: Annotated[int, Meta(ge=1)] | None = None
+    max_age: PositiveDuration | None = None
+
+
+class Batch(Struct, **_STRICT):
+    max_messages: Annotated[int, Meta(ge=1, le=65535)] = 1000
+    max_delay: Duration = Duration(0.02)
+
+
+class Settings(Struct, **_STRICT):
+    """Per-shard settings; ``defaults`` holds them for every shard."""
+
+    root: str = "./data"
+    qos: Literal[0, 1] = 1
+    rotate: Rotate = msgspec.field(default_factory=Rotate)
+    retention: Retention = msgspec.field(default_factory=Retention)
+    compress: Literal["none", "gzip"] = "none"
+    recent: Annotated[int, Meta(ge=0, le=10000)] = 6
+    recent_interval: Duration = Duration(1.0)
+    fsync: Literal["never", "batch", "always"] = "never"
+    batch: Batch = msgspec.field(default_factory=Batch)
+    max_open_files: Annotated[int, Meta(ge=8, le=65536)] = 1024
+    max_payload: Size = Size(16 * 1024 * 1024)  # larger payloads are quarantined
+    lock_wait: Duration = Duration(10.0)
+
+
+class Shard(Settings, **_STRICT):
+    name: ShardName
+    prefix: str
+    host: str | None = None
+    broker: Broker | None = None  # None: the map's broker
+
+    @property
+    def branch(self) -> str:
+        """The prefix as a topic branch: ``""`` for the catch-all."""
+        return normalize_prefix(self.prefix)
+
+
+class Restart(Struct, **_STRICT):
+    backoff_initial: PositiveDuration = PositiveDuration(0.5)
+    backoff_max: PositiveDuration = PositiveDuration(30.0)
+    healthy_after: Duration = Duration(60.0)
+    max_restarts: Annotated[int, Meta(ge=1)] = 5
+    window: PositiveDuration = PositiveDuration(60.0)
+    failed_retry: PositiveDuration = PositiveDuration(300.0)
+
+
+class SupervisorSettings(Struct, **_STRICT):
+    listen: str = "127.0.0.1:8470"
+    restart: Restart = msgspec.field(default_factory=Restart)
+    heartbeat_timeout: PositiveDuration = PositiveDuration(30.0)
+    stop_timeout: PositiveDuration = PositiveDuration(10.0)
+    start_jitter: Duration = Duration(0.2)
+
+
+class ShardMap(Struct, **_STRICT):
+    shards: Annotated[list[Shard], Meta(min_length=1)]
+    broker: Broker = msgspec.field(default_factory=Broker)
+    defaults: Settings = msgspec.field(default_factory=Settings)
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+
+    def shard(self, name: str) -> Shard:
+        for s in self.shards:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no shard named {name!r} (shards: {', '.join(s.name for s in self.shards)})")
+
+    def broker_of(self, shard: Shard) -> Broker:
+        return shard.broker if shard.broker is not None else self.broker
+
+
+# -- loading -------------------------------------------------------------------------
+
+_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string value; ``$${`` is a literal ``${``."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            name, default = m.group(1), m.group(2)
+            if name in env and (env[name] != "" or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<top>'}: environment variable {name} is not set "
+                              f"(write ${{{name}:-default}} to give a default)")
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _convert(raw: Any, tp: type, where: str = "") -> Any:
+    try:
+        return msgspec.convert(raw, tp, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_rewrite_error(str(exc), where)) from None
+
+
+def _rewrite_error(msg: str, where: str) -> str:
+    """``Expected `int` >= 1 - at `$.shards[0].n``` -> ``shards[0].n: expected `int` >= 1``."""
+    m = re.match(r"^(.*) - at `\$(.*)`$", msg, re.S)
+    if not m:
+        return f"{where or 'shard map'}: {msg}"
+    text, path = m.group(1), m.group(2).lstrip(".")
+    text = text[0].lower() + text[1:] if text else text
+    full = _join(where, path) if path else where
+    return f"{full or 'shard map'}: {text}"
+
+
+def normalize_prefix(prefix: str) -> str:
+    return "" if prefix in ("", "#") else prefix
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why a prefix is unusable, or None."""
+    p = normalize_prefix(prefix)
+    if p == "":
+        return None
+    if "+" in p or "#" in p:
+        hint = f" (write {p[:-2]!r})" if p.endswith("/#") else ""
+        return f"wildcards are not allowed inside a prefix{hint}; use '#' alone for the catch-all"
+    if "\x00" in p:
+        return "NUL is not allowed in a topic"
+    if len(p.encode("utf-8", "surrogatepass")) > 65535:
+        return "longer than an MQTT topic may be"
+    return None
+
+
+def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = None) -> ShardMap:
+    """Validate an already-parsed YAML document into a :class:`ShardMap`."""
+    if raw is None:
+        raise ConfigError("shard map is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"shard map: expected a mapping at the top, got {type(raw).__name__}")
+    raw = expand_env(raw, os.environ if env is None else env)
+    defaults_raw = raw.get("defaults") or {}
+    if not isinstance(defaults_raw, dict):
+        raise ConfigError("defaults: expected a mapping")
+    _convert(defaults_raw, Settings, "defaults")
+    shards_raw = raw.get("shards")
+    if not isinstance(shards_raw, list):
+        raise ConfigError("shards: expected a list of shards (at least one)")
+    merged = []
+    for i, s in enumerate(shards_raw):
+        if not isinstance(s, dict):
+            raise ConfigError(f"shards[{i}]: expected a mapping with at least name and prefix")
+        merged.append(deep_merge(defaults_raw, s))
+    smap: ShardMap = _convert({**raw, "shards": merged}, ShardMap)
+    _check_shards(smap)
+    for shard in smap.shards:
+        shard.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(shard.root)))
+    smap.defaults.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(smap.defaults.root)))
+    return smap
+
+
+def _check_shards(smap: ShardMap) -> None:
+    names: dict[str, int] = {}
+    prefixes: dict[str, int] = {}
+    hosts = [s.host for s in smap.shards]
+    for i, s in enumerate(smap.shards):
+        where = f"shards[{i}]"
+        if s.name in names:
+            raise ConfigError(f"{where}.name: {s.name!r} is already the name of shards[{names[s.name]}]")
+        names[s.name] = i
+        problem = prefix_problem(s.prefix)
+        if problem:
+            raise ConfigError(f"{where}.prefix: {problem}")
+        branch = s.branch
+        if branch in prefixes:
+            raise ConfigError(f"{where}.prefix: {s.prefix!r} is already the prefix of "
+                              f"shards[{prefixes[branch]}] (every topic belongs to exactly one shard)")
+        prefixes[branch] = i
+        if s.host is None and any(h is not None for h in hosts):
+            raise ConfigError(f"{where}.host: required, because other shards name a host "
+                              "(a shard without one would run on every host)")
+        if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
+            raise ConfigError(f"{where}.qos: expected 0 or 1")
+
+
+def load_map(path: str, env: Mapping[str, str] | None = None) -> ShardMap:
+    """Read, expand and validate a shard map file. Raises ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the shard map: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    try:
+        return parse_map(raw, base_dir=os.path.dirname(os.path.abspath(path)), env=env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def shards_for_host(smap: ShardMap, host: str | None) -> list[Shard]:
+    """The shards one supervisor runs: all of a single-host map, else those of ``host``
+    (default: this machine's host name)."""
+    if all(s.host is None for s in smap.shards):
+        return list(smap.shards)
+    wanted = host or socket.gethostname()
+    return [s for s in smap.shards if s.host == wanted]
+
+
+def client_id(smap: ShardMap, shard: Shard) -> str:
+    """Stable per shard, so the broker keeps its session across restarts."""
+    return f"{smap.broker_of(shard).client_id_prefix}{shard.name}"

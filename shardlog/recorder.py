@@ -1,0 +1,384 @@
+"""One shard's recorder: a persistent MQTT session in, topic files out.
+
+One thread does everything: paho's network loop calls :meth:`Recorder.on_message`,
+which encodes the record and buffers it; :meth:`Recorder.flush` writes the buffers
+(one write per topic) and only then acknowledges the QoS 1 messages it wrote. A
+batch is flushed when it holds ``batch.max_messages`` records or its oldest record
+is ``batch.max_delay`` old. So a SIGKILL can cost duplicates (the broker redelivers
+what was not acknowledged) but never a message.
+
+Exit codes follow sysexits: 0 stopped cleanly, 64 usage, 70 internal error,
+73 the root cannot be created, 75 the branch is locked by another recorder,
+78 configuration error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import ssl
+import time
+from types import FrameType
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shardlog.config import Broker, Shard, ShardMap, client_id
+from shardlog.lock import LockBusy, ShardLock
+from shardlog.records import encode_record
+from shardlog.routing import Router, subscription
+from shardlog.stats import Counters, write_stats
+from shardlog.store import Compressor, Store, TopicState
+from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_relpath
+
+log = logging.getLogger(__name__)
+
+EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 0, 70, 73, 75, 78
+
+#: states kept in memory per open-file slot (closed-file topics keep their recent buffer)
+_STATES_PER_FD = 2
+_DISCARD = "discard"
+
+
+class Recorder:
+    def __init__(self, smap: ShardMap, shard: Shard, stats_file: str | None = None,
+                 parent_pid: int | None = None, heartbeat: float = 1.0) -> None:
+        self.smap = smap
+        self.shard = shard
+        self.broker: Broker = smap.broker_of(shard)
+        self.stats_file = stats_file
+        self.parent_pid = parent_pid
+        self.heartbeat = heartbeat
+        self.counters = Counters(shard=shard.name, pid=os.getpid(), started_ts=time.time_ns() // 1000)
+        self.router = Router((s.branch, s.name) for s in smap.shards
+                             if smap.broker_of(s) == self.broker)
+        self.states: dict[bytes, TopicState | str] = {}
+        self.acks: list[int] = []        # QoS 1 message ids received, in arrival order
+        self.pending = 0                 # records received since the last successful flush
+        self.batch_started = 0.0
+        self.batch_max = 1 if shard.fsync == "always" else shard.batch.max_messages
+        self.max_delay = shard.batch.max_delay
+        self.max_payload = shard.max_payload
+        self.stop_requested = False
+        self.connected = False
+        self.next_retry = 0.0
+        self.store: Store | None = None
+        self.client: mqtt.Client | None = None
+
+    # -- setup ----------------------------------------------------------------------
+
+    def _prepare_root(self) -> tuple[str, str]:
+        os.makedirs(self.shard.root, exist_ok=True)
+        root_real = os.path.realpath(self.shard.root)
+        branch = self.shard.branch
+        branch_root = safe_join(root_real, topic_to_relpath(branch)) if branch else root_real
+        os.makedirs(branch_root, exist_ok=True)
+        if not os.access(branch_root, os.W_OK):
+            raise PermissionError(13, "not writable", branch_root)
+        return root_real, branch_root
+
+    def _make_client(self) -> mqtt.Client:
+        b = self.broker
+        cid = client_id(self.smap, self.shard)
+        if b.mqtt5:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
+                                 protocol=mqtt.MQTTv5, manual_ack=True)
+        else:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+                                 protocol=mqtt.MQTTv311, manual_ack=True)
+        if b.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
+            client.username_pw_set(b.username, b.password)
+        if b.tls is not None:
+            client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(b.tls.insecure)
+        client.on_connect = self.on_connect
+        client.on_disconnect = self.on_disconnect
+        client.on_message = self.on_message
+        client.on_subscribe = self.on_subscribe
+        client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
+        if log.isEnabledFor(logging.DEBUG):
+            client.enable_logger(logging.getLogger("paho"))
+        return client
+
+    def _connect(self) -> None:
+        b = self.broker
+        assert self.client is not None
+        if b.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(b.session_expiry)
+            props.ReceiveMaximum = b.receive_maximum
+            self.client.connect(b.host, b.port, b.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect(b.host, b.port, b.keepalive)
+
+    # -- paho callbacks ---------------------------------------------------------------
+
+    def on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                   reason: object, properties: Properties | None) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
+            return
+        self.connected = True
+        self.counters.connected = True
+        self.counters.connects += 1
+        topic = subscription(self.shard.branch)
+        log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
+                 self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
+        client.subscribe(topic, self.shard.qos)
+
+    def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                     reasons: list, properties: Properties | None) -> None:
+        failed = [r for r in reasons if getattr(r, "is_failure", False) or r == 128]
+        if failed:
+            log.error("the broker refused the subscription to %s: %s",
+                      subscription(self.shard.branch), failed)
+            self.counters.errors += 1
+            return
+        self.counters.subscribed = True
+        self._write_stats()
+
+    def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                      reason: object, properties: Properties | None) -> None:
+        if self.connected and not self.stop_requested:
+            log.warning("disconnected from the broker: %s", reason)
+        self._lost_connection()
+
+    def _lost_connection(self) -> None:
+        self.connected = False
+        self.counters.connected = False
+        self.counters.subscribed = False
+        # Message ids belong to the connection: the broker redelivers the unacknowledged
+        # messages after we reconnect, so their buffered records are still written (the
+        # redelivered copies become duplicates, never losses).
+        self.acks = []
+        if self.store is not None:
+            self.store.forget_mids()
+
+    def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        # msg._topic: the raw topic bytes. paho's .topic property decodes on every
+        # access and raises on invalid UTF-8, which must be quarantined, not lost.
+        topic = msg._topic
+        st = self.states.get(topic)
+        if st is None:
+            st = self._resolve(topic)
+        ts = time.time_ns() // 1000
+        qos = msg.qos
+        mid = msg.mid if qos else 0
+        if mid:
+            self.acks.append(mid)
+        c = self.counters
+        c.last_message_ts = ts
+        if msg.dup:
+            c.redelivered += 1
+        store = self.store
+        assert store is not None
+        if st.__class__ is TopicState:
+            payload = msg.payload
+            if len(payload) <= self.max_payload:
+                store.add(st, encode_record(ts, qos, msg.retain, payload), mid)  # type: ignore[arg-type]
+            else:
+                store.quarantine(ts, f"payload of {len(payload)} bytes exceeds max_payload",
+                                 topic, qos, msg.retain, payload, mid)
+        elif st is _DISCARD:
+            c.discarded += 1
+        else:
+            if c.degraded and qos == 0 and self.pending > 10 * self.batch_max:
+                c.dropped_qos0 += 1
+                return
+            store.quarantine(ts, st, topic, qos, msg.retain, msg.payload, mid)  # type: ignore[arg-type]
+        self.pending += 1
+        if self.pending == 1:
+            self.batch_started = time.monotonic()
+        if self.pending >= self.batch_max and not c.degraded:
+            self.flush()
+
+    def _resolve(self, raw: bytes) -> TopicState | str:
+        """Topic bytes -> its state, _DISCARD, or a reason to quarantine (not cached)."""
+        try:
+            topic = topic_from_bytes(raw)
+        except TopicError as exc:
+            return f"topic not storable: {exc}"
+        owner = self.router.owner(topic)
+        if owner != self.shard.name:
+            self.states[raw] = _DISCARD
+            return _DISCARD
+        assert self.store is not None
+        try:
+            st = self.store.new_state(topic)
+        except TopicError as exc:
+            return f"topic not storable: {exc}"
+        self.states[raw] = st
+        return st
+
+    # -- flushing and acknowledging -----------------------------------------------------
+
+    def flush(self) -> None:
+        store = self.store
+        assert store is not None
+        now = time.monotonic()
+        held = store.flush(time.time_ns() // 1000, now)
+        if held:
+            ack = [m for m in self.acks if m not in held]
+            self.acks = [m for m in self.acks if m in held]
+            self.pending = store.pending_records()
+            self.next_retry = now + 1.0
+            self.batch_started = now
+        else:
+            ack, self.acks = self.acks, []
+            self.pending = 0
+        if ack and self.connected and self.client is not None:
+            client = self.client
+            for mid in ack:
+                client.ack(mid, 1)
+            self.counters.acked += len(ack)
+
+    def _due(self, now: float) -> bool:
+        if not self.pending:
+            return False
+        if self.counters.degraded:
+            return now >= self.next_retry
+        return now - self.batch_started >= self.max_delay
+
+    def _trim_states(self) -> None:
+        limit = self.shard.max_open_files * _STATES_PER_FD
+        if len(self.states) <= limit:
+            return
+        store = self.store
+        assert store is not None
+        drop = [k for k, st in self.states.items()
+                if st is _DISCARD or (isinstance(st, TopicState) and store.evictable(st))]
+        for k in drop[: len(self.states) - limit * 3 // 4]:
+            del self.states[k]
+
+    # -- the main loop -------------------------------------------------------------------
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested = True  # only a flag: the main loop does the work
+
+    def run(self) -> int:
+        shard = self.shard
+        try:
+            root_real, branch_root = self._prepare_root()
+        except (OSError, TopicError) as exc:
+            log.error("cannot use root %s: %s", shard.root, exc)
+            return EX_CANTCREAT
+        lock = ShardLock(branch_root)
+        try:
+            lock.acquire(shard.lock_wait)
+        except LockBusy as exc:
+            log.error("%s", exc)
+            return EX_TEMPFAIL
+        except OSError as exc:
+            log.error("cannot take the shard lock in %s: %s", branch_root, exc)
+            return EX_CANTCREAT
+        try:
+            return self._run_locked(root_real, branch_root)
+        finally:
+            lock.release()
+
+    def _run_locked(self, root_real: str, branch_root: str) -> int:
+        _raise_fd_limit(self.shard.max_open_files + 64)
+        compressor = Compressor(self.counters) if self.shard.compress == "gzip" else None
+        self.store = Store(self.shard, root_real, branch_root, self.counters, compressor)
+        self.client = self._make_client()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log.info("recording %s into %s (pid %d)", subscription(self.shard.branch), branch_root, os.getpid())
+        try:
+            self._loop()
+            self._shutdown()
+        finally:
+            if compressor is not None:
+                compressor.stop(timeout=30.0)
+            self.store.close()
+            self._write_stats()
+        log.info("stopped: %d messages, %d acknowledged, %d quarantined",
+                 self.counters.messages, self.counters.acked, self.counters.quarantined)
+        return EX_OK
+
+    def _loop(self) -> None:
+        client = self.client
+        assert client is not None
+        next_connect = 0.0
+        backoff = 0.5
+        next_tick = 0.0
+        while not self.stop_requested:
+            now = time.monotonic()
+            if client.socket() is None and now >= next_connect:
+                try:
+                    self._connect()
+                    backoff = 0.5
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot reach broker %s:%s: %s; retrying in %.1fs",
+                                self.broker.host, self.broker.port, exc, backoff)
+                    next_connect = now + backoff
+                    backoff = min(backoff * 2, self.broker.reconnect_max)
+            if client.socket() is not None:
+                timeout = 0.1
+                if self.pending:
+                    timeout = max(0.0, min(timeout, self.batch_started + self.max_delay - now))
+                rc = client.loop(timeout)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is None:
+                    self._lost_connection()
+                    next_connect = time.monotonic() + backoff
+                    backoff = min(backoff * 2, self.broker.reconnect_max)
+            else:
+                time.sleep(min(0.1, max(0.0, next_connect - now)))  # waiting to reconnect
+            now = time.monotonic()
+            if self._due(now):
+                self.flush()
+            if now >= next_tick:
+                next_tick = now + self.heartbeat
+                self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        """About once a heartbeat: housekeeping, stats (the heartbeat), parent check."""
+        store = self.store
+        assert store is not None
+        store.sweep_recent(now)
+        self._trim_states()
+        self.counters.topics_cached = len(self.states)
+        self.counters.pending = self.pending
+        self._write_stats()
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.error("supervisor (pid %d) is gone; stopping", self.parent_pid)
+            self.stop_requested = True
+
+    def _shutdown(self) -> None:
+        """Flush, acknowledge, and disconnect keeping the session."""
+        client = self.client
+        assert client is not None and self.store is not None
+        if self.pending:
+            self.flush()
+        if self.counters.degraded:
+            log.error("stopping with %d record(s) not written; the broker keeps them unacknowledged",
+                      self.pending)
+        self.store.sweep_recent(time.monotonic(), force=True)
+        if client.socket() is not None:
+            client.disconnect()  # queued after the PUBACKs; the session stays on the broker
+            deadline = time.monotonic() + 5.0
+            while client.socket() is not None and time.monotonic() < deadline:
+                client.loop(0.05)
+
+    def _write_stats(self) -> None:
+        if self.stats_file is None:
+            return
+        self.counters.updated_ts = time.time_ns() // 1000
+        try:
+            write_stats(self.stats_file, self.counters)
+        except OSError as exc:
+            log.warning("cannot write stats file %s: %s", self.stats_file, exc)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("file descriptor limit %d is below max_open_files + 64 (%d)", new, wanted)

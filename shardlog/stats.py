@@ -1,0 +1,63 @@
+"""A shard's own counters, and the stats file the supervisor reads.
+
+The recorder rewrites the stats file (atomically) about once a second from its
+main loop; the file's freshness is also its heartbeat: a recorder that stops
+making progress stops rewriting it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+
+class Counters(msgspec.Struct, kw_only=True):
+    shard: str = ""
+    pid: int = 0
+    messages: int = 0          # records written to topic files
+    bytes: int = 0             # bytes appended to topic files
+    acked: int = 0             # QoS 1 acknowledgements sent
+    redelivered: int = 0       # messages the broker marked DUP (possible duplicates)
+    discarded: int = 0         # messages owned by a more specific shard (acked, not written)
+    dropped_qos0: int = 0      # QoS 0 messages dropped while the disk could not be written
+    topics_open: int = 0       # topic files open right now
+    topics_cached: int = 0     # topics with in-memory state right now
+    rotations: int = 0
+    compressed: int = 0
+    deleted_segments: int = 0  # removed by retention
+    quarantined: int = 0       # records written to the quarantine file
+    repaired: int = 0          # torn tails cut back on reopen
+    errors: int = 0            # I/O errors (each logged)
+    pending: int = 0           # records received, not yet written
+    connected: bool = False
+    subscribed: bool = False   # the broker granted this connection's subscription
+    connects: int = 0
+    degraded: bool = False
+    degraded_reason: str | None = None
+    last_message_ts: int | None = None  # reception time (us) of the newest message
+    started_ts: int = 0
+    updated_ts: int = 0
+
+
+_encode = msgspec.json.encode
+_decoder = msgspec.json.Decoder(Counters)
+
+
+def write_stats(path: str, counters: Counters) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, _encode(counters))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_stats(path: str) -> Counters | None:
+    """The last stats a recorder wrote, or None if there are none (yet)."""
+    try:
+        with open(path, "rb") as f:
+            return _decoder.decode(f.read())
+    except (OSError, msgspec.DecodeError):
+        return None

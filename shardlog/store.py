@@ -1,0 +1,541 @@
+"""Topic files on disk: buffered appends, rotation, retention, +recent.json, repair.
+
+The store never talks to the network. The recorder hands it record lines per topic
+(:meth:`Store.add`), then calls :meth:`Store.flush`, which writes every buffered
+line with one ``write`` per topic and tells which lines could not be written (so
+their messages are not acknowledged). File descriptors are opened lazily and kept
+in a bounded LRU, so any number of topics fits in ``max_open_files`` descriptors.
+
+Errors: a topic that cannot be stored (its path is too long, a file stands where
+a directory should be, ...) has its records quarantined with the reason. A disk
+that is full, read-only or refusing permission raises nothing: the lines stay
+buffered, the store reports itself degraded, and the next flush tries again.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import gzip
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+import typing
+
+from shardlog import segments
+from shardlog.config import Shard
+from shardlog.records import _json_decode, encode_quarantine
+from shardlog.segments import CURRENT, QUARANTINE, RECENT, RECENT_TMP, TOPIC_FILE
+from shardlog.stats import Counters
+from shardlog.topics import TopicError, is_hashed_name, safe_join, topic_to_relpath
+
+log = logging.getLogger(__name__)
+
+#: errors after which a write is retried later: the disk may come back.
+TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                       errno.EINTR, errno.ESTALE})
+_TAIL_CHUNK = 64 * 1024
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+
+
+class TopicState:
+    """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
+
+    __slots__ = ("topic", "relpath", "path", "lines", "mids", "dirty", "fd", "size",
+                 "first_ts", "recent", "recent_dirty", "recent_at", "loaded")
+
+    def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
+        self.topic = topic
+        self.relpath = relpath
+        self.path = path              # the topic's directory
+        self.lines: list[bytes] = []
+        self.mids: list[int] = []     # QoS 1 message ids of the buffered lines
+        self.dirty = False
+        self.fd = -1
+        self.size = 0                 # bytes in the current segment
+        self.first_ts: int | None = None  # ts of the current segment's first record
+        self.recent: collections.deque[bytes] = collections.deque(maxlen=recent)
+        self.recent_dirty = False
+        self.recent_at = -1e18        # monotonic time of the last +recent.json write
+        self.loaded = False           # tail repaired and recent loaded (once per state)
+
+
+class Store:
+    def __init__(self, shard: Shard, root_real: str, branch_root: str, counters: Counters,
+                 compressor: Compressor | None = None) -> None:
+        self.shard = shard
+        self.root = root_real
+        self.branch_root = branch_root
+        self.counters = counters
+        self.dirty: list[TopicState] = []
+        self.open: dict[TopicState, None] = {}   # LRU of states holding an fd, oldest first
+        self.stale_recent: set[TopicState] = set()
+        self.quarantine_lines: list[bytes] = []
+        self.quarantine_mids: list[int] = []
+        self.compressor = compressor
+        self.fsync = shard.fsync != "never"
+        self.max_bytes = shard.rotate.max_bytes
+        self.max_age = shard.rotate.max_age
+        self.degraded_reason: str | None = None
+        self._dirs_to_sync: set[str] = set()
+
+    # -- topics -------------------------------------------------------------------
+
+    def new_state(self, topic: str) -> TopicState:
+        """State for a topic; raises TopicError if it cannot be stored."""
+        relpath = topic_to_relpath(topic)
+        path = safe_join(self.root, relpath)
+        if len(os.fsencode(path)) + 32 > 4095:
+            raise TopicError("path too long for the file system")
+        return TopicState(topic, relpath, path, self.shard.recent)
+
+    def add(self, st: TopicState, line: bytes, mid: int) -> None:
+        st.lines.append(line)
+        if mid:
+            st.mids.append(mid)
+        if not st.dirty:
+            st.dirty = True
+            self.dirty.append(st)
+
+    def quarantine(self, ts_us: int, reason: str, topic: bytes, qos: int, retain: bool,
+                   payload: bytes, mid: int) -> None:
+        self.quarantine_lines.append(
+            encode_quarantine(ts_us, self.shard.name, reason, topic, qos, retain, payload))
+        if mid:
+            self.quarantine_mids.append(mid)
+
+    def forget_mids(self) -> None:
+        """The connection is gone: its message ids mean nothing any more. The
+        buffered lines stay and are written; the broker redelivers the messages."""
+        for st in self.dirty:
+            st.mids = []
+        self.quarantine_mids = []
+
+    def pending_records(self) -> int:
+        return sum(len(st.lines) for st in self.dirty) + len(self.quarantine_lines)
+
+    # -- flushing -----------------------------------------------------------------
+
+    def flush(self, now_us: int, now_mono: float) -> set[int]:
+        """Write every buffered line. Returns the message ids that could NOT be
+        written (they stay buffered; do not acknowledge them)."""
+        held: set[int] = set()
+        dirty, self.dirty = self.dirty, []
+        problem: str | None = None
+        written: list[TopicState] = []
+        for st in dirty:
+            try:
+                self._write(st, now_us)
+            except TopicError as exc:
+                self._quarantine_state(st, now_us, str(exc))
+            except OSError as exc:
+                if exc.errno in TRANSIENT:
+                    problem = problem or f"{st.relpath}: {exc.strerror or exc}"
+                    held.update(st.mids)
+                    self.dirty.append(st)
+                    self._close_fd(st)
+                else:
+                    self._quarantine_state(st, now_us, f"cannot write: {exc.strerror or exc}")
+            else:
+                written.append(st)
+        if self.quarantine_lines:
+            try:
+                self._write_quarantine()
+            except OSError as exc:
+                problem = problem or f"{QUARANTINE}: {exc.strerror or exc}"
+                held.update(self.quarantine_mids)
+        if self.fsync:
+            problem = self._sync(written) or problem
+        for st in written:
+            self._after_write(st, now_mono)
+        self._set_degraded(problem)
+        return held
+
+    def _write(self, st: TopicState, now_us: int) -> None:
+        if st.fd < 0:
+            self._open_fd(st)
+        lines = st.lines
+        data = b"".join(lines) if len(lines) > 1 else lines[0]
+        if segments.should_rotate(st.size, len(data), st.first_ts, now_us, self.max_bytes, self.max_age):
+            self._rotate(st, now_us)
+        if self.max_bytes is None or st.size + len(data) <= self.max_bytes:
+            self._append(st, data)
+        else:  # the batch itself crosses max_bytes: write line by line, rotating between
+            chunk: list[bytes] = []
+            chunk_len = 0
+            for line in lines:
+                if chunk_len and st.size + chunk_len + len(line) > self.max_bytes:
+                    self._append(st, b"".join(chunk))
+                    self._rotate(st, now_us)
+                    chunk, chunk_len = [], 0
+                elif not chunk_len and segments.should_rotate(st.size, len(line), None, now_us,
+                                                               self.max_bytes, None):
+                    self._rotate(st, now_us)
+                chunk.append(line)
+                chunk_len += len(line)
+            self._append(st, b"".join(chunk))
+        if st.first_ts is None:
+            st.first_ts = now_us
+        c = self.counters
+        c.messages += len(lines)
+        c.bytes += len(data)
+        if st.recent.maxlen:
+            st.recent.extend(lines)
+            st.recent_dirty = True
+        st.lines = []
+        st.mids = []
+        st.dirty = False
+
+    def _append(self, st: TopicState, data: bytes) -> None:
+        """Append whole lines; on failure cut the file back so no partial line stays."""
+        before = st.size
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(st.fd, view)
+                view = view[n:]
+        except OSError:
+            try:
+                os.ftruncate(st.fd, before)
+            except OSError as exc2:  # pragma: no cover - the disk refuses even that
+                log.error("cannot cut %s back after a failed write: %s", st.relpath, exc2)
+            raise
+        st.size = before + len(data)
+
+    def _open_fd(self, st: TopicState) -> None:
+        if len(self.open) >= self.shard.max_open_files:
+            self._evict_fds(max(1, self.shard.max_open_files // 8))
+        created = not os.path.isdir(st.path)
+        if created:
+            self._make_dirs(st)
+        path = os.path.join(st.path, CURRENT)
+        try:
+            fd = os.open(path, _OPEN_FLAGS, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot open {CURRENT}: {exc.strerror}") from None
+            raise
+        st.fd = fd
+        st.size = os.fstat(fd).st_size
+        self.open[st] = None
+        self.counters.topics_open = len(self.open)
+        if created and self.fsync:
+            self._dirs_to_sync.add(st.path)
+        if not st.loaded:
+            self._load(st, path)
+            st.loaded = True
+
+    def _make_dirs(self, st: TopicState) -> None:
+        try:
+            os.makedirs(st.path, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot create the directory: {exc.strerror}") from None
+            raise
+        # the last guard: nothing may have swapped a level for a symlink meanwhile
+        safe_join(self.root, st.relpath)
+        levels = st.relpath.split("/")
+        if any(is_hashed_name(level) for level in levels):
+            topic_levels = st.topic.split("/")
+            for depth, level in enumerate(levels, 1):
+                if is_hashed_name(level):
+                    target = os.path.join(self.root, *levels[:depth], TOPIC_FILE)
+                    with open(target, "w", encoding="utf-8") as f:
+                        f.write("/".join(topic_levels[:depth]))
+
+    def _load(self, st: TopicState, path: str) -> None:
+        """First open of a topic in this process: cut a torn or garbage tail back to
+        the last valid record, then fill the recent buffer from the tail."""
+        if st.size == 0:
+            return
+        with open(path, "rb") as f:
+            start, tail, keep = _valid_tail(f, st.size)
+            f.seek(0)
+            head = f.readline(4096)
+        if keep < len(tail):
+            garbage = tail[keep:]
+            os.truncate(path, start + keep)
+            st.size = start + keep
+            self.counters.repaired += 1
+            log.warning("%s: cut %d bytes of torn or invalid tail back to the last valid record "
+                        "(kept in %s)", st.relpath, len(garbage), QUARANTINE)
+            self.quarantine(time.time_ns() // 1000, "torn tail of " + st.relpath,
+                            st.topic.encode(), 0, False, garbage, 0)
+        if st.size and head.endswith(b"\n") and _valid_record(head):
+            st.first_ts = _json_decode(head)["ts"]
+        n = st.recent.maxlen or 0
+        if n:
+            lines = tail[:keep].split(b"\n")[:-1]
+            if start > 0:
+                lines = lines[1:]  # the first piece may be a partial line
+            recent = [ln + b"\n" for ln in lines[-n:]]
+            if start == 0 and len(recent) < n:
+                recent = self._previous_tail(st, n - len(recent)) + recent
+            st.recent.extend(recent)
+
+    def _previous_tail(self, st: TopicState, n: int) -> list[bytes]:
+        try:
+            rotated = segments.rotated_segments(os.listdir(st.path))
+        except OSError:
+            return []
+        if not rotated:
+            return []
+        last = rotated[-1]
+        path = os.path.join(st.path, last.name)
+        try:
+            if last.compressed:
+                with gzip.open(path, "rb") as f:
+                    data = f.read()
+            else:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(0, size - _TAIL_CHUNK))
+                    data = f.read()
+        except (OSError, EOFError, gzip.BadGzipFile):
+            return []
+        return [ln + b"\n" for ln in data.split(b"\n")[-n - 1:-1] if _valid_record(ln)]
+
+    def _rotate(self, st: TopicState, now_us: int) -> None:
+        names = os.listdir(st.path)
+        rotated = segments.rotated_segments(names)
+        seq = rotated[-1].seq + 1 if rotated else 1
+        name = segments.segment_name(seq)
+        if self.fsync:
+            os.fsync(st.fd)
+        os.rename(os.path.join(st.path, CURRENT), os.path.join(st.path, name))
+        os.close(st.fd)
+        st.fd = os.open(os.path.join(st.path, CURRENT), _OPEN_FLAGS, 0o644)
+        st.size = 0
+        st.first_ts = None
+        self.counters.rotations += 1
+        if self.fsync:
+            self._dirs_to_sync.add(st.path)
+        log.debug("%s: rotated to %s", st.relpath, name)
+        if self.compressor is not None:
+            for seg in rotated:
+                if not seg.compressed:  # left over by a crash or a stop
+                    self.compressor.submit(os.path.join(st.path, seg.name))
+            self.compressor.submit(os.path.join(st.path, name))
+        self._apply_retention(st, rotated + [segments.Segment(seq, name, False)])
+
+    def _apply_retention(self, st: TopicState, rotated: list[segments.Segment]) -> None:
+        r = self.shard.retention
+        if r.max_segments is None and r.max_age is None:
+            return
+        infos = []
+        by_seq = {}
+        for seg in rotated:
+            try:
+                infos.append((seg.seq, os.stat(os.path.join(st.path, seg.name)).st_mtime))
+                by_seq[seg.seq] = seg
+            except FileNotFoundError:
+                continue
+        for seq in segments.segments_to_delete(infos, time.time(), r.max_segments, r.max_age):
+            for name in (segments.segment_name(seq), segments.segment_name(seq, True)):
+                try:
+                    os.unlink(os.path.join(st.path, name))
+                    self.counters.deleted_segments += 1
+                except FileNotFoundError:
+                    pass
+
+    def _quarantine_state(self, st: TopicState, now_us: int, reason: str) -> None:
+        log.warning("%s: %s; %d record(s) quarantined", st.relpath, reason, len(st.lines))
+        for line in st.lines:
+            self.quarantine_lines.append(
+                encode_quarantine(now_us, self.shard.name, reason, st.topic.encode(), 0, False, line))
+        self.quarantine_mids.extend(st.mids)
+        st.lines, st.mids, st.dirty = [], [], False
+        self._close_fd(st)
+        self._write_quarantine()
+
+    def _write_quarantine(self) -> None:
+        if not self.quarantine_lines:
+            return
+        os.makedirs(self.branch_root, exist_ok=True)
+        fd = os.open(os.path.join(self.branch_root, QUARANTINE), _OPEN_FLAGS, 0o644)
+        try:
+            before = os.fstat(fd).st_size
+            data = b"".join(self.quarantine_lines)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, before)
+                raise
+        finally:
+            os.close(fd)
+        self.counters.quarantined += len(self.quarantine_lines)
+        self.quarantine_lines, self.quarantine_mids = [], []
+
+    def _sync(self, written: list[TopicState]) -> str | None:
+        try:
+            for st in written:
+                if st.fd >= 0:
+                    os.fdatasync(st.fd)
+            for d in self._dirs_to_sync:
+                dfd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self._dirs_to_sync.clear()
+        except OSError as exc:
+            # data may not be on disk: keep the whole batch unacknowledged by failing loudly
+            raise OSError(exc.errno, f"fsync failed: {exc.strerror}") from exc
+        return None
+
+    def _after_write(self, st: TopicState, now_mono: float) -> None:
+        self.open.pop(st, None)
+        if st.fd >= 0:
+            self.open[st] = None  # most recently used
+        if st.recent_dirty:
+            if now_mono - st.recent_at >= self.shard.recent_interval:
+                self._write_recent(st, now_mono)
+            else:
+                self.stale_recent.add(st)
+
+    def _write_recent(self, st: TopicState, now_mono: float) -> None:
+        body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
+        tmp = os.path.join(st.path, RECENT_TMP)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(st.path, RECENT))
+        except OSError as exc:
+            self.counters.errors += 1
+            log.warning("%s: cannot replace %s: %s", st.relpath, RECENT, exc.strerror or exc)
+            self.stale_recent.add(st)
+            return
+        st.recent_dirty = False
+        st.recent_at = now_mono
+        self.stale_recent.discard(st)
+
+    def _set_degraded(self, problem: str | None) -> None:
+        c = self.counters
+        if problem and not c.degraded:
+            log.error("cannot write (%s): not acknowledging; will retry", problem)
+            c.errors += 1
+        elif problem is None and c.degraded:
+            log.warning("writing again after: %s", c.degraded_reason)
+        c.degraded = problem is not None
+        c.degraded_reason = problem
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    def sweep_recent(self, now_mono: float, force: bool = False) -> None:
+        """Write the +recent.json files that were held back by recent_interval."""
+        for st in list(self.stale_recent):
+            if force or now_mono - st.recent_at >= self.shard.recent_interval:
+                self._write_recent(st, now_mono)
+
+    def evictable(self, st: TopicState) -> bool:
+        return not st.dirty and st.fd < 0 and st not in self.stale_recent
+
+    def _evict_fds(self, n: int) -> None:
+        for st in list(self.open)[:n]:
+            self._close_fd(st)
+
+    def _close_fd(self, st: TopicState) -> None:
+        if st.fd >= 0:
+            try:
+                os.close(st.fd)
+            except OSError:  # pragma: no cover
+                pass
+            st.fd = -1
+        self.open.pop(st, None)
+        self.counters.topics_open = len(self.open)
+
+    def close(self) -> None:
+        self.sweep_recent(time.monotonic(), force=True)
+        for st in list(self.open):
+            self._close_fd(st)
+
+
+def _valid_tail(f: typing.BinaryIO, size: int) -> tuple[int, bytes, int]:
+    """Read the end of a segment and find where its last valid record ends.
+
+    Returns (offset of ``tail`` in the file, ``tail``, length of ``tail`` to keep).
+    Reads further back (in growing chunks) while the line under test starts before
+    the chunk, so a torn 10 MiB record is found and cut too."""
+    chunk = _TAIL_CHUNK
+    while True:
+        start = max(0, size - chunk)
+        f.seek(start)
+        tail = f.read(size - start)
+        end = len(tail)
+        while end > 0:
+            if tail[end - 1] != 0x0A:  # an unterminated (torn) last line
+                nl = tail.rfind(b"\n", 0, end)
+                if nl < 0 and start > 0:
+                    break
+                end = nl + 1
+                continue
+            begin = tail.rfind(b"\n", 0, end - 1) + 1
+            if begin == 0 and start > 0:
+                break
+            if _valid_record(tail[begin:end]):
+                return start, tail, end
+            end = begin
+        else:
+            return start, tail, 0
+        chunk *= 4
+
+
+def _valid_record(line: bytes) -> bool:
+    try:
+        obj = _json_decode(line)
+    except Exception:  # noqa: BLE001 - any decoder complaint means "not a record"
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("ts"), int) and "payload" in obj
+
+
+class Compressor:
+    """Gzips rotated segments in a background thread, off the hot path.
+
+    Writes ``name.gz.tmp``, renames it to ``name.gz``, then removes ``name``; a crash
+    at any point leaves a complete plain segment (listed in preference)."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="compressor", daemon=True)
+        self.thread.start()
+
+    def submit(self, path: str) -> None:
+        self.queue.put(path)
+
+    def _run(self) -> None:
+        while True:
+            path = self.queue.get()
+            if path is None:
+                return
+            try:
+                self.compress(path)
+                self.counters.compressed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.counters.errors += 1
+                log.warning("cannot compress %s: %s", path, exc)
+
+    @staticmethod
+    def compress(path: str) -> None:
+        tmp = path + ".gz.tmp"
+        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+        os.replace(tmp, path + ".gz")
+        os.unlink(path)
+
+    def stop(self, timeout: float) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
