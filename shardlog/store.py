@@ -15,6 +15,7 @@ buffered, the store reports itself degraded, and the next flush tries again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import gzip
 import logging
@@ -327,13 +328,14 @@ class Store:
         if r.max_segments is None and r.max_age is None:
             return
         infos = []
-        by_seq = {}
         for seg in rotated:
-            try:
-                infos.append((seg.seq, os.stat(os.path.join(st.path, seg.name)).st_mtime))
-                by_seq[seg.seq] = seg
-            except FileNotFoundError:
-                continue
+            # the compressor may turn name into name.gz at any moment: look for both
+            for name in (segments.segment_name(seg.seq), segments.segment_name(seg.seq, True)):
+                try:
+                    infos.append((seg.seq, os.stat(os.path.join(st.path, name)).st_mtime))
+                    break
+                except FileNotFoundError:
+                    continue
         for seq in segments.segments_to_delete(infos, time.time(), r.max_segments, r.max_age):
             for name in (segments.segment_name(seq), segments.segment_name(seq, True)):
                 try:
@@ -533,8 +535,16 @@ class Compressor:
         tmp = path + ".gz.tmp"
         with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst, 1024 * 1024)
+            info = os.fstat(src.fileno())
+        os.utime(tmp, ns=(info.st_atime_ns, info.st_mtime_ns))  # retention by age keeps working
         os.replace(tmp, path + ".gz")
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            # retention deleted the segment while we compressed it: do not resurrect it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".gz")
+            raise
 
     def stop(self, timeout: float) -> None:
         self.queue.put(None)
