@@ -1,0 +1,112 @@
+"""The supervisor's HTTP endpoint: ``/status`` (JSON) and ``/metrics`` (Prometheus).
+
+A stdlib ``ThreadingHTTPServer`` in a daemon thread. Handlers build their answer
+from the last published snapshot and sample (immutable objects read through one
+attribute each); they take no lock and do no file or process I/O, so a scrape
+never waits on, or slows, the main loop or a recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from supervisor.metrics import make_registry
+from supervisor.status import StatusDoc, encode
+
+log = logging.getLogger(__name__)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port``, ``[v6addr]:port`` or ``:port`` (all interfaces) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"supervisor.listen: expected HOST:PORT, got {listen!r}")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type, status: Callable[[], StatusDoc]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.status = status
+        self.registry = make_registry(status)
+        super().__init__(address, handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "shardlog-supervisor"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/status":
+                self._send(200, "application/json", encode(self.server.status()))
+            elif path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
+            elif path == "/":
+                self._send(200, "text/plain; charset=utf-8",
+                           b"shardlog supervisor: /status (JSON), /metrics (Prometheus)\n")
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /status or /metrics\n")
+        except Exception:  # noqa: BLE001 - a broken page must not kill the server thread
+            log.exception("error serving %s", path)
+            self._send(500, "text/plain; charset=utf-8", b"internal error\n")
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class StatusServer:
+    def __init__(self, listen: str, status: Callable[[], StatusDoc]) -> None:
+        self.listen = listen
+        self.httpd = _Server(parse_listen(listen), _Handler, status)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                       name="shardlog-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> StatusServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0) -> StatusServer:
+    """Bind ``listen``, retrying a few times (a previous supervisor may still be exiting)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return StatusServer(listen, status)
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("cannot listen on %s (%s); retrying in %gs", listen, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

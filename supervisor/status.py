@@ -1,0 +1,170 @@
+"""The ``/status`` document: its schema (msgspec Structs) and how it is built.
+
+These Structs *are* the documented schema: docs/supervisor.md shows the JSON
+Schema generated from :class:`StatusDoc` (``python -m supervisor.status``
+prints it) and a test checks both that the page is current and that a live
+``/status`` validates against it.
+
+Built by :func:`build_status` from two immutable inputs: the main loop's last
+:class:`~supervisor.snapshot.Snapshot` and the sampler's last
+:class:`Sample`. No I/O happens while building, so serving /status cannot slow
+the main loop or a recorder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from shardlog import __version__
+from supervisor.snapshot import Snapshot
+
+StateName = Literal["starting", "running", "backoff", "stopping", "stopped", "failed", "degraded"]
+
+_CLOSED = {"forbid_unknown_fields": True, "kw_only": True}
+
+
+class LastExit(msgspec.Struct, **_CLOSED):
+    """How the shard's previous process ended."""
+
+    code: int | None   # exit status (78: configuration error, 73: root unusable, 75: branch locked, ...)
+    signal: str | None  # e.g. "SIGKILL" when a signal ended it (then code is null)
+    reason: str        # human-readable, e.g. "exit 73 (root cannot be created or written)"
+    ts: float          # Unix time, seconds
+
+
+class ProcessFigures(msgspec.Struct, **_CLOSED):
+    """From one cached psutil.Process per pid, sampled about once a second."""
+
+    cpu_percent: float  # since the previous sample; 100 = one core
+    cpu_seconds: float  # user + system
+    rss: int            # bytes
+    read_bytes: int | None   # I/O counters (null where the OS does not tell)
+    write_bytes: int | None
+    open_fds: int | None
+    threads: int
+
+
+class Disk(msgspec.Struct, **_CLOSED):
+    """The file system holding the shard's root (shutil.disk_usage)."""
+
+    free: int   # bytes available to the recorder
+    total: int  # bytes
+
+
+class ShardCounters(msgspec.Struct, kw_only=True):
+    """The recorder's own counters (shardlog.stats.Counters) as its stats file last said.
+
+    The fields listed are guaranteed; the recorder may add more (they are passed through).
+    """
+
+    messages: int              # records written to topic files
+    bytes: int                 # bytes appended to topic files
+    acked: int                 # QoS 1 acknowledgements sent to the broker
+    redelivered: int           # messages the broker marked DUP
+    discarded: int             # owned by a more specific shard (acknowledged, not written)
+    topics_open: int
+    rotations: int
+    quarantined: int
+    errors: int
+    pending: int               # received, not yet written
+    connected: bool
+    subscribed: bool
+    degraded: bool
+    degraded_reason: str | None
+    last_message_ts: int | None  # reception time of the newest message, microseconds since the epoch
+    started_ts: int            # microseconds since the epoch
+    updated_ts: int            # microseconds since the epoch: the last heartbeat
+
+
+class ShardStatus(msgspec.Struct, **_CLOSED):
+    name: str
+    state: StateName
+    pid: int | None              # null when no process runs
+    uptime: float | None         # seconds since the current process started
+    restarts: int                # restarts after exits, since the supervisor started
+    last_exit: LastExit | None
+    reason: str | None           # why it is in backoff, failed or stopping
+    next_start_in: float | None  # seconds until the next start attempt (backoff, failed)
+    heartbeat_age: float | None  # seconds since its stats file last changed
+    prefix: str
+    root: str
+    host: str | None
+    client_id: str
+    process: ProcessFigures | None
+    counters: ShardCounters | None
+    disk: Disk | None
+
+
+class SupervisorStatus(msgspec.Struct, **_CLOSED):
+    pid: int
+    version: str
+    map: str                   # the shard map file
+    host: str | None           # --host, if given
+    started_ts: float          # Unix time, seconds
+    uptime: float              # seconds
+    ready: bool                # every shard subscribed (or failed) once
+    stopping: bool
+    reloads: int               # successful SIGHUP reloads
+    sampled_ts: float | None   # when the process and disk figures were gathered
+
+
+class StatusDoc(msgspec.Struct, **_CLOSED):
+    supervisor: SupervisorStatus
+    shards: list[ShardStatus]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Process and disk figures gathered by the sampler thread (immutable once published)."""
+
+    ts: float | None = None
+    process: dict[int, ProcessFigures] = field(default_factory=dict)  # by pid
+    disk: dict[str, Disk] = field(default_factory=dict)               # by root
+
+
+def _r(x: float) -> float:
+    return round(x, 3)
+
+
+def build_status(snap: Snapshot, sample: Sample, now_mono: float, now_wall: float) -> StatusDoc:
+    shards = []
+    for v in snap.shards:
+        counters = None
+        if v.counters is not None:
+            # the recorder's own struct: encodes with every counter it has (a superset of ShardCounters)
+            counters = v.counters
+        shards.append(ShardStatus(
+            name=v.name, state=v.state, pid=v.pid,  # type: ignore[arg-type]
+            uptime=_r(now_mono - v.spawned_mono) if v.spawned_mono is not None else None,
+            restarts=v.restarts,
+            last_exit=(LastExit(code=v.last_exit.code, signal=v.last_exit.signal, reason=v.last_exit.reason,
+                                ts=_r(v.last_exit.ts)) if v.last_exit is not None else None),
+            reason=v.reason,
+            next_start_in=(_r(max(0.0, v.next_start_mono - now_mono)) if v.next_start_mono is not None
+                           and v.pid is None else None),
+            heartbeat_age=_r(now_mono - v.last_beat_mono) if v.last_beat_mono is not None else None,
+            prefix=v.prefix, root=v.root, host=v.host, client_id=v.client_id,
+            process=sample.process.get(v.pid) if v.pid is not None else None,
+            counters=counters,  # type: ignore[arg-type]
+            disk=sample.disk.get(v.root)))
+    sup = SupervisorStatus(pid=snap.pid, version=__version__, map=snap.map_path, host=snap.host,
+                           started_ts=_r(snap.started_wall), uptime=_r(now_mono - snap.started_mono),
+                           ready=snap.ready, stopping=snap.stopping, reloads=snap.reloads,
+                           sampled_ts=_r(sample.ts) if sample.ts is not None else None)
+    return StatusDoc(supervisor=sup, shards=shards)
+
+
+encode = msgspec.json.Encoder().encode
+decoder = msgspec.json.Decoder(StatusDoc)
+
+
+def json_schema() -> dict:
+    return msgspec.json.schema(StatusDoc)
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates the schema shown in docs/supervisor.md
+    print(json.dumps(json_schema(), indent=2))
