@@ -283,8 +283,7 @@ class Recorder:
 
     def _run_locked(self, root_real: str, branch_root: str) -> int:
         _raise_fd_limit(self.shard.max_open_files + 64)
-        compressor = Compressor(self.counters) if self.shard.compress == "gzip" else None
-        self.store = Store(self.shard, root_real, branch_root, self.counters, compressor)
+        compressor = self.open_store(root_real, branch_root)
         self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -300,6 +299,11 @@ class Recorder:
         log.info("stopped: %d messages, %d acknowledged, %d quarantined",
                  self.counters.messages, self.counters.acked, self.counters.quarantined)
         return EX_OK
+
+    def open_store(self, root_real: str, branch_root: str) -> Compressor | None:
+        compressor = Compressor(self.counters) if self.shard.compress == "gzip" else None
+        self.store = Store(self.shard, root_real, branch_root, self.counters, compressor)
+        return compressor
 
     def _loop(self) -> None:
         client = self.client
