@@ -9,6 +9,7 @@ Exit codes follow sysexits: 0 ok, 64 usage, 70 internal error, 78 configuration.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.metadata
 import logging
 import os
@@ -59,6 +60,7 @@ def load_or_exit(path: str) -> ShardMap:
 def _cmd_record(args: argparse.Namespace) -> int:
     from shardlog.recorder import Recorder
 
+    faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
     setup_logging(args.log_level, args.shard)
     smap = load_or_exit(args.map)
     try:

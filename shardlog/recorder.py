@@ -63,6 +63,7 @@ class Recorder:
         self.batch_max = 1 if shard.fsync == "always" else shard.batch.max_messages
         self.max_delay = shard.batch.max_delay
         self.max_payload = shard.max_payload
+        self.max_states = shard.max_open_files * _STATES_PER_FD
         self.stop_requested = False
         self.connected = False
         self.next_retry = 0.0
@@ -231,6 +232,8 @@ class Recorder:
         else:
             ack, self.acks = self.acks, []
             self.pending = 0
+        if len(self.states) > self.max_states:
+            self._trim_states()
         if ack and self.connected and self.client is not None:
             client = self.client
             for mid in ack:
@@ -245,14 +248,18 @@ class Recorder:
         return now - self.batch_started >= self.max_delay
 
     def _trim_states(self) -> None:
-        limit = self.shard.max_open_files * _STATES_PER_FD
-        if len(self.states) <= limit:
-            return
+        """Forget idle topics (oldest first) down to 3/4 of the cap; they are reloaded
+        from disk if they speak again. Called when the cache passes ``max_states``."""
         store = self.store
         assert store is not None
-        drop = [k for k, st in self.states.items()
-                if st is _DISCARD or (isinstance(st, TopicState) and store.evictable(st))]
-        for k in drop[: len(self.states) - limit * 3 // 4]:
+        excess = len(self.states) - self.max_states * 3 // 4
+        drop = []
+        for k, st in self.states.items():
+            if len(drop) >= excess:
+                break
+            if st is _DISCARD or (isinstance(st, TopicState) and store.evictable(st)):
+                drop.append(k)
+        for k in drop:
             del self.states[k]
 
     # -- the main loop -------------------------------------------------------------------
@@ -345,7 +352,6 @@ class Recorder:
         store = self.store
         assert store is not None
         store.sweep_recent(now)
-        self._trim_states()
         self.counters.topics_cached = len(self.states)
         self.counters.pending = self.pending
         self._write_stats()

@@ -251,3 +251,32 @@ def test_topics_a_broker_may_deliver_are_stored_or_quarantined(tmp_path: Path) -
     assert rec.counters.quarantined == len(hostile.INVALID_TOPIC_BYTES)
     for r in q:
         assert r["reason"].startswith("topic not storable")
+
+
+def test_many_topics_stay_within_the_fd_cap(tmp_path: Path, broker: Mosquitto, publisher: Publisher,
+                                            recorders: list[RecorderProc]) -> None:
+    import psutil
+
+    rec = start(tmp_path, broker, recorders, max_open_files=16, recent_interval=0)
+    assert rec.proc is not None
+    proc = psutil.Process(rec.proc.pid)
+    baseline = proc.num_fds()
+    n = 5000
+    pub = threading.Thread(target=publisher.publish_many,
+                           args=([(f"many/{i % 97}/{i}", b'{"i": %d}' % i, 1) for i in range(n)],))
+    pub.start()
+    peak = 0
+
+    def done() -> bool:
+        nonlocal peak
+        peak = max(peak, proc.num_fds())
+        s = rec.stats()
+        return bool(s and s.acked >= n)
+
+    wait_for(done, 60, f"{n} acknowledgements")
+    pub.join(60)
+    assert peak <= baseline + 16 + 4, f"{peak} descriptors open (baseline {baseline}, cap 16)"
+    s = rec.stats()
+    assert s is not None and s.topics_cached <= 2 * 16 + 1000
+    assert rec.stop() == 0
+    assert len(topic_dirs(tmp_path / "data")) == n
