@@ -214,7 +214,8 @@ class SupervisorProc:
     def wait_shard(self, name: str, pred: Any, timeout: float, what: str) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             self.alive()
-            s = self.shard(name)
+            doc = self.status()  # None until the supervisor listens
+            s = next((s for s in doc["shards"] if s["name"] == name), None) if doc else None
             return s if s is not None and pred(s) else None
         return wait_for(check, timeout, f"shard {name}: {what} (log: {self.log_path})", interval=0.05)
 
