@@ -351,8 +351,7 @@ class Store:
                 encode_quarantine(now_us, self.shard.name, reason, st.topic.encode(), 0, False, line))
         self.quarantine_mids.extend(st.mids)
         st.lines, st.mids, st.dirty = [], [], False
-        self._close_fd(st)
-        self._write_quarantine()
+        self._close_fd(st)  # the quarantine file is written at the end of flush
 
     def _write_quarantine(self) -> None:
         if not self.quarantine_lines:
