@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from shardlog.config import parse_map
 from shardlog.records import decode_record
@@ -280,3 +281,35 @@ def test_many_topics_stay_within_the_fd_cap(tmp_path: Path, broker: Mosquitto, p
     assert s is not None and s.topics_cached <= 2 * 16 + 1000
     assert rec.stop() == 0
     assert len(topic_dirs(tmp_path / "data")) == n
+
+
+def test_disk_full_degrades_and_resumes_without_loss(tmp_path: Path, broker: Mosquitto, publisher: Publisher,
+                                                     recorders: list[RecorderProc]) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs (needs root): {r.stderr.decode().strip()}")
+    try:
+        filler = mnt / "filler"
+        filler.write_bytes(b"\0" * 1_900_000)  # ~150 KB left; the stream needs ~540 KB
+        rec = start(tmp_path, broker, recorders, root=str(mnt / "data"), recent=0)
+        total = 3000
+        msgs = [(f"full/{i % 10}", json.dumps({"seq": i, "pad": "x" * 100}).encode(), 1) for i in range(total)]
+        publisher.publish_many(msgs)
+        s = wait_for(lambda: (s := rec.stats()) and s.degraded and s, 30, "the shard to report degraded")
+        assert s.connected and s.acked < total and "No space left" in (s.degraded_reason or "")
+        assert rec.proc is not None and rec.proc.poll() is None  # no crash, no exit
+        for d in topic_dirs(mnt / "data").values():
+            assert (d / "+log.jsonl").read_bytes().endswith(b"\n") or not (d / "+log.jsonl").stat().st_size
+        filler.unlink()  # space comes back: everything is written, nothing lost
+        wait_for(lambda: len(seqs_on_disk(mnt / "data")) >= total, 30, "every message after space came back")
+        s = wait_for(lambda: (s := rec.stats()) and not s.degraded and s, 10, "the shard to leave degraded")
+        assert rec.stop() == 0
+        assert seqs_on_disk(mnt / "data") == set(range(total))
+    finally:
+        for rp in recorders:
+            if rp.proc is not None and rp.proc.poll() is None:
+                rp.proc.kill()
+                rp.proc.wait(10)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
