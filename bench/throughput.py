@@ -1,0 +1,811 @@
+#!/usr/bin/env python3
+"""Throughput of one shardlog shard next to ``mosquitto_sub``, on a private mosquitto.
+
+    python bench/throughput.py                      # drain, 1,000,000 msgs, 1,000 topics, 3 runs
+    python bench/throughput.py --mode drain,live    # both modes
+    python bench/throughput.py --quick              # 50k messages, 1 run: a smoke test
+    python bench/throughput.py --rss                # shard RSS with 100,000 topics (300k msgs)
+    python bench/throughput.py --head               # measure the committed HEAD, not the work tree
+
+Every measurement gets a fresh broker (/usr/sbin/mosquitto on a free 127.0.0.1 port,
+persistence off, ``max_queued_messages 0``, ``max_inflight_messages 0``). Subscribers:
+
+* ``mosquitto_sub -q 1 -v -t '#' > file`` - the C client, the single-connection
+  limit of this machine;
+* one shardlog shard, ``python -m shardlog record MAP --shard all`` with a catch-all
+  shard (``prefix: "#"``) and the map's defaults (QoS 1, ack after write).
+
+Modes:
+
+* **drain** (the main figure): the subscriber's persistent session is registered
+  first, the subscriber stops, the whole backlog is published (queued by the broker
+  for the offline session), then the subscriber starts and the clock runs from its
+  start until it has received (mosquitto_sub: exited after ``-C N``) or written and
+  acknowledged (shardlog: ``acked >= N`` in its stats file) all N messages.
+* **live**: the subscriber is connected; the clock runs from the first PUBLISH until
+  the subscriber has all N. Publisher, broker and subscriber share the 2 cores.
+
+CPU is user+system seconds per million messages: the subscriber's (psutil, sampled
+the moment it is done; every thread included) and the broker's (delta over the same
+interval). The publisher is a raw-socket MQTT 3.1.1 client that streams pre-built QoS 1
+PUBLISH packets with a window of unacknowledged ones; its rate is reported so you can
+see it is not the limit. After each run the output is checked: every message once,
+duplicates counted, order kept within each topic.
+
+Progress goes to stderr; the markdown tables go to stdout (and ``--markdown FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO = "/usr/sbin/mosquitto"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+ME = psutil.Process()
+TO_DELETE: list[Path] = []
+SEQ_RE = re.compile(rb'"seq":(\d+)')
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_of(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def cpu_split(p: psutil.Process) -> tuple[float, float]:
+    t = p.cpu_times()
+    return t.user, t.system
+
+
+def busy_cpu() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- the broker --------------------------------------------------------------------------
+
+
+class Broker:
+    """A private mosquitto: no persistence, no queue or inflight limits, quiet log."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            "connection_messages false\n"
+        )
+        self._err = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=self._err)
+        self.ps = psutil.Process(self.proc.pid)
+        wait_until(self._accepts, 10, f"mosquitto on port {self.port}")
+
+    def _accepts(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited ({self.proc.returncode}); see {self.dir}/mosquitto.log")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def cpu(self) -> float:
+        return cpu_of(self.ps)
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+# -- the workload and the publisher ------------------------------------------------------
+
+_PAD = (b"the quick brown fox jumps over the lazy dog while the chat room keeps talking "
+        b"about brokers, queues and files; ") * 4
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n % 128, n // 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def topic_names(topics: int) -> list[bytes]:
+    width = max(4, len(str(topics - 1)))
+    return [b"bench/room%0*d" % (width, i) for i in range(topics)]
+
+
+class Workload:
+    """N QoS 1 PUBLISH packets (3.1.1), pre-built in chunks, round-robin over T topics."""
+
+    def __init__(self, messages: int, topics: int, payload_size: int = 150, chunk: int = 1000) -> None:
+        self.messages = messages
+        self.topics = topics
+        self.payload_size = payload_size
+        self.names = topic_names(topics)
+        t0 = time.monotonic()
+        heads = [len(t).to_bytes(2, "big") + t for t in self.names]
+        self.chunks: list[tuple[int, bytes]] = []
+        buf: list[bytes] = []
+        payload_bytes = 0
+        for i in range(messages):
+            k = i % topics
+            head = b'{"user":"u%03d","seq":%d,"text":"' % (k % 1000, i)
+            pad = max(0, payload_size - len(head) - 2)
+            payload = head + _PAD[:pad] + b'"}'
+            body = heads[k] + ((i % 65535) + 1).to_bytes(2, "big") + payload
+            buf.append(b"\x32" + _varint(len(body)) + body)
+            payload_bytes += len(payload)
+            if len(buf) == chunk:
+                self.chunks.append((len(buf), b"".join(buf)))
+                buf = []
+        if buf:
+            self.chunks.append((len(buf), b"".join(buf)))
+        self.payload_avg = payload_bytes / max(1, messages)
+        self.build_seconds = time.monotonic() - t0
+
+
+def _connect_packet(client_id: bytes) -> bytes:
+    var = b"\x00\x04MQTT\x04\x02\x00\x00"  # 3.1.1, clean session, keepalive off
+    body = var + len(client_id).to_bytes(2, "big") + client_id
+    return b"\x10" + _varint(len(body)) + body
+
+
+def publish(port: int, work: Workload, window: int = 20000, client_id: bytes = b"bench-pub") -> float:
+    """Stream every packet at QoS 1 with at most ``window`` unacknowledged; return
+    seconds from the first byte sent to the last PUBACK received."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.sendall(_connect_packet(client_id))
+    connack = b""
+    while len(connack) < 4:
+        part = sock.recv(4 - len(connack))
+        if not part:
+            raise RuntimeError("broker closed the publisher connection")
+        connack += part
+    if connack[0] != 0x20 or connack[3] != 0:
+        raise RuntimeError(f"publisher CONNACK refused: {connack!r}")
+    acked = [0]
+    cond = threading.Condition()
+    err: list[BaseException] = []
+
+    def reader() -> None:
+        got = 0
+        try:
+            while got < 4 * work.messages:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise RuntimeError("broker closed the publisher connection")
+                got += len(data)  # only PUBACKs (4 bytes each) come back
+                with cond:
+                    acked[0] = got // 4
+                    cond.notify()
+        except BaseException as exc:  # noqa: BLE001
+            err.append(exc)
+            with cond:
+                cond.notify()
+
+    th = threading.Thread(target=reader, daemon=True)
+    t0 = time.monotonic()
+    th.start()
+    sent = 0
+    for count, data in work.chunks:
+        if sent - acked[0] > window:
+            with cond:
+                cond.wait_for(lambda s=sent: s - acked[0] <= window or bool(err), timeout=60)
+            if err:
+                raise RuntimeError(f"publisher: {err[0]}")
+        sock.sendall(data)
+        sent += count
+    th.join(600)
+    t1 = time.monotonic()
+    if err or acked[0] != work.messages:
+        raise RuntimeError(f"publisher: {acked[0]} of {work.messages} acknowledged ({err})")
+    sock.sendall(b"\xe0\x00")
+    sock.close()
+    return t1 - t0
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    side: str
+    mode: str
+    run: int
+    messages: int
+    seconds: float
+    cpu: float                 # subscriber CPU seconds (user + system) until done
+    cpu_sys: float             # the system part of it
+    broker_cpu: float          # broker CPU seconds over the same interval
+    pub_seconds: float
+    others_cores: float = 0.0  # cores busy with other processes meanwhile (noise indicator)
+    peak_rss: int = 0
+    rss_samples: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (received, rss)
+    check: str = ""
+    ok: bool = True
+    duplicates: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def cpu_per_m(self) -> float:
+        return self.cpu * 1e6 / self.messages
+
+    @property
+    def broker_cpu_per_m(self) -> float:
+        return self.broker_cpu * 1e6 / self.messages
+
+    @property
+    def pub_rate(self) -> float:
+        return self.messages / self.pub_seconds if self.pub_seconds else 0.0
+
+
+def count_seqs(paths: list[Path], expect: int) -> tuple[int, int, int, bool]:
+    """(lines, distinct seqs, missing, ordered within each file)."""
+    seen = bytearray(expect)
+    lines = 0
+    distinct = 0
+    ordered = True
+    for p in paths:
+        data = p.read_bytes()
+        seqs = [int(x) for x in SEQ_RE.findall(data)]
+        lines += data.count(b"\n")
+        last = -1
+        for s in seqs:
+            if s < last:
+                ordered = False
+            last = s
+            if 0 <= s < expect and not seen[s]:
+                seen[s] = 1
+                distinct += 1
+    return lines, distinct, expect - distinct, ordered
+
+
+# -- subscribers -------------------------------------------------------------------------------
+
+
+class MosquittoSub:
+    name = "mosquitto_sub"
+
+    def __init__(self, workdir: Path, protocol: str) -> None:
+        self.dir = workdir
+        self.out = workdir / "mosquitto_sub.out"
+        self.version = "mqttv5" if protocol == "5" else "mqttv311"
+        self.cid = f"bench-sub-{os.getpid()}"
+
+    def _cmd(self, port: int) -> list[str]:
+        return [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-V", self.version,
+                "-q", "1", "-v", "-t", "#", "-c", "-i", self.cid]
+
+    def register(self, port: int) -> None:
+        subprocess.run(self._cmd(port) + ["-E"], check=True, timeout=30,
+                       stdout=subprocess.DEVNULL)
+
+    def start(self, port: int, n: int) -> None:
+        self._f = open(self.out, "wb")  # noqa: SIM115 - the subscriber's stdout
+        self.proc = subprocess.Popen(self._cmd(port) + ["-C", str(n)], stdout=self._f)
+        self.ps = psutil.Process(self.proc.pid)
+        self.status: int | None = None
+
+    def connected(self, port: int) -> bool:
+        try:
+            return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                       for c in self.ps.connections())
+        except psutil.Error:
+            return False
+
+    def poll(self, n: int) -> tuple[bool, int, tuple[float, float] | None]:
+        """(done, received so far (estimate), (user, system) CPU seconds at done)."""
+        pid, status, ru = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid:
+            self.status = os.waitstatus_to_exitcode(status)
+            self.proc.returncode = self.status
+            self._f.close()
+            if self.status != 0:
+                raise RuntimeError(f"mosquitto_sub exited with {self.status}")
+            return True, n, (ru.ru_utime, ru.ru_stime)
+        try:
+            received = os.path.getsize(self.out) // 170
+        except OSError:
+            received = 0
+        return False, received, None
+
+    def rss(self) -> int:
+        try:
+            return self.ps.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def stop(self) -> None:
+        if self.status is None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        if not self._f.closed:
+            self._f.close()
+
+    def verify(self, n: int) -> tuple[bool, str, int]:
+        lines, distinct, missing, ordered = count_seqs([self.out], n)
+        ok = missing == 0
+        return ok, (f"{distinct:,} of {n:,} received, {lines - distinct:,} duplicates, "
+                    f"{'in order' if ordered else 'OUT OF ORDER'}"), lines - distinct
+
+    def cleanup(self) -> None:
+        self.out.unlink(missing_ok=True)
+
+
+def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        doc = doc.setdefault(k, {})
+    doc[keys[-1]] = value
+
+
+class Shardlog:
+    name = "shardlog"
+
+    def __init__(self, workdir: Path, protocol: str, src: Path, map_set: list[str],
+                 python_args: list[str] | None = None, heartbeat: float = 0.2) -> None:
+        self.dir = workdir
+        self.root = workdir / "data"
+        self.map = workdir / "shards.yaml"
+        self.stats_file = workdir / "all.stats.json"
+        self.protocol = protocol
+        self.src = src
+        self.map_set = map_set
+        self.python_args = python_args or []
+        self.heartbeat = heartbeat
+        self.cid_prefix = f"bench-{os.getpid()}-"
+
+    def write_map(self, port: int) -> None:
+        doc: dict[str, Any] = {
+            "broker": {"host": "127.0.0.1", "port": port,
+                       "protocol": 5 if self.protocol == "5" else "3.1.1",
+                       "client_id_prefix": self.cid_prefix},
+            "defaults": {"root": str(self.root)},
+            "shards": [{"name": "all", "prefix": "#"}],
+            "supervisor": {"listen": f"127.0.0.1:{free_port()}"},
+        }
+        for item in self.map_set:
+            key, _, value = item.partition("=")
+            _set_dotted(doc, key, yaml.safe_load(value))
+        self.map.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def _spawn(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+        self.stats_file.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(self.src))
+        self._err = open(self.dir / "shardlog.log", "ab")  # noqa: SIM115 - the recorder's stderr
+        cmd = [sys.executable, *(extra or []), "-m", "shardlog", "record", str(self.map),
+               "--shard", "all", "--stats-file", str(self.stats_file),
+               "--heartbeat", str(self.heartbeat), "--log-level", "warning"]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, cwd=self.dir, env=env)
+
+    def stats(self) -> Any:
+        from shardlog.stats import read_stats
+        return read_stats(str(self.stats_file))
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"shardlog exited with {self.proc.returncode}:\n"
+                               + (self.dir / "shardlog.log").read_text(errors="replace")[-3000:])
+
+    def subscribed(self) -> bool:
+        self._alive()
+        s = self.stats()
+        return bool(s and s.subscribed)
+
+    def register(self, port: int) -> None:
+        self.write_map(port)
+        self.proc = self._spawn()
+        wait_until(self.subscribed, 30, "shardlog to subscribe", 0.02)
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(30)
+        self._err.close()
+        if rc != 0:
+            raise RuntimeError(f"shardlog exited with {rc} on SIGTERM")
+
+    def start(self, port: int, n: int) -> None:
+        self.proc = self._spawn(self.python_args)
+        self.ps = psutil.Process(self.proc.pid)
+        self.final: Any = None
+
+    def connected(self, port: int) -> bool:
+        return self.subscribed()
+
+    def poll(self, n: int) -> tuple[bool, int, tuple[float, float] | None]:
+        self._alive()
+        s = self.stats()
+        if s is None:
+            return False, 0, None
+        if s.acked >= n:
+            cpu = cpu_split(self.ps)
+            self.final = s
+            return True, s.acked, cpu
+        return False, s.acked, None
+
+    def rss(self) -> int:
+        try:
+            return self.ps.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                rc = -9
+            if rc != 0:
+                say(f"  shardlog exited with {rc} on SIGTERM (log: {self.dir / 'shardlog.log'})")
+        self._err.close()
+
+    def verify(self, n: int) -> tuple[bool, str, int]:
+        files = [p for p in self.root.rglob("+log*.jsonl")]
+        topics = sum(1 for p in files if p.name == "+log.jsonl")
+        lines, distinct, missing, ordered = count_seqs(files, n)
+        s = self.final
+        counters = f"messages={s.messages:,} acked={s.acked:,}" if s else "no stats"
+        ok = missing == 0 and s is not None and s.messages >= n and s.acked >= n
+        return ok, (f"{distinct:,} of {n:,} on disk in {topics:,} topics, {lines - distinct:,} duplicates, "
+                    f"{'in order' if ordered else 'OUT OF ORDER'} ({counters})"), lines - distinct
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- one measurement -------------------------------------------------------------------------
+
+
+def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.Namespace,
+            python_args: list[str] | None = None, keep: bool = False) -> Result:
+    base = Path(tempfile.mkdtemp(prefix=f"shardlog-bench-{side_name}-", dir=args.tmpdir))
+    broker = Broker(base)
+    side: MosquittoSub | Shardlog
+    if side_name == "mosquitto_sub":
+        side = MosquittoSub(base, args.protocol)
+    else:
+        side = Shardlog(base, args.protocol, args.src, args.map_set, python_args)
+    n = work.messages
+    tag = f"{mode} run {run}: {side_name}"
+    try:
+        side.register(broker.port)
+        pub_seconds = 0.0
+        if mode == "drain":
+            say(f"{tag}: session registered; publishing {n:,} messages into the broker")
+            pub_seconds = publish(broker.port, work)
+            say(f"{tag}: published at {n / pub_seconds:,.0f} msg/s (broker RSS "
+                f"{broker.rss() / 2**20:,.0f} MiB); starting the subscriber")
+            b0, m0, self0 = broker.cpu(), busy_cpu(), cpu_of(ME)
+            t0 = time.monotonic()
+            side.start(broker.port, n)
+        else:
+            side.start(broker.port, n)
+            wait_until(lambda: side.connected(broker.port), 30, f"{side_name} to connect", 0.02)
+            time.sleep(0.2)
+            say(f"{tag}: subscriber connected; publishing {n:,} messages live")
+            sub0 = cpu_split(side.ps)
+            b0, m0, self0 = broker.cpu(), busy_cpu(), cpu_of(ME)
+            t0 = time.monotonic()
+            pub_result: list[float] = []
+            pub_err: list[BaseException] = []
+
+            def _pub() -> None:
+                try:
+                    pub_result.append(publish(broker.port, work))
+                except BaseException as exc:  # noqa: BLE001
+                    pub_err.append(exc)
+
+            pub_thread = threading.Thread(target=_pub, daemon=True)
+            pub_thread.start()
+        peak = 0
+        samples: list[tuple[int, int]] = []
+        next_sample = 0.0
+        next_say = time.monotonic() + 10
+        deadline = time.monotonic() + args.timeout
+        while True:
+            done, received, cpu = side.poll(n)
+            now = time.monotonic()
+            if done:
+                t1 = now
+                break
+            if now >= next_sample:
+                r = side.rss()
+                peak = max(peak, r)
+                samples.append((received, r))
+                next_sample = now + 0.1
+            if now >= next_say:
+                say(f"{tag}: {received:,} of {n:,} after {now - t0:.0f}s")
+                next_say = now + 10
+            if now > deadline:
+                raise RuntimeError(f"{tag}: timed out after {args.timeout}s with {received:,} of {n:,}")
+            time.sleep(0.005)
+        broker_cpu = broker.cpu() - b0
+        others = (busy_cpu() - m0) - (cpu_of(ME) - self0) - broker_cpu
+        assert cpu is not None
+        if mode == "live":
+            cpu = (cpu[0] - sub0[0], cpu[1] - sub0[1])  # not its start-up before the clock
+        others -= cpu[0] + cpu[1]
+        if mode == "live":
+            pub_thread.join(120)
+            if pub_err:
+                raise RuntimeError(f"publisher: {pub_err[0]}")
+            pub_seconds = pub_result[0] if pub_result else 0.0
+        side.stop()
+        res = Result(side_name, mode, run, n, t1 - t0, cpu[0] + cpu[1], cpu[1], broker_cpu, pub_seconds,
+                     max(0.0, others / (t1 - t0)), peak, samples)
+        res.ok, res.check, res.duplicates = side.verify(n)
+        sys_share = 100 * res.cpu_sys / max(res.cpu, 1e-9)
+        say(f"{tag}: {res.rate:,.0f} msg/s, {res.cpu_per_m:.1f} CPU s/1M ({sys_share:.0f}% system; "
+            f"broker {res.broker_cpu_per_m:.1f}), "
+            f"peak RSS {peak / 2**20:.0f} MiB; other processes used {res.others_cores:.2f} cores; "
+            f"check: {res.check}")
+        if not res.ok:
+            say(f"{tag}: CHECK FAILED; files kept in {base}")
+            keep = True
+        return res
+    finally:
+        try:
+            if getattr(side, "proc", None) is not None and side.proc.poll() is None:
+                side.proc.kill()
+                side.proc.wait()
+        finally:
+            broker.stop()
+            if not (keep or args.keep):
+                # Deleted at the very end: on a journal-less ext4 (this machine's root) every
+                # freed inode makes file creation slower for minutes (ext4's recently_deleted
+                # check), so deleting a run's tree would slow the next run down.
+                TO_DELETE.append(base)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(results: list[Result], mode: str) -> str:
+    rows = [r for r in results if r.mode == mode]
+    sides = [s for s in ("mosquitto_sub", "shardlog") if any(r.side == s for r in rows)]
+    base = _med([r.rate for r in rows if r.side == "mosquitto_sub"])
+    out = [("| subscriber | msg/s (median) | min - max | CPU s per 1M msgs | broker CPU s per 1M | "
+            "ratio to mosquitto_sub | publisher msg/s | others' load (cores) |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in sides:
+        rs = [r for r in rows if r.side == s]
+        rate = _med([r.rate for r in rs])
+        ratio = "-" if math.isnan(base) else f"{rate / base:.2f}"
+        out.append(
+            f"| {'`mosquitto_sub -q 1 -v`' if s == 'mosquitto_sub' else 'shardlog (1 shard)'} "
+            f"| {rate:,.0f} | {min(r.rate for r in rs):,.0f} - {max(r.rate for r in rs):,.0f} "
+            f"| {_med([r.cpu_per_m for r in rs]):.1f} | {_med([r.broker_cpu_per_m for r in rs]):.1f} "
+            f"| {ratio} | {_med([r.pub_rate for r in rs]):,.0f} | {_med([r.others_cores for r in rs]):.2f} |")
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mver = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    except OSError:
+        mver = "?"
+    try:
+        import paho.mqtt
+        paho_v = paho.mqtt.__version__
+    except ImportError:
+        paho_v = "?"
+    return {"nproc": str(os.cpu_count()), "cpu": model, "mosquitto": mver.strip(),
+            "python": sys.version.split()[0], "paho-mqtt": paho_v, "psutil": psutil.__version__}
+
+
+def export_head(dest: Path) -> str:
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "shardlog"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return rev
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=None, help="messages per run (default 1,000,000)")
+    p.add_argument("--topics", type=int, default=None, help="distinct topics (default 1,000)")
+    p.add_argument("--payload-size", type=int, default=150, help="payload bytes (default 150)")
+    p.add_argument("--runs", type=int, default=None, help="runs per subscriber (default 3)")
+    p.add_argument("--mode", default="drain", help="drain, live or drain,live (default drain)")
+    p.add_argument("--sides", default="mosquitto_sub,shardlog", help="subscribers to measure")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
+                   help="MQTT version of both subscribers (default 5); the publisher uses 3.1.1")
+    p.add_argument("--quick", action="store_true", help="smoke run: 50,000 messages, 1 run")
+    p.add_argument("--rss", action="store_true",
+                   help="memory run: shardlog only, drain, 100,000 topics, 300,000 messages")
+    p.add_argument("--src", type=Path, default=REPO, help="directory holding the shardlog package")
+    p.add_argument("--head", action="store_true", help="measure the committed HEAD (git archive)")
+    p.add_argument("--set", dest="map_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a shard-map key, e.g. defaults.batch.max_messages=2000 "
+                        "or broker.receive_maximum=5000 (repeatable)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per measurement before giving up")
+    p.add_argument("--tmpdir", default=None, help="where the brokers' and subscribers' files go")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    p.add_argument("--markdown", type=Path, help="also write the report to this file")
+    p.add_argument("--json", type=Path, help="write every run's figures to this file")
+    a = p.parse_args(argv)
+    if a.rss:
+        a.messages = a.messages or 300_000
+        a.topics = a.topics or 100_000
+        a.runs = a.runs or 1
+        a.sides = "shardlog"
+        a.mode = "drain"
+    if a.quick:
+        a.messages = a.messages or 50_000
+        a.runs = a.runs or 1
+    a.messages = a.messages or 1_000_000
+    a.topics = a.topics or 1_000
+    a.runs = a.runs or 3
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    for m in modes:
+        if m not in ("drain", "live"):
+            raise SystemExit(f"unknown mode {m!r}")
+    for s in sides:
+        if s not in ("mosquitto_sub", "shardlog"):
+            raise SystemExit(f"unknown subscriber {s!r}")
+    headdir = None
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False).stdout.strip()
+    src_desc = f"work tree at {args.src} (HEAD {rev}, uncommitted changes included)"
+    if args.head:
+        headdir = Path(tempfile.mkdtemp(prefix="shardlog-bench-src-"))
+        rev = export_head(headdir)
+        args.src = headdir
+        src_desc = f"commit {rev}"
+    sys.path.insert(0, str(args.src))
+    info = machine_info()
+    say(f"machine: {info['nproc']} CPUs, {info['cpu']}; {info['mosquitto']}; Python {info['python']}; "
+        f"paho-mqtt {info['paho-mqtt']}; shardlog from {src_desc}")
+    say(f"building {args.messages:,} QoS 1 packets over {args.topics:,} topics ...")
+    work = Workload(args.messages, args.topics, args.payload_size)
+    say(f"built in {work.build_seconds:.1f}s (payload {work.payload_avg:.0f} bytes)")
+    results: list[Result] = []
+    t_start = time.monotonic()
+    try:
+        for mode in modes:
+            for run in range(1, args.runs + 1):
+                order = sides if run % 2 else list(reversed(sides))
+                for side in order:
+                    results.append(measure(side, mode, run, work, args))
+    finally:
+        if headdir is not None:
+            shutil.rmtree(headdir, ignore_errors=True)
+        for d in TO_DELETE:
+            shutil.rmtree(d, ignore_errors=True)
+    elapsed = time.monotonic() - t_start
+    lines = [
+        (f"Workload: {args.messages:,} messages, {args.topics:,} topics, {work.payload_avg:.0f}-byte JSON "
+         f"payloads, QoS 1, MQTT {args.protocol} subscribers; medians of {args.runs} run(s) "
+         f"(alternating order); shardlog {src_desc}"
+         + (f"; map overrides: {', '.join(args.map_set)}" if args.map_set else "") + "."),
+        (f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['mosquitto']}, Python {info['python']}, "
+         f"paho-mqtt {info['paho-mqtt']}. Total time {elapsed / 60:.1f} min."),
+        "",
+    ]
+    for mode in modes:
+        lines += [f"**{mode}**", "", table(results, mode), ""]
+    if args.rss or any(r.side == "shardlog" for r in results):
+        for r in results:
+            lines.append(f"- {r.mode} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
+                         f"({100 * r.cpu_sys / max(r.cpu, 1e-9):.0f}% system), peak RSS "
+                         f"{r.peak_rss / 2**20:.0f} MiB, others {r.others_cores:.2f} cores; {r.check}")
+        if args.rss:
+            for r in results:
+                if r.side == "shardlog" and r.rss_samples:
+                    pts = _rss_profile(r)
+                    lines.append(f"- RSS while recording (received: RSS MiB): {pts}")
+        lines.append("")
+    bad = [r for r in results if not r.ok]
+    for r in bad:
+        lines.append(f"- **CHECK FAILED** {r.mode} run {r.run} {r.side}: {r.check}")
+    report = "\n".join(lines)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "machine": info,
+                                         "results": [dataclasses.asdict(r) | {"rate": r.rate}
+                                                     for r in results]}, indent=1))
+    return 1 if bad else 0
+
+
+def _rss_profile(r: Result) -> str:
+    pts = []
+    for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
+        want = r.messages * frac
+        best = next(((rec, rss) for rec, rss in r.rss_samples if rec >= want), r.rss_samples[-1])
+        pts.append(f"{best[0]:,}: {best[1] / 2**20:.0f}")
+    return ", ".join(pts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
