@@ -30,8 +30,17 @@ from typing import Protocol
 from shardlog.config import ConfigError, ShardMap, load_map, shards_for_host
 from shardlog.stats import Counters, read_stats
 from supervisor import backoff
-from supervisor.process import (Child, ExitInfo, Spawn, child_env, default_env, popen_spawn,
-                                record_argv, send, signal_name)
+from supervisor.process import (
+    Child,
+    ExitInfo,
+    Spawn,
+    child_env,
+    default_env,
+    popen_spawn,
+    record_argv,
+    send,
+    signal_name,
+)
 from supervisor.sdnotify import Notifier
 from supervisor.shardmap import ShardSpec, diff, specs, write_copy
 from supervisor.snapshot import EMPTY, ShardView, Snapshot
@@ -230,7 +239,7 @@ class Arbiter:
                 self.step()
                 if not self.done:
                     self.wait(self.next_timeout())
-        except Exception:  # noqa: BLE001 - last resort: never leave recorders behind
+        except Exception:
             log.exception("internal error in the supervisor; stopping every shard")
             self.emergency_stop()
             self.exit_code = EX_SOFTWARE

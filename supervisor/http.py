@@ -49,7 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "shardlog-supervisor"
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path == "/status":
@@ -61,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
                            b"shardlog supervisor: /status (JSON), /metrics (Prometheus)\n")
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found: try /status or /metrics\n")
-        except Exception:  # noqa: BLE001 - a broken page must not kill the server thread
+        except Exception:
             log.exception("error serving %s", path)
             self._send(500, "text/plain; charset=utf-8", b"internal error\n")
 
@@ -73,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature of the base
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
@@ -81,7 +81,7 @@ class StatusServer:
     def __init__(self, listen: str, status: Callable[[], StatusDoc]) -> None:
         self.listen = listen
         self.httpd = _Server(parse_listen(listen), _Handler, status)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5},
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                        name="shardlog-http", daemon=True)
 
     @property

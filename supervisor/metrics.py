@@ -58,7 +58,7 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 self.collect()
-            except Exception:  # noqa: BLE001 - figures are best effort; the thread must live on
+            except Exception:
                 log.exception("sampling process and disk figures failed")
             self._stop.wait(self.interval)
 

@@ -7,7 +7,13 @@ import pytest
 from shardlog.config import Restart, parse_map
 from supervisor import backoff
 from supervisor.shardmap import diff, specs
-from supervisor.states import TRANSITIONS, Event, InvalidTransition, ShardState, transition
+from supervisor.states import (
+    TRANSITIONS,
+    Event,
+    InvalidTransition,
+    ShardState,
+    transition,
+)
 
 S, E = ShardState, Event
 
