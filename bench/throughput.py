@@ -721,7 +721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so the brokers and subscribers we started are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = parse_args(argv)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
