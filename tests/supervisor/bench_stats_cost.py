@@ -11,6 +11,7 @@ written to the last (watching their stats files, not the HTTP endpoint). Prints 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import statistics
@@ -22,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shardlog.stats import read_stats
@@ -31,7 +33,13 @@ from tests.supervisor.helpers import SupervisorProc, make_map, wait_for
 MODES = {"none": None, "1/s": 1.0, "10/s": 0.1}
 
 
-def run_once(workdir: Path, port: int, n: int, scrape_every: float | None) -> float:
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def run_once(workdir: Path, port: int, n: int, scrape_every: float | None) -> tuple[float, float]:
+    """(messages/s, the supervisor's own CPU use in % of one core) while the shards drain."""
     m = workdir / "shards.yaml"
     sup = SupervisorProc(m, workdir)
     sup.log_path.unlink(missing_ok=True)  # one log per run: the run dir is read from it
@@ -40,7 +48,8 @@ def run_once(workdir: Path, port: int, n: int, scrape_every: float | None) -> fl
         run_dir = wait_for(lambda: re.search(r"run dir (\S+)\)", sup.log()), 20, "the run dir").group(1)
         if n == 0:  # the first run only creates the shards' persistent sessions
             wait_for(lambda: "ready:" in sup.log(), 30, "the shards to subscribe")
-            return 0.0
+            return 0.0, 0.0
+        me = psutil.Process(sup.pid)
         stop = threading.Event()
         scrapes = 0
 
@@ -67,12 +76,14 @@ def run_once(workdir: Path, port: int, n: int, scrape_every: float | None) -> fl
                 total += c.messages if c is not None else 0
             if total and not first:
                 first.append(time.monotonic())  # time from the first write: startup excluded
+                first.append(_cpu(me))
             return total >= 2 * n
 
         wait_for(done, 300, "every queued message to be written", interval=0.01)
         elapsed = time.monotonic() - first[0]
+        cpu = (_cpu(me) - first[1]) / elapsed * 100
         stop.set()
-        return 2 * n / elapsed
+        return 2 * n / elapsed, cpu
     finally:
         sup.signal(signal.SIGTERM)
         sup.wait(30)
@@ -109,20 +120,24 @@ def main() -> None:
             # create the persistent sessions once
             run_once(work, broker.port, 0, None)
             results: dict[str, list[float]] = {k: [] for k in MODES}
+            cpus: dict[str, list[float]] = {k: [] for k in MODES}
             payload = json.dumps({"user": "ann", "text": "hello " * 8}).encode()
             for r in range(rounds):
                 for mode, every in MODES.items():
                     publish(broker.port, [(f"{b}/room{i % 50}", payload) for i in range(n) for b in "ab"])
-                    rate = run_once(work, broker.port, n, every)
+                    rate, cpu = run_once(work, broker.port, n, every)
                     results[mode].append(rate)
-                    print(f"round {r + 1} scrape {mode:>5}: {rate:,.0f} msg/s", flush=True)
+                    cpus[mode].append(cpu)
+                    print(f"round {r + 1} scrape {mode:>5}: {rate:,.0f} msg/s, supervisor CPU {cpu:.2f}%",
+                          flush=True)
         finally:
             broker.stop()
     base = statistics.median(results["none"])
-    print(f"\n{2 * n:,} messages per run (two shards), median of {rounds}:")
+    print(f"\n{2 * n:,} messages per run (two shards), median of {rounds}, {os.cpu_count()} CPUs:")
     for mode, rates in results.items():
         med = statistics.median(rates)
-        print(f"  scrape {mode:>5}: {med:,.0f} msg/s ({(med - base) / base * 100:+.1f}% vs none)")
+        print(f"  scrape {mode:>5}: {med:,.0f} msg/s ({(med - base) / base * 100:+.1f}% vs none), "
+              f"supervisor CPU {statistics.median(cpus[mode]):.2f}% of one core")
 
 
 if __name__ == "__main__":
