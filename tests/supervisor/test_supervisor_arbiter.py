@@ -28,13 +28,14 @@ def write(path: Path, shards: list[dict[str, Any]], **sup: Any) -> Path:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, shards: list[dict[str, Any]], rand: float = 0.5, **sup: Any) -> None:
+    def __init__(self, tmp_path: Path, shards: list[dict[str, Any]], rand: float = 0.5, host: str | None = None,
+                 **sup: Any) -> None:
         self.map_path = write(tmp_path / "shards.yaml", shards, **sup)
         self.clock = FakeClock()
         self.spawner = FakeSpawner()
         self.rand = rand
         self.arb = Arbiter(load_map(str(self.map_path)), str(self.map_path), clock=self.clock,
-                           spawn=self.spawner, rand=lambda: self.rand, env={})
+                           spawn=self.spawner, rand=lambda: self.rand, env={}, host=host)
         run = tmp_path / "run"
         run.mkdir()
         self.arb.boot(str(run))
@@ -277,3 +278,13 @@ def test_status_document_from_the_snapshot_validates(tmp_path: Path) -> None:
     assert shards["b"].last_exit is not None and shards["b"].last_exit.code == 70
     assert shards["b"].next_start_in == pytest.approx(0.45, abs=0.01)
     assert shards["b"].prefix == "#"
+
+
+def test_host_runs_only_its_shards(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [{"name": "a", "prefix": "a", "host": "web1"}, {"name": "b", "prefix": "b", "host": "web2"},
+                           {"name": "c", "prefix": "c", "host": "web1"}], host="web1")
+    h.start_all()
+    assert sorted(h.arb.shards) == ["a", "c"]
+    assert {c.shard for c in h.spawner.children} == {"a", "c"}
+    # the recorders read the whole map (routing needs every prefix), frozen
+    assert load_map(h.arb.map_copy).shard("b").host == "web2"
