@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from shardlog.client import BufferedClient, StockClient, make_client
 from shardlog.config import Broker, Shard, ShardMap, client_id
 from shardlog.lock import LockBusy, ShardLock
 from shardlog.records import encode_record
@@ -68,7 +69,7 @@ class Recorder:
         self.connected = False
         self.next_retry = 0.0
         self.store: Store | None = None
-        self.client: mqtt.Client | None = None
+        self.client: BufferedClient | StockClient | None = None
 
     # -- setup ----------------------------------------------------------------------
 
@@ -82,14 +83,14 @@ class Recorder:
             raise PermissionError(13, "not writable", branch_root)
         return root_real, branch_root
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient | StockClient:
         b = self.broker
         cid = client_id(self.smap, self.shard)
         if b.mqtt5:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid,
                                  protocol=mqtt.MQTTv5, manual_ack=True)
         else:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
                                  protocol=mqtt.MQTTv311, manual_ack=True)
         if b.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
             client.username_pw_set(b.username, b.password)
@@ -235,9 +236,7 @@ class Recorder:
         if len(self.states) > self.max_states:
             self._trim_states()
         if ack and self.connected and self.client is not None:
-            client = self.client
-            for mid in ack:
-                client.ack(mid, 1)
+            self.client.ack_many(ack)  # one write; sent by the loop if inside a callback
             self.counters.acked += len(ack)
 
     def _due(self, now: float) -> bool:
@@ -334,6 +333,10 @@ class Recorder:
                 if self.pending:
                     timeout = max(0.0, min(timeout, self.batch_started + self.max_delay - now))
                 rc = client.loop(timeout)
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.buffered:
+                    rc = client.read_buffered()
+                    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.want_write():
+                        client.loop_write()  # the acks queued by flushes inside callbacks
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is None:
                     self._lost_connection()
                     next_connect = time.monotonic() + backoff

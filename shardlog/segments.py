@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 CURRENT = "+log.jsonl"
 RECENT = "+recent.json"
-RECENT_TMP = "+recent.json.tmp"
+RECENT_TMP = "+recent.json.spare"  # the previous version, kept for atomic swaps
 TOPIC_FILE = "+topic"
 LOCK = "+shard.lock"
 QUARANTINE = "+quarantine.jsonl"

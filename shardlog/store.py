@@ -27,6 +27,7 @@ import time
 import typing
 
 from shardlog import segments
+from shardlog.atomic import swap_in
 from shardlog.config import Shard
 from shardlog.records import _json_decode, encode_quarantine
 from shardlog.segments import CURRENT, QUARANTINE, RECENT, RECENT_TMP, TOPIC_FILE
@@ -404,14 +405,8 @@ class Store:
 
     def _write_recent(self, st: TopicState, now_mono: float) -> None:
         body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
-        tmp = os.path.join(st.path, RECENT_TMP)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                os.write(fd, body)
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(st.path, RECENT))
+            swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body)
         except OSError as exc:
             self.counters.errors += 1
             log.warning("%s: cannot replace %s: %s", st.relpath, RECENT, exc.strerror or exc)

@@ -1,0 +1,65 @@
+"""Replace a small file atomically, cheaply: readers of the name always see a
+complete old or new version.
+
+The classic way (write a new temporary file, ``os.replace`` it over the name)
+creates an inode per replacement, which measured 0.35-0.4 ms on this project's
+test machine and dominated recording. :func:`swap_in` keeps the previous version
+as a spare file beside it, rewrites the spare, and exchanges the two names with
+``renameat2(RENAME_EXCHANGE)`` (Linux 3.15+, ext4/xfs/btrfs/tmpfs): no inode is
+created after the second write. Where the exchange is not available (NFS, other
+systems) it falls back to ``os.replace``.
+
+The one cost: a reader that keeps the file open across the *next* replacement
+(at least ``recent_interval`` later) may see the spare being rewritten. Web
+servers read such a small file at once; keep NGINX's open_file_cache off for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_OPEN_FLAGS = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    _renameat2.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
+    _renameat2 = None
+
+_exchange_works = _renameat2 is not None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two names; False if the system cannot (or ``b`` is missing)."""
+    global _exchange_works
+    if not _exchange_works:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOENT:
+        return False  # nothing to exchange with yet
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        _exchange_works = False  # this file system cannot: replace from now on
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def swap_in(path: str, spare: str, data: bytes) -> None:
+    """Make ``path`` hold ``data``; ``spare`` is left holding the previous version."""
+    try:
+        fd = os.open(spare, _OPEN_FLAGS)
+    except FileNotFoundError:
+        fd = os.open(spare, _OPEN_FLAGS | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    if not _exchange(spare, path):
+        os.replace(spare, path)

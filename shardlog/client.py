@@ -1,0 +1,220 @@
+"""paho's MQTT client, tuned for one busy subscriber that acknowledges in batches.
+
+paho owns the session: connect, subscribe, keepalive, reconnect, TLS, MQTT 5
+properties, packet decoding. This subclass changes three things, all measured
+(docs/benchmarks.md):
+
+1. **Buffered reads.** Stock paho reads a packet with four ``recv`` calls and one
+   ``select`` per packet. Here ``_sock_recv`` serves paho from a 64 KiB buffer, and
+   :meth:`read_buffered` hands paho every packet already buffered without a
+   ``select`` between them.
+2. **Batched acknowledgements.** :meth:`ack_many` queues the PUBACKs of a whole
+   batch as one buffer (one ``send``), instead of two system calls per message.
+3. **Keepalive.** paho does not count the packets it writes as outgoing traffic
+   unless its write queue runs dry mid-write, so a busy subscriber sends PINGREQ
+   every keepalive period; draining a large backlog, the PINGRESP waits behind it
+   and paho drops a healthy connection ("keep alive timeout"), which causes
+   redeliveries. :meth:`ack_many` records its writes as outgoing traffic, as
+   MQTT means it (any control packet resets the keepalive timer).
+
+4. **A PUBLISH fast path.** For complete QoS 0/1 PUBLISH packets at the head of the
+   buffer, :meth:`_fast_publishes` slices topic, packet id and payload itself and
+   calls ``on_message`` with a small :class:`Publish` object, skipping paho's
+   per-message ``MQTTMessage`` (with its own ``threading.Condition``), MQTT 5
+   ``Properties`` object and callback topic matching. Everything else goes to
+   paho's own reader: other packet types, a packet not yet complete, QoS 2, a
+   topic alias (an empty topic), filtered callbacks, anything malformed.
+   tests/shardlog/test_client.py proves it equivalent to paho's decoder.
+
+It relies on private parts of paho 2.1-2.2 (``_sock_recv``, ``_packet_queue``,
+``_msgtime_mutex``, ``_last_msg_out``); :func:`make_client` checks for them and
+falls back to stock paho (as does ``SHARDLOG_STOCK_PAHO=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+_PUBACK = 0x40
+_PRIVATE = ("_sock_recv", "_packet_queue", "_msgtime_mutex", "_last_msg_out", "_last_bytes_received",
+            "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read")
+_time_func = getattr(mqtt, "time_func", None)
+
+
+class BufferedClient(mqtt.Client):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._filtered = False  # message_callback_add() used: paho must match topics
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._filtered = True
+        super().message_callback_add(sub, callback)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        pos = self._rpos
+        buf = self._rbuf
+        if pos >= len(buf):
+            buf = super()._sock_recv(READ_SIZE)  # raises BlockingIOError when nothing is there
+            if not buf:
+                return buf  # the connection closed
+            self._rbuf = buf
+            pos = 0
+        self._rpos = pos + bufsize
+        return buf[pos:pos + bufsize]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._rbuf) - self._rpos
+
+    def read_buffered(self, max_packets: int = 5000) -> MQTTErrorCode:
+        """Handle the packets already received, reading on while the socket has more,
+        without a select between packets. Stops after about ``max_packets`` so the
+        caller's timers (flush deadline, heartbeat) keep running."""
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        done = 0
+        while done < max_packets:
+            if self._in_packet["command"] == 0 and self.on_message is not None:
+                done += self._fast_publishes(max_packets - done)
+            left = len(self._rbuf) - self._rpos
+            if left <= 0:
+                break
+            rc = self.loop_read()  # one packet paho's way
+            done += 1
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            if len(self._rbuf) - self._rpos == left:
+                break  # a partial packet and nothing more on the socket yet
+        return rc
+
+    def _fast_publishes(self, limit: int) -> int:
+        """Dispatch the complete QoS 0/1 PUBLISH packets at the head of the buffer."""
+        if self._filtered or self._protocol == mqtt.MQTTv31:
+            return 0
+        buf = self._rbuf
+        pos = self._rpos
+        end = len(buf)
+        v5 = self._protocol == mqtt.MQTTv5
+        on_message = self.on_message
+        userdata = self._userdata
+        n = 0
+        with self._in_callback_mutex:
+            while pos < end and n < limit:
+                cmd = buf[pos]
+                if cmd & 0xF0 != 0x30 or cmd & 0x06 > 2:  # not a PUBLISH, or QoS 2 (or invalid 3)
+                    break
+                i, length = _varint(buf, pos + 1, end)
+                if i < 0 or i + length > end:
+                    break  # incomplete (or malformed: paho decides)
+                stop = i + length
+                if length < 2:
+                    break
+                t_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                if t_end == i + 2 or t_end > stop:
+                    break  # a topic alias, or malformed
+                p = t_end
+                qos = (cmd >> 1) & 3
+                mid = 0
+                if qos:
+                    if p + 2 > stop:
+                        break
+                    mid = (buf[p] << 8) | buf[p + 1]
+                    p += 2
+                if v5:
+                    p, plen = _varint(buf, p, stop)
+                    if p < 0 or p + plen > stop:
+                        break
+                    p += plen
+                on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,
+                                                    bool(cmd & 0x08), bool(cmd & 0x01)))
+                pos = stop
+                n += 1
+        if n:
+            self._rpos = pos
+            with self._msgtime_mutex:
+                self._last_bytes_received = _time_func()
+        return n
+
+    def reconnect(self) -> MQTTErrorCode:
+        self._rbuf, self._rpos = b"", 0  # bytes of the old connection mean nothing now
+        return super().reconnect()
+
+    # -- acknowledging ------------------------------------------------------------------
+
+    def ack_many(self, mids: Iterable[int]) -> None:
+        """PUBACK every message id, in order, as one write."""
+        data = b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids])
+        if not data:
+            return
+        self._packet_queue(_PUBACK, data, 0, 0)
+        with self._msgtime_mutex:
+            self._last_msg_out = _time_func()
+
+
+class Publish:
+    """What the fast path hands to ``on_message``: the fields of paho's MQTTMessage
+    that a recorder reads (``_topic`` is the raw topic, as in paho)."""
+
+    __slots__ = ("_topic", "payload", "qos", "mid", "dup", "retain")
+
+    def __init__(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
+        self._topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.mid = mid
+        self.dup = dup
+        self.retain = retain
+
+    @property
+    def topic(self) -> str:
+        return self._topic.decode("utf-8")
+
+
+def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+    """MQTT variable byte integer at ``buf[i]``: (index after it, value), or (-1, 0)
+    when it runs past ``end`` or is longer than four bytes."""
+    value = 0
+    shift = 0
+    for j in range(i, min(end, i + 4)):
+        b = buf[j]
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return j + 1, value
+        shift += 7
+    return -1, 0
+
+
+class StockClient(mqtt.Client):
+    """Stock paho behind the same three methods, for comparison and as a fallback."""
+
+    buffered = 0
+
+    def read_buffered(self, max_packets: int = 5000) -> MQTTErrorCode:
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def ack_many(self, mids: Iterable[int]) -> None:
+        for mid in mids:
+            self.ack(mid, 1)
+
+
+def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
+    if os.environ.get("SHARDLOG_STOCK_PAHO") == "1":
+        return StockClient(*args, **kwargs)
+    client = BufferedClient(*args, **kwargs)
+    if _time_func is None or not all(hasattr(client, name) for name in _PRIVATE):
+        log.warning("paho-mqtt %s lacks the internals shardlog tunes; using stock paho (slower)",
+                    getattr(mqtt, "__version__", "?"))
+        return StockClient(*args, **kwargs)
+    return client
