@@ -405,12 +405,23 @@ def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
     doc[keys[-1]] = value
 
 
+#: shardlog variants a run can compare side by side: side name -> extra environment
+VARIANTS: dict[str, dict[str, str]] = {
+    "shardlog": {},
+    "shardlog-stock": {"SHARDLOG_STOCK_PAHO": "1"},  # stock paho: no read buffer, fast path or batched acks
+}
+LABELS = {"mosquitto_sub": "`mosquitto_sub -q 1 -v`", "shardlog": "shardlog (1 shard)",
+          "shardlog-stock": "shardlog, stock paho"}
+
+
 class Shardlog:
     name = "shardlog"
 
     def __init__(self, workdir: Path, protocol: str, src: Path, map_set: list[str],
-                 python_args: list[str] | None = None, heartbeat: float = 0.2) -> None:
+                 python_args: list[str] | None = None, heartbeat: float = 0.2,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = workdir
+        self.env = env or {}
         self.root = workdir / "data"
         self.map = workdir / "shards.yaml"
         self.stats_file = workdir / "all.stats.json"
@@ -437,7 +448,7 @@ class Shardlog:
 
     def _spawn(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         self.stats_file.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(self.src))
+        env = dict(os.environ, PYTHONPATH=str(self.src), **self.env)
         self._err = open(self.dir / "shardlog.log", "ab")  # noqa: SIM115 - the recorder's stderr
         cmd = [sys.executable, *(extra or []), "-m", "shardlog", "record", str(self.map),
                "--shard", "all", "--stats-file", str(self.stats_file),
@@ -531,7 +542,8 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
     if side_name == "mosquitto_sub":
         side = MosquittoSub(base, args.protocol)
     else:
-        side = Shardlog(base, args.protocol, args.src, args.map_set, python_args)
+        side = Shardlog(base, args.protocol, args.src, args.map_set, python_args,
+                        env=VARIANTS[side_name])
     n = work.messages
     tag = f"{mode} run {run}: {side_name}"
     try:
@@ -633,7 +645,7 @@ def _med(xs: list[float]) -> float:
 
 def table(results: list[Result], mode: str) -> str:
     rows = [r for r in results if r.mode == mode]
-    sides = [s for s in ("mosquitto_sub", "shardlog") if any(r.side == s for r in rows)]
+    sides = [s for s in ("mosquitto_sub", *VARIANTS) if any(r.side == s for r in rows)]
     base = _med([r.rate for r in rows if r.side == "mosquitto_sub"])
     out = [("| subscriber | msg/s (median) | min - max | CPU s per 1M msgs | broker CPU s per 1M | "
             "ratio to mosquitto_sub | publisher msg/s | others' load (cores) |"),
@@ -643,7 +655,7 @@ def table(results: list[Result], mode: str) -> str:
         rate = _med([r.rate for r in rs])
         ratio = "-" if math.isnan(base) else f"{rate / base:.2f}"
         out.append(
-            f"| {'`mosquitto_sub -q 1 -v`' if s == 'mosquitto_sub' else 'shardlog (1 shard)'} "
+            f"| {LABELS[s]} "
             f"| {rate:,.0f} | {min(r.rate for r in rs):,.0f} - {max(r.rate for r in rs):,.0f} "
             f"| {_med([r.cpu_per_m for r in rs]):.1f} | {_med([r.broker_cpu_per_m for r in rs]):.1f} "
             f"| {ratio} | {_med([r.pub_rate for r in rs]):,.0f} | {_med([r.others_cores for r in rs]):.2f} |")
@@ -689,7 +701,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--payload-size", type=int, default=150, help="payload bytes (default 150)")
     p.add_argument("--runs", type=int, default=None, help="runs per subscriber (default 3)")
     p.add_argument("--mode", default="drain", help="drain, live or drain,live (default drain)")
-    p.add_argument("--sides", default="mosquitto_sub,shardlog", help="subscribers to measure")
+    p.add_argument("--sides", default="mosquitto_sub,shardlog",
+                   help="subscribers to measure: mosquitto_sub, shardlog, shardlog-stock")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
                    help="MQTT version of both subscribers (default 5); the publisher uses 3.1.1")
     p.add_argument("--quick", action="store_true", help="smoke run: 50,000 messages, 1 run")
@@ -734,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in ("drain", "live"):
             raise SystemExit(f"unknown mode {m!r}")
     for s in sides:
-        if s not in ("mosquitto_sub", "shardlog"):
+        if s not in ("mosquitto_sub", *VARIANTS):
             raise SystemExit(f"unknown subscriber {s!r}")
     headdir = None
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -777,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for mode in modes:
         lines += [f"**{mode}**", "", table(results, mode), ""]
-    if args.rss or any(r.side == "shardlog" for r in results):
+    if args.rss or any(r.side in VARIANTS for r in results):
         for r in results:
             lines.append(f"- {r.mode} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
                          f"({100 * r.cpu_sys / max(r.cpu, 1e-9):.0f}% system), peak RSS "

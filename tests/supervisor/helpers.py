@@ -12,14 +12,12 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +29,8 @@ from paho.mqtt.properties import Properties
 
 from shardlog.stats import Counters, write_stats
 from shardlog.topics import topic_to_relpath
+from tests.helpers import free_port, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 # -- fakes for the arbiter ---------------------------------------------------------------------
 
