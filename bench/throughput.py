@@ -171,8 +171,9 @@ def _varint(n: int) -> bytes:
 
 
 def topic_names(topics: int) -> list[bytes]:
+    """``bench/a/room0000``, ``bench/b/room0001``, ...: two branches, so two shards can split them."""
     width = max(4, len(str(topics - 1)))
-    return [b"bench/room%0*d" % (width, i) for i in range(topics)]
+    return [b"bench/%s/room%0*d" % (b"ab"[i % 2:i % 2 + 1], width, i) for i in range(topics)]
 
 
 class Workload:
@@ -409,9 +410,12 @@ def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
 VARIANTS: dict[str, dict[str, str]] = {
     "shardlog": {},
     "shardlog-stock": {"SHARDLOG_STOCK_PAHO": "1"},  # stock paho: no read buffer, fast path or batched acks
+    "shardlog-2": {},          # `shardlog supervise`: two shards, bench/a and bench/b
+    "shardlog-2-scraped": {},  # the same, /metrics and /status scraped once a second
 }
 LABELS = {"mosquitto_sub": "`mosquitto_sub -q 1 -v`", "shardlog": "shardlog (1 shard)",
-          "shardlog-stock": "shardlog, stock paho"}
+          "shardlog-stock": "shardlog, stock paho", "shardlog-2": "shardlog supervise, 2 shards",
+          "shardlog-2-scraped": "2 shards, scraped 1/s"}
 
 
 class Shardlog:
@@ -531,6 +535,89 @@ class Shardlog:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+class Supervised(Shardlog):
+    """``shardlog supervise`` running two shards (bench/a, bench/b); progress and CPU of the
+    supervisor and both recorders; optionally /metrics + /status scraped every ``scrape`` s."""
+
+    name = "shardlog-2"
+
+    def __init__(self, *args: Any, scrape: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.scrape = scrape
+        self.listen = f"127.0.0.1:{free_port()}"
+        self._stop_scraping = threading.Event()
+
+    def write_map(self, port: int) -> None:
+        super().write_map(port)
+        doc = yaml.safe_load(self.map.read_text())
+        doc["shards"] = [{"name": "a", "prefix": "bench/a"}, {"name": "b", "prefix": "bench/b"}]
+        doc["supervisor"] = {"listen": self.listen, "start_jitter": 0}
+        self.map.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def _spawn(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, PYTHONPATH=str(self.src), **self.env)
+        self._err = open(self.dir / "shardlog.log", "ab")  # noqa: SIM115 - the supervisor's stderr
+        cmd = [sys.executable, "-m", "shardlog", "supervise", str(self.map), "--log-level", "warning"]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, cwd=self.dir, env=env)
+
+    def _status(self) -> list[dict[str, Any]]:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://{self.listen}/status", timeout=2) as r:
+                return json.loads(r.read())["shards"]
+        except (OSError, ValueError):
+            return []
+
+    def stats(self) -> Any:
+        shards = self._status()
+        counters = [s.get("counters") for s in shards]
+        if len(counters) != 2 or not all(counters):
+            return None
+        total = {k: sum(c[k] for c in counters) for k in ("acked", "messages")}
+        total["subscribed"] = all(c["subscribed"] for c in counters)
+        return type("Totals", (), total)()
+
+    def start(self, port: int, n: int) -> None:
+        super().start(port, n)
+        if self.scrape:
+            threading.Thread(target=self._scraper, daemon=True).start()
+
+    def _scraper(self) -> None:
+        import urllib.request
+        while not self._stop_scraping.wait(self.scrape):
+            for path in ("/metrics", "/status"):
+                try:
+                    with urllib.request.urlopen(f"http://{self.listen}{path}", timeout=2) as r:
+                        r.read()
+                except OSError:
+                    pass
+
+    def poll(self, n: int) -> tuple[bool, int, tuple[float, float] | None]:
+        done, acked, _ = super().poll(n)
+        if not done:
+            return False, acked, None
+        procs = [self.ps, *self.ps.children(recursive=True)]
+        user = sys_ = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                user += t.user + t.children_user
+                sys_ += t.system + t.children_system
+            except psutil.Error:
+                pass
+        return True, acked, (user, sys_)
+
+    def rss(self) -> int:
+        try:
+            return sum(p.memory_info().rss for p in [self.ps, *self.ps.children(recursive=True)])
+        except psutil.Error:
+            return 0
+
+    def stop(self) -> None:
+        self._stop_scraping.set()
+        super().stop()
+
+
 # -- one measurement -------------------------------------------------------------------------
 
 
@@ -541,6 +628,9 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
     side: MosquittoSub | Shardlog
     if side_name == "mosquitto_sub":
         side = MosquittoSub(base, args.protocol)
+    elif side_name.startswith("shardlog-2"):
+        side = Supervised(base, args.protocol, args.src, args.map_set, python_args,
+                          scrape=1.0 if side_name.endswith("scraped") else None)
     else:
         side = Shardlog(base, args.protocol, args.src, args.map_set, python_args,
                         env=VARIANTS[side_name])
@@ -702,7 +792,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, help="runs per subscriber (default 3)")
     p.add_argument("--mode", default="drain", help="drain, live or drain,live (default drain)")
     p.add_argument("--sides", default="mosquitto_sub,shardlog",
-                   help="subscribers to measure: mosquitto_sub, shardlog, shardlog-stock")
+                   help="subscribers to measure: mosquitto_sub, shardlog, shardlog-stock, "
+                        "shardlog-2 (supervise, two shards), shardlog-2-scraped")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
                    help="MQTT version of both subscribers (default 5); the publisher uses 3.1.1")
     p.add_argument("--quick", action="store_true", help="smoke run: 50,000 messages, 1 run")

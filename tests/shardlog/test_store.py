@@ -249,3 +249,12 @@ def test_disk_full_holds_acks_writes_no_partial_line_and_recovers(tiny_fs: Path)
     assert store.flush(T0, 100.0) == set()
     assert not c.degraded
     assert (tiny_fs / "t" / "+log.jsonl").read_bytes().splitlines(keepends=True) == written
+
+
+@pytest.mark.parametrize("mode", ["batch", "always"])
+def test_fsync_modes_write_everything(tmp_path: Path, mode: str) -> None:
+    store, c = make(tmp_path, fsync=mode, rotate={"max_bytes": "2KiB", "max_age": None})
+    states: dict[str, TopicState] = {}
+    written = put(store, states, "a/b", 50) + put(store, states, "a/b", 1, start=50)
+    assert store.flush(T0, 0.0) == set()
+    assert read_all(tmp_path / "a" / "b") == written and c.rotations > 0 and not c.degraded
