@@ -67,7 +67,8 @@ class BufferedClient(mqtt.Client):
         pos = self._rpos
         buf = self._rbuf
         if pos >= len(buf):
-            buf = super()._sock_recv(READ_SIZE)  # raises BlockingIOError when nothing is there
+            # raises BlockingIOError when nothing is there; a big payload is read as paho asks
+            buf = super()._sock_recv(max(READ_SIZE, bufsize))
             if not buf:
                 return buf  # the connection closed
             self._rbuf = buf

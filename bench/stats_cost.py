@@ -1,6 +1,6 @@
 """Does scraping the supervisor slow recording? (not a test; run it by hand)
 
-    python -m tests.supervisor.bench_stats_cost [MESSAGES_PER_SHARD] [ROUNDS]
+    python bench/stats_cost.py [MESSAGES_PER_SHARD] [ROUNDS]
 
 For each round and each mode (no scraping, /metrics + /status every second, /metrics ten times a
 second): queue MESSAGES_PER_SHARD QoS 1 messages for each of two shards while they are stopped, start
@@ -22,13 +22,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-import psutil
-from paho.mqtt.enums import CallbackAPIVersion
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.helpers
 
-from shardlog.stats import read_stats
-from tests.helpers import Mosquitto
-from tests.supervisor.helpers import SupervisorProc, make_map, wait_for
+import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from shardlog.stats import read_stats  # noqa: E402
+from tests.helpers import Mosquitto  # noqa: E402
+from tests.supervisor.helpers import SupervisorProc, make_map, wait_for  # noqa: E402
 
 MODES = {"none": None, "1/s": 1.0, "10/s": 0.1}
 
