@@ -3,7 +3,8 @@
 Verbs of the recorder package live here (record, check, init). Verbs of other
 packages (``supervise`` and ``status`` from ``supervisor``) are added through the
 ``shardlog.commands`` entry point group, so this package never imports them.
-Exit codes follow sysexits: 0 ok, 64 usage, 70 internal error, 78 configuration.
+Exit codes follow sysexits: 0 ok, 64 usage, 66 no input (history verbs), 70 internal error,
+73 cannot create (export), 78 configuration.
 """
 
 from __future__ import annotations
@@ -141,13 +142,213 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_init)
 
 
+# -- history: topics, tail, cat, export (shardlog.history) --------------------------------
+
+EX_NOINPUT, EX_CANTCREAT = 66, 73
+
+
+def _time_arg(value: str) -> int:
+    from shardlog.history import parse_time
+
+    try:
+        t = parse_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert t is not None
+    return t
+
+
+def _with_topic(topic: str, line: bytes) -> bytes:
+    """A stored record line with a ``topic`` member put first."""
+    import msgspec
+
+    return b'{"topic":' + msgspec.json.encode(topic) + b"," + line[1:]
+
+
+def _shown_topic(topic: str) -> str:
+    import json
+
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic) or topic.startswith('"'):
+        return json.dumps(topic, ensure_ascii=False)
+    return topic
+
+
+def _history_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Missing root/topic -> 66 with a message; a closed pipe (| head) -> quiet exit."""
+    def run(args: argparse.Namespace) -> int:
+        from shardlog.history import TopicNotFound
+
+        try:
+            return func(args)
+        except TopicNotFound as exc:
+            print(f"shardlog: {exc}", file=sys.stderr)
+            return EX_NOINPUT
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+    return run
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from shardlog import history
+
+    out = sys.stdout
+    found = 0
+    for info in history.topics(args.root, args.prefix, long=args.long):
+        found += 1
+        if args.json:
+            doc = {"topic": info.topic}
+            if args.long:
+                doc.update(records=info.records, bytes=info.bytes, last_ts=info.last_ts)
+            out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        elif args.long:
+            last = "-" if info.last_ts is None else dt.datetime.fromtimestamp(
+                info.last_ts / 1e6, dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            out.write(f"{_shown_topic(info.topic)}\t{info.records}\t{info.bytes}\t{last}\n")
+        else:
+            out.write(_shown_topic(info.topic) + "\n")
+    out.flush()
+    if not found and args.prefix:
+        raise history.TopicNotFound(f"no topics at or below {args.prefix!r} under {args.root}")
+    return 0
+
+
+def _add_topics(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topics", help="list recorded topics (decoded names)")
+    p.add_argument("root", help="a recording root (a shard's root directory)")
+    p.add_argument("prefix", nargs="?", default="", help="only this topic and the ones below it")
+    p.add_argument("--long", "-l", action="store_true",
+                   help="also records, bytes on disk and the last record's time (reads every segment)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_history_errors(_cmd_topics))
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from shardlog import history
+
+    if args.n < 0:
+        print("shardlog: tail: -n must be >= 0", file=sys.stderr)
+        return EX_USAGE
+    out = sys.stdout.buffer
+    if args.follow:
+        for line in history._tail_and_follow(args.root, args.topic, args.n, poll=args.poll):
+            out.write(_with_topic(args.topic, line))
+            out.flush()
+        return 0
+    d = history._require_topic(args.root, args.topic)
+    for line in history._tail_lines_dir(d, args.n):
+        out.write(_with_topic(args.topic, line))
+    out.flush()
+    return 0
+
+
+def _add_tail(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tail", help="the last records of a topic (JSON lines with a topic member)")
+    p.add_argument("root")
+    p.add_argument("topic")
+    p.add_argument("-n", type=int, default=6, help="how many records (default 6)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing records as they arrive")
+    p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.set_defaults(func=_history_errors(_cmd_tail))
+
+
+def _cmd_cat(args: argparse.Namespace) -> int:
+    import base64
+    import csv
+    import io
+
+    from shardlog import history
+    from shardlog.records import decode_record
+
+    lines = history._read_lines(args.root, args.topic, args.since, args.until)
+    if args.format == "jsonl":
+        out = sys.stdout.buffer
+        for topic, _ts, line in lines:
+            out.write(_with_topic(topic, line))
+        out.flush()
+        return 0
+    text = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="", write_through=False)
+    w = csv.writer(text)
+    w.writerow(["topic", "ts", "qos", "retain", "payload", "enc"])
+    for topic, ts, line in lines:
+        try:
+            rec = decode_record(line)
+        except ValueError:
+            continue
+        try:
+            payload, enc = rec.payload.decode("utf-8"), ""
+        except UnicodeDecodeError:
+            payload, enc = base64.b64encode(rec.payload).decode("ascii"), "base64"
+        w.writerow([topic, ts, rec.qos, "true" if rec.retain else "false", payload, enc])
+    text.flush()
+    text.detach()
+    return 0
+
+
+def _add_cat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cat", help="records of a topic or a whole branch, in time order")
+    p.add_argument("root")
+    p.add_argument("topic", metavar="TOPIC-or-PREFIX", help="a topic; the topics below it are included")
+    p.add_argument("--since", type=_time_arg, help="from this time on (µs since the epoch or ISO 8601; "
+                   "naive = UTC), inclusive")
+    p.add_argument("--until", type=_time_arg, help="before this time, exclusive")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    p.set_defaults(func=_history_errors(_cmd_cat))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from shardlog import history
+
+    if not args.to.endswith((".sqlite", ".sqlite3", ".db")):
+        print("shardlog: export: only SQLite is supported (--to FILE.sqlite|.sqlite3|.db)", file=sys.stderr)
+        return EX_USAGE
+    if os.path.exists(args.to):
+        if not args.force:
+            print(f"shardlog: {args.to} exists; use --force to replace it", file=sys.stderr)
+            return EX_CANTCREAT
+        os.unlink(args.to)
+    tty = sys.stderr.isatty()
+
+    def progress(n: int) -> None:
+        if tty:
+            sys.stderr.write(f"\rexported {n:,} records")
+            sys.stderr.flush()
+
+    try:
+        n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
+    except BaseException:
+        if os.path.exists(args.to):
+            os.unlink(args.to)  # never leave half an export behind
+        raise
+    if tty:
+        sys.stderr.write("\n")
+    print(f"exported {n} records to {args.to}", file=sys.stderr)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a branch to SQLite (one table, JSON members as columns)")
+    p.add_argument("root")
+    p.add_argument("prefix", help="a topic; the topics below it are included ('' for all)")
+    p.add_argument("--to", required=True, help="the SQLite file to create")
+    p.add_argument("--since", type=_time_arg)
+    p.add_argument("--until", type=_time_arg)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_history_errors(_cmd_export))
+
+
 # -- main -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlog", description="Record an MQTT topic tree as a directory tree.")
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    for add in (_add_record, _add_check, _add_init, *_plugin_verbs()):
+    for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export,
+                *_plugin_verbs()):
         add(sub)
     return parser
 

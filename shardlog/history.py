@@ -1,0 +1,789 @@
+"""Read what shardlog recorded: list topics, tail, read a time range, follow, export.
+
+Pure reading of the on-disk format of DESIGN.md ("Files on disk"); nothing here
+writes into a recording root. A web app can use it directly::
+
+    from shardlog import history
+    for info in history.topics("/srv/mqtt", "chat"):
+        print(info.topic)
+    last = history.tail("/srv/mqtt", "chat/room42", 6)          # list[Record], oldest first
+    for topic, rec in history.read("/srv/mqtt", "chat", since="2026-11-22T10:00:00Z"):
+        ...
+    history.export_sqlite("/srv/mqtt", "chat", "chat.sqlite")
+
+Records are ``shardlog.records.Record`` (ts, qos, retain, payload bytes as
+published, value as JSON.parse would see it).
+
+Assumption: within one topic, ``ts`` does not go backwards (it is the recorder's
+reception time); segment skipping in ``read`` relies on it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gzip
+import heapq
+import os
+import resource
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+import msgspec
+
+from shardlog.records import Record, decode_record
+from shardlog.segments import CURRENT, TOPIC_FILE, parse_segment, rotated_segments
+from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
+
+__all__ = [
+    "TopicInfo", "TopicNotFound", "topics", "topic_dir", "segments_of", "tail", "read", "follow",
+    "export_sqlite", "parse_time",
+]
+
+BLOCK = 64 * 1024            # first backwards read; doubles while a line is longer
+_MAX_BLOCK = 8 * 1024 * 1024
+_pread = os.pread            # the one way plain segments are read backwards (tests count it)
+_json_encode = msgspec.json.encode
+_TS_PREFIX = b'{"ts":'
+
+
+class TopicNotFound(FileNotFoundError):
+    """No recording root, or no records for the topic or prefix below it."""
+
+
+class TopicInfo(NamedTuple):
+    topic: str
+    path: str                    # the topic's directory
+    records: int | None = None   # the rest only with long=True
+    bytes: int | None = None     # on disk (compressed segments count compressed)
+    last_ts: int | None = None   # ts of the newest record, µs
+
+
+# -- time ---------------------------------------------------------------------------------
+
+def parse_time(value: int | float | str | _dt.datetime | None) -> int | None:
+    """µs since the epoch from an int (µs), a datetime (naive = UTC) or an ISO 8601
+    string (naive = UTC; a plain integer string is µs). ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lstrip("-").isdigit():
+            return int(s)
+        if s.endswith(("Z", "z")):
+            s = s[:-1] + "+00:00"
+        try:
+            value = _dt.datetime.fromisoformat(s)
+        except ValueError:
+            raise ValueError(f"not a time (µs since the epoch or ISO 8601): {value!r}") from None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        delta = value - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+        return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    raise ValueError(f"not a time: {value!r}")
+
+
+# -- where things are --------------------------------------------------------------------
+
+def _root(root: str | os.PathLike[str]) -> str:
+    real = os.path.realpath(os.fspath(root))
+    if not os.path.isdir(real):
+        raise TopicNotFound(f"no such recording root: {os.fspath(root)}")
+    return real
+
+
+def _prefix_dir(root_real: str, prefix: str) -> str:
+    if not prefix:
+        return root_real
+    try:
+        return safe_join(root_real, topic_to_relpath(prefix))
+    except TopicError as exc:
+        raise TopicNotFound(f"not a storable topic {prefix!r}: {exc}") from None
+
+
+def topic_dir(root: str | os.PathLike[str], topic: str) -> str:
+    """The directory of ``topic`` under ``root`` (which need not exist yet)."""
+    return _prefix_dir(_root(root), topic)
+
+
+def _is_topic(names: Iterable[str]) -> bool:
+    return any(n == CURRENT or (n.startswith("+log.") and parse_segment(n)) for n in names)
+
+
+def segments_of(topic_dir: str) -> list[str]:
+    """Paths of a topic's segments, oldest first: rotated ones (plain or ``.gz``), then
+    the current ``+log.jsonl`` if it exists."""
+    try:
+        names = os.listdir(topic_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = [os.path.join(topic_dir, s.name) for s in rotated_segments(names)]
+    if CURRENT in names:
+        out.append(os.path.join(topic_dir, CURRENT))
+    return out
+
+
+def _walk(root_real: str, prefix: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(topic, directory, file names) of every topic directory at or below ``prefix``,
+    in directory-name order; only directory listings, no file reads (except the
+    ``+topic`` file of a hashed level)."""
+    start = _prefix_dir(root_real, prefix)
+    if prefix:
+        if not os.path.isdir(start):
+            return
+        base_topic: str | None = prefix
+    else:
+        base_topic = None  # the root itself is no topic
+    stack: list[tuple[str, str | None]] = [(start, base_topic)]
+    while stack:
+        path, topic = stack.pop()
+        files: list[str] = []
+        subdirs: list[tuple[str, str]] = []
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    name = e.name
+                    if name.startswith("+"):
+                        files.append(name)
+                    elif e.is_dir(follow_symlinks=False):
+                        subdirs.append((name, e.path))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        if topic is not None and _is_topic(files):
+            yield topic, path, files
+        for name, sub in sorted(subdirs, reverse=True):
+            try:
+                level = decode_level(name)
+            except HashedNameError:
+                try:
+                    with open(os.path.join(sub, TOPIC_FILE), encoding="utf-8") as f:
+                        full = f.read()
+                except OSError:
+                    continue  # no +topic: not something the recorder made
+                stack.append((sub, full))
+                continue
+            except TopicError:
+                continue  # not a name the recorder makes: not ours
+            stack.append((sub, level if topic is None else f"{topic}/{level}"))
+
+
+def topics(root: str | os.PathLike[str], prefix: str = "", long: bool = False) -> Iterator[TopicInfo]:
+    """Recorded topics at or below ``prefix`` (all with ``""``), decoded.
+
+    Without ``long`` only directories are listed (fast on 100,000 topics). With
+    ``long``: record count (reads every segment; compressed ones are decompressed),
+    bytes on disk and the newest record's ts."""
+    root_real = _root(root)
+    for topic, path, files in _walk(root_real, prefix):
+        if not long:
+            yield TopicInfo(topic, path)
+            continue
+        count = size = 0
+        for seg in segments_of(path):
+            try:
+                size += os.stat(seg).st_size
+                count += _count_lines(seg)
+            except FileNotFoundError:
+                continue
+        last = _tail_lines_dir(path, 1)
+        yield TopicInfo(topic, path, count, size, _ts_of(last[-1]) if last else None)
+
+
+def _count_lines(path: str) -> int:
+    n = 0
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            n += chunk.count(b"\n")
+    return n
+
+
+def _ts_of(line: bytes) -> int:
+    if line.startswith(_TS_PREFIX):
+        end = line.find(b",", 6)
+        try:
+            return int(line[6:end])
+        except ValueError:
+            pass
+    return decode_record(line).ts
+
+
+def _decode(line: bytes) -> Record | None:
+    try:
+        return decode_record(line)
+    except (ValueError, KeyError, TypeError, AttributeError, msgspec.DecodeError):
+        return None
+
+
+def _require_topic(root: str | os.PathLike[str], topic: str) -> str:
+    d = topic_dir(root, topic)
+    if not segments_of(d):
+        raise TopicNotFound(f"no records for topic {topic!r} under {os.fspath(root)}")
+    return d
+
+
+# -- tail ---------------------------------------------------------------------------------
+
+def _lines_backwards(fd: int, end: int) -> Iterator[bytes]:
+    """Complete lines (newline included) of ``fd[:end]``, newest first, reading
+    backwards in blocks. Bytes after the last newline (a torn line) are skipped."""
+    pos, buf, block, trimmed = end, b"", BLOCK, False
+    while pos > 0:
+        start = max(0, pos - block)
+        chunk = _pread(fd, pos - start, start)
+        if len(chunk) != pos - start:  # truncated under us: stop at what we have
+            return
+        buf = chunk + buf
+        pos = start
+        if not trimmed:
+            j = buf.rfind(b"\n")
+            if j < 0:
+                block = min(block * 2, _MAX_BLOCK)
+                continue
+            buf = buf[: j + 1]
+            trimmed = True
+        if pos > 0:
+            i = buf.find(b"\n")
+            if i < 0 or i == len(buf) - 1:
+                block = min(block * 2, _MAX_BLOCK)
+                continue
+            complete, buf = buf[i + 1:], buf[: i + 1]
+        else:
+            complete, buf = buf, b""
+        parts = complete.split(b"\n")
+        for k in range(len(parts) - 2, -1, -1):
+            yield parts[k] + b"\n"
+
+
+def _segment_lines_backwards(path: str) -> Iterator[bytes]:
+    if path.endswith(".gz"):
+        try:
+            data = _read_gz(path)
+        except FileNotFoundError:
+            return
+        parts = data.split(b"\n")
+        for k in range(len(parts) - 2, -1, -1):
+            yield parts[k] + b"\n"
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        # compressed meanwhile
+        if parse_segment(os.path.basename(path)):
+            yield from _segment_lines_backwards(path + ".gz")
+        return
+    try:
+        yield from _lines_backwards(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _read_gz(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = gzip.decompress(f.read())
+    return data
+
+
+def _tail_lines_dir(path: str, n: int, current: tuple[int, int] | None = None) -> list[bytes]:
+    """The last ``n`` complete lines of a topic directory, oldest first. ``current``:
+    an already open (fd, end) of the current segment to use instead of opening it."""
+    if n <= 0:
+        return []
+    own_fd = None
+    if current is None:
+        try:
+            own_fd = os.open(os.path.join(path, CURRENT), os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            current = (own_fd, os.fstat(own_fd).st_size)
+    try:
+        segs = [s for s in segments_of(path) if os.path.basename(s) != CURRENT]
+        if current is not None and segs and not segs[-1].endswith(".gz"):
+            # rotated between our open and our listing: the newest rotated one is our file
+            try:
+                if os.stat(segs[-1]).st_ino == os.fstat(current[0]).st_ino:
+                    segs.pop()
+            except FileNotFoundError:
+                pass
+        sources: list[Iterator[bytes]] = []
+        if current is not None:
+            sources.append(_lines_backwards(*current))
+        sources.extend(_segment_lines_backwards(s) for s in reversed(segs))
+        out: list[bytes] = []
+        for src in sources:
+            for line in src:
+                out.append(line)
+                if len(out) >= n:
+                    break
+            src.close()  # type: ignore[attr-defined]
+            if len(out) >= n:
+                break
+        out.reverse()
+        return out
+    finally:
+        if own_fd is not None:
+            os.close(own_fd)
+
+
+def tail(root: str | os.PathLike[str], topic: str, n: int = 6) -> list[Record]:
+    """The last ``n`` records of ``topic``, oldest first, read backwards from the end
+    of the current segment (never a whole large file) into older segments."""
+    d = _require_topic(root, topic)
+    return [r for line in _tail_lines_dir(d, n) if (r := _decode(line)) is not None]
+
+
+# -- read a range ---------------------------------------------------------------------------
+
+def _first_ts(path: str) -> int | None:
+    """ts of a segment's first record: one line read (a .gz one: only its first blocks)."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            line = f.readline(1 << 20)
+    except FileNotFoundError:
+        if path.endswith(".gz") or not parse_segment(os.path.basename(path)):
+            return None
+        return _first_ts(path + ".gz")
+    except (OSError, EOFError):
+        return None
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        return _ts_of(line)
+    except Exception:  # noqa: BLE001 - a damaged first line: do not skip on it
+        return None
+
+
+def _open_segment(path: str):  # -> binary file object
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        if parse_segment(os.path.basename(path)):
+            return gzip.open(path + ".gz", "rb")
+        raise
+
+
+def _lines_forward(f) -> Iterator[bytes]:
+    for line in f:
+        if line.endswith(b"\n"):
+            yield line
+        # else a torn last line (being written): left out
+
+
+def _segments_in_range(segs: list[str], since: int | None, until: int | None) -> list[str]:
+    """Drop rotated segments wholly before ``since`` or at/after ``until`` by their
+    first records only (a segment's records lie in [its first ts, next first ts])."""
+    if since is None and until is None:
+        return segs
+    firsts = [_first_ts(s) for s in segs]
+    keep = []
+    for i, s in enumerate(segs):
+        first = firsts[i]
+        if until is not None and first is not None and first >= until:
+            break
+        nxt = next((t for t in firsts[i + 1:] if t is not None), None) if i + 1 < len(segs) else None
+        if since is not None and nxt is not None and nxt < since:
+            continue
+        keep.append(s)
+    return keep
+
+
+def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tuple[int, bytes]]:
+    """(ts, line) of one topic directory in [since, until), oldest first. Segments
+    rotated while reading are picked up; the current segment is read from an open
+    descriptor, so a rotation during the read does not lose it."""
+    names = _safe_listdir(path)
+    rotated = rotated_segments(names)
+    cur = os.path.join(path, CURRENT)
+    paths = [os.path.join(path, s.name) for s in rotated] + ([cur] if CURRENT in names else [])
+    chosen = set(_segments_in_range(paths, since, until))
+    done_seq = -1
+    for seg in rotated:
+        done_seq = seg.seq
+        p = os.path.join(path, seg.name)
+        if p in chosen:
+            yield from _filter(_segment_file_lines(p), since, until)
+    if CURRENT in names and cur not in chosen:
+        return  # the current segment starts at or after ``until``
+    while True:
+        try:
+            f = open(cur, "rb")
+        except FileNotFoundError:
+            f = None
+        newer = [s for s in rotated_segments(_safe_listdir(path)) if s.seq > done_seq]
+        if newer:  # rotated since we listed: read those first, then the current one again
+            if f is not None:
+                f.close()
+            for seg in newer:
+                done_seq = seg.seq
+                yield from _filter(_segment_file_lines(os.path.join(path, seg.name)), since, until)
+            continue
+        if f is None:
+            return
+        with f:
+            yield from _filter(_lines_forward(f), since, until)
+        return
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
+        return typ is not None and issubclass(typ, FileNotFoundError)  # type: ignore[arg-type]
+
+
+def _safe_listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _segment_file_lines(path: str) -> Iterator[bytes]:
+    try:
+        f = _open_segment(path)
+    except FileNotFoundError:
+        return  # deleted by retention meanwhile
+    with f:
+        yield from _lines_forward(f)
+
+
+def _filter(lines: Iterator[bytes], since: int | None, until: int | None) -> Iterator[tuple[int, bytes]]:
+    for line in lines:
+        try:
+            ts = _ts_of(line)
+        except Exception:  # noqa: BLE001 - an unreadable line is left out
+            continue
+        if since is not None and ts < since:
+            continue
+        if until is not None and ts >= until:
+            continue
+        yield ts, line
+
+
+def _raise_fd_limit(streams: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = streams + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _read_lines(root: str | os.PathLike[str], topic_or_prefix: str, since: int | None = None,
+                until: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+    """(topic, ts, line) in time order; ties keep topic-name order. Raises
+    ``TopicNotFound`` at once (not on the first ``next``)."""
+    root_real = _root(root)
+    found = list(_walk(root_real, topic_or_prefix))
+    if not found:
+        raise TopicNotFound(f"no records for {topic_or_prefix or 'any topic'!r} under {os.fspath(root)}")
+    if len(found) == 1:
+        t, p, _ = found[0]
+        return ((t, ts, line) for ts, line in _topic_lines(p, since, until))
+    _raise_fd_limit(len(found))  # one open segment per topic while merging
+    streams = [_tagged(_topic_lines(p, since, until), i, t) for i, (t, p, _) in enumerate(found)]
+    return ((t, ts, line) for ts, _i, t, line in heapq.merge(*streams))
+
+
+def _tagged(lines: Iterator[tuple[int, bytes]], i: int, t: str) -> Iterator[tuple[int, int, str, bytes]]:
+    for ts, line in lines:
+        yield ts, i, t, line
+
+
+def read(root: str | os.PathLike[str], topic_or_prefix: str, since: object = None,
+         until: object = None) -> Iterator[tuple[str, Record]]:
+    """(topic, Record) of one topic and every topic below it, in time order, with
+    ``since <= ts < until`` (µs ints, datetimes or ISO strings). Rotated segments
+    outside the range are skipped by their first records, without decompressing
+    them. Raises ``TopicNotFound`` if nothing is recorded there."""
+    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lines = _read_lines(root, topic_or_prefix, lo, hi)
+    return ((t, rec) for t, _ts, line in lines if (rec := _decode(line)) is not None)
+
+
+# -- follow -------------------------------------------------------------------------------
+
+def _complete_end(fd: int, end: int) -> int:
+    """Offset just after the last newline in ``fd[:end]`` (0 if none)."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - BLOCK)
+        j = _pread(fd, pos - start, start).rfind(b"\n")
+        if j >= 0:
+            return start + j + 1
+        pos = start
+    return 0
+
+
+class _Follower:
+    """Reads ``+log.jsonl`` of one topic as it grows. When the name points to another
+    file (its inode changed) or the file shrank, it drains the old file, reads whole
+    any segments rotated in between (several rotations between two polls), then goes
+    on with the new current file from its start. ``at_end``: skip what the file holds
+    now (if it exists now; a file that appears later is read from its start)."""
+
+    def __init__(self, path: str, at_end: bool = True) -> None:
+        self.dir = path
+        self.file = os.path.join(path, CURRENT)
+        self.fd: int | None = None
+        self.ino = -1
+        self.offset = 0
+        self.buf = b""
+        self.base = 0  # newest rotated seq that is not the open file, when it was opened
+        self.done: int | None = None  # segments after this seq not yet read (after a rotation)
+        if at_end and self.open():
+            assert self.fd is not None
+            self.offset = _complete_end(self.fd, os.fstat(self.fd).st_size)
+        elif at_end:
+            self.done = self._newest_seq()
+
+    def _newest_seq(self) -> int:
+        rot = rotated_segments(_safe_listdir(self.dir))
+        return rot[-1].seq if rot else 0
+
+    def open(self) -> bool:
+        try:
+            fd = os.open(self.file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        ino = os.fstat(fd).st_ino
+        rot = rotated_segments(_safe_listdir(self.dir))
+        base = rot[-1].seq if rot else 0
+        if rot and not rot[-1].compressed:
+            with _suppress_missing():
+                if os.stat(os.path.join(self.dir, rot[-1].name)).st_ino == ino:
+                    base -= 1  # rotated between our open and our listing: that one is ours
+        self.fd, self.ino, self.buf, self.offset, self.base = fd, ino, b"", 0, base
+        return True
+
+    def _drain(self) -> list[bytes]:
+        assert self.fd is not None
+        out: list[bytes] = []
+        while True:
+            chunk = os.pread(self.fd, 1 << 20, self.offset)
+            if not chunk:
+                break
+            self.offset += len(chunk)
+            data = self.buf + chunk
+            j = data.rfind(b"\n")
+            if j < 0:
+                self.buf = data
+                continue
+            out.extend(x + b"\n" for x in data[:j].split(b"\n"))
+            self.buf = data[j + 1:]
+        return out
+
+    def poll(self) -> list[bytes]:
+        if self.fd is None:
+            return self._reopen()
+        lines = self._drain()
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return lines  # rotated, the new one not created yet: keep the old one
+        if st.st_ino == self.ino and st.st_size < self.offset and st.st_size >= self.offset - len(self.buf):
+            # a torn tail (a crash mid-write) cut back by the restarted recorder
+            self.offset -= len(self.buf)
+            self.buf = b""
+            return lines + self._drain()
+        if st.st_ino != self.ino or st.st_size < self.offset:
+            lines.extend(self._drain())  # the last records written before the rotation
+            self.close()
+            self.done = self.base + 1  # the number our file got
+            lines.extend(self._reopen())
+        return lines
+
+    def _reopen(self) -> list[bytes]:
+        if not self.open():
+            return []
+        lines: list[bytes] = []
+        if self.done is not None:
+            for seg in rotated_segments(_safe_listdir(self.dir)):
+                if self.done < seg.seq <= self.base:  # rotated in between: read whole
+                    lines.extend(_segment_file_lines(os.path.join(self.dir, seg.name)))
+            self.done = None
+        return lines + self._drain()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _follow_lines(path: str, poll: float, stop: threading.Event | None,
+                  follower: _Follower | None = None) -> Iterator[bytes]:
+    fo = follower or _Follower(path)
+    try:
+        while stop is None or not stop.is_set():
+            lines = fo.poll()
+            if lines:
+                yield from lines
+                continue
+            if stop is not None:
+                stop.wait(poll)
+            else:
+                time.sleep(poll)
+    finally:
+        fo.close()
+
+
+def follow(root: str | os.PathLike[str], topic: str, poll: float = 0.2,
+           stop: threading.Event | None = None) -> Iterator[Record]:
+    """Records of ``topic`` as they are appended from now on, surviving rotation.
+    Runs until ``stop`` is set (checked every ``poll`` seconds) or the generator is
+    closed. The topic need not exist yet."""
+    d = topic_dir(root, topic)
+    fo = _Follower(d)  # positioned now, not on the first next()
+    return (rec for line in _follow_lines(d, poll, stop, fo) if (rec := _decode(line)) is not None)
+
+
+def _tail_and_follow(root: str | os.PathLike[str], topic: str, n: int, poll: float = 0.2,
+                     stop: threading.Event | None = None) -> Iterator[bytes]:
+    """The last ``n`` lines, then every line appended after them: no gap, no repeat."""
+    d = _require_topic(root, topic)
+    fo = _Follower(d, at_end=False)
+    if fo.open():
+        assert fo.fd is not None
+        end = os.fstat(fo.fd).st_size
+        lines = _tail_lines_dir(d, n, current=(fo.fd, end))
+        fo.offset = _complete_end(fo.fd, end)
+    else:
+        lines = _tail_lines_dir(d, n)
+        fo.done = fo._newest_seq()
+    yield from lines
+    yield from _follow_lines(d, poll, stop, fo)
+
+
+# -- export -------------------------------------------------------------------------------
+
+_INT64 = (-(2**63), 2**63 - 1)
+MAX_FLAT_COLUMNS = 1000  # SQLite allows 2000 columns by default
+_SKIP = object()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _fold(name: str) -> str:
+    # SQLite compares identifiers case-insensitively, ASCII letters only
+    return "".join(c.lower() if "A" <= c <= "Z" else c for c in name)
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _scalar(v: object) -> object:
+    if v is None or isinstance(v, float):
+        return v
+    if isinstance(v, str):
+        return v if _utf8_ok(v) else _SKIP  # a lone surrogate: it stays in payload_json
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, int):
+        return v if _INT64[0] <= v <= _INT64[1] else str(v)
+    return _SKIP
+
+
+def _is_json_record(line: bytes) -> bool:
+    """The payload is embedded JSON (no ``enc`` member before ``payload``)."""
+    i = line.find(b',"payload":')
+    return i >= 0 and b',"enc":' not in line[:i]
+
+
+def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
+                  since: object = None, until: object = None, batch: int = 5000,
+                  progress: Callable[[int], None] | None = None) -> int:
+    """Write the records of ``prefix`` (and below) to a new SQLite file ``path``: one
+    table ``records(topic, ts, qos, retain, payload BLOB, payload_json TEXT)`` plus a
+    column ``payload.<key>`` for each top-level scalar member of JSON object payloads
+    (added as first seen). One transaction. Returns the number of rows."""
+    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    if os.path.exists(path):
+        raise FileExistsError(f"{os.fspath(path)} exists; remove it first")
+    lines = _read_lines(root, prefix, lo, hi)  # raises TopicNotFound before anything is created
+    con = sqlite3.connect(os.fspath(path), isolation_level=None)
+    try:
+        con.execute("PRAGMA synchronous=OFF")  # a new file: on a crash, export again
+        con.execute("BEGIN")
+        con.execute("CREATE TABLE records (topic TEXT NOT NULL, ts INTEGER NOT NULL, qos INTEGER NOT NULL, "
+                    "retain INTEGER NOT NULL, payload BLOB NOT NULL, payload_json TEXT)")
+        columns: dict[str, int] = {}   # JSON key -> index in a row
+        folded: set[str] = {"topic", "ts", "qos", "retain", "payload", "payload_json"}
+        rows: list[list[object]] = []
+        n = 0
+
+        def flush() -> None:
+            if not rows:
+                return
+            width = 6 + len(columns)
+            sql = f"INSERT INTO records VALUES ({','.join('?' * width)})"
+            con.executemany(sql, [r + [None] * (width - len(r)) for r in rows])
+            rows.clear()
+
+        for topic, _ts, line in lines:
+            rec = _decode(line)
+            if rec is None:
+                continue
+            is_json = _is_json_record(line)
+            row: list[object] = [topic, rec.ts, rec.qos, int(rec.retain), rec.payload,
+                                 rec.payload.decode("utf-8") if is_json else None]
+            if is_json and isinstance(rec.value, dict):
+                for key, value in rec.value.items():
+                    v = _scalar(value)
+                    if v is _SKIP:
+                        continue
+                    idx = columns.get(key)
+                    if idx is None:
+                        if len(columns) >= MAX_FLAT_COLUMNS or not _utf8_ok(key):
+                            continue
+                        name = "payload." + key.replace("\x00", "\\u0000")
+                        base, k = name, 2
+                        while _fold(name) in folded:
+                            name, k = f"{base}~{k}", k + 1
+                        flush()  # rows so far have the old width
+                        con.execute(f"ALTER TABLE records ADD COLUMN {_quote(name)}")
+                        folded.add(_fold(name))
+                        idx = columns[key] = 6 + len(columns)
+                    if len(row) <= idx:
+                        row.extend([None] * (idx + 1 - len(row)))
+                    row[idx] = v
+            rows.append(row)
+            n += 1
+            if len(rows) >= batch:
+                flush()
+                if progress is not None:
+                    progress(n)
+        flush()
+        con.execute("CREATE INDEX records_topic_ts ON records (topic, ts)")
+        con.execute("COMMIT")
+        if progress is not None:
+            progress(n)
+        return n
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
