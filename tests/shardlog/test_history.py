@@ -417,3 +417,28 @@ def test_follower_survives_rotation_and_a_cut_torn_tail(tmp_path: Path) -> None:
         f.write(encode_record(T0 + 6, 1, False, b"6"))
     assert ts_of(fo.poll()) == [6]
     fo.close()
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 64])
+def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(history, "BLOCK", block)
+    path = tmp_path / "f"
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30),
+           st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")))
+    def check(lines: list[bytes], torn: bytes) -> None:
+        data = b"".join(x + b"\n" for x in lines) + torn
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = list(history._lines_backwards(fd, len(data)))
+            assert got == [x + b"\n" for x in reversed(lines)]
+            assert history._complete_end(fd, len(data)) == len(data) - len(torn)
+        finally:
+            os.close(fd)
+
+    check()
