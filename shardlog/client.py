@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -56,6 +56,9 @@ class BufferedClient(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._filtered = False  # message_callback_add() used: paho must match topics
+        #: if set, the fast path calls it with the fields instead of on_message with an object:
+        #: (topic: bytes, payload: bytes, qos, mid, dup, retain) -> None
+        self.on_publish_fields: Callable[[bytes, bytes, int, int, bool, bool], None] | None = None
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         self._filtered = True
@@ -109,6 +112,7 @@ class BufferedClient(mqtt.Client):
         end = len(buf)
         v5 = self._protocol == mqtt.MQTTv5
         on_message = self.on_message
+        handler = self.on_publish_fields
         userdata = self._userdata
         n = 0
         with self._in_callback_mutex:
@@ -116,7 +120,13 @@ class BufferedClient(mqtt.Client):
                 cmd = buf[pos]
                 if cmd & 0xF0 != 0x30 or cmd & 0x06 > 2:  # not a PUBLISH, or QoS 2 (or invalid 3)
                     break
-                i, length = _varint(buf, pos + 1, end)
+                b = buf[pos + 1] if pos + 1 < end else 0x80
+                if b < 0x80:  # remaining length in one byte (payloads under ~128 bytes)
+                    i, length = pos + 2, b
+                elif pos + 2 < end and buf[pos + 2] < 0x80:  # two bytes: under 16 KiB
+                    i, length = pos + 3, (b & 0x7F) | (buf[pos + 2] << 7)
+                else:
+                    i, length = _varint(buf, pos + 1, end)
                 if i < 0 or i + length > end:
                     break  # incomplete (or malformed: paho decides)
                 stop = i + length
@@ -134,12 +144,20 @@ class BufferedClient(mqtt.Client):
                     mid = (buf[p] << 8) | buf[p + 1]
                     p += 2
                 if v5:
-                    p, plen = _varint(buf, p, stop)
-                    if p < 0 or p + plen > stop:
+                    if p < stop and buf[p] < 0x80:  # property length in one byte (nearly always 0)
+                        p += 1 + buf[p]
+                    else:
+                        p, plen = _varint(buf, p, stop)
+                        if p < 0:
+                            break
+                        p += plen
+                    if p > stop:
                         break
-                    p += plen
-                on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,
-                                                    bool(cmd & 0x08), bool(cmd & 0x01)))
+                if handler is not None:
+                    handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0)
+                else:
+                    on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,
+                                                        cmd & 0x08 != 0, cmd & 0x01 != 0))
                 pos = stop
                 n += 1
         if n:

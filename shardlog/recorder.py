@@ -101,6 +101,8 @@ class Recorder:
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_message = self.on_message
+        if isinstance(client, BufferedClient):
+            client.on_publish_fields = self.on_publish  # the fast path skips building a message
         client.on_subscribe = self.on_subscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
         if log.isEnabledFor(logging.DEBUG):
@@ -164,35 +166,37 @@ class Recorder:
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # msg._topic: the raw topic bytes. paho's .topic property decodes on every
         # access and raises on invalid UTF-8, which must be quarantined, not lost.
-        topic = msg._topic
+        self.on_publish(msg._topic, msg.payload, msg.qos, msg.mid, msg.dup, msg.retain)
+
+    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
+        """One received message (the hot path): encode it, buffer it, maybe flush."""
         st = self.states.get(topic)
         if st is None:
             st = self._resolve(topic)
         ts = time.time_ns() // 1000
-        qos = msg.qos
-        mid = msg.mid if qos else 0
-        if mid:
+        if not qos:
+            mid = 0
+        else:
             self.acks.append(mid)
         c = self.counters
         c.last_message_ts = ts
-        if msg.dup:
+        if dup:
             c.redelivered += 1
         store = self.store
         assert store is not None
         if st.__class__ is TopicState:
-            payload = msg.payload
             if len(payload) <= self.max_payload:
-                store.add(st, encode_record(ts, qos, msg.retain, payload), mid)  # type: ignore[arg-type]
+                store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type]
             else:
                 store.quarantine(ts, f"payload of {len(payload)} bytes exceeds max_payload",
-                                 topic, qos, msg.retain, payload, mid)
+                                 topic, qos, retain, payload, mid)
         elif st is _DISCARD:
             c.discarded += 1
         else:
             if c.degraded and qos == 0 and self.pending > 10 * self.batch_max:
                 c.dropped_qos0 += 1
                 return
-            store.quarantine(ts, st, topic, qos, msg.retain, msg.payload, mid)  # type: ignore[arg-type]
+            store.quarantine(ts, st, topic, qos, retain, payload, mid)  # type: ignore[arg-type]
         self.pending += 1
         if self.pending == 1:
             self.batch_started = time.monotonic()
