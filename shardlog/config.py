@@ -12,6 +12,7 @@ Relative roots are resolved against the directory of the shard map file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -96,6 +97,17 @@ class Broker(Struct, **_STRICT):
     # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send.
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 2000
     reconnect_max: PositiveDuration = PositiveDuration(30.0)
+    # embedded: true makes `shardlog supervise` start a broker itself (iotcore, a Rust
+    # MQTT broker installed with pip) as a supervised child on host:port, before the
+    # shards, and stop it after them. For a laptop or a demo: it keeps sessions in
+    # memory only (a broker restart loses what it held), so production runs a real
+    # broker (mosquitto, see the README) and leaves this false. host must be loopback.
+    # `shardlog record` alone never starts a broker.
+    embedded: bool = False
+    # embedded only: a second listener speaking MQTT 3.1.1 (the embedded broker has one
+    # protocol per port; `port` speaks `protocol`), for publishers such as mosquitto_pub
+    # or paho that default to 3.1.1. null: none.
+    embedded_port_311: Port | None = None
 
     @property
     def mqtt5(self) -> bool:
@@ -283,7 +295,40 @@ def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = Non
     return smap
 
 
+LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost", "ip6-loopback")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or the name localhost (never resolved: no DNS at load)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_broker(b: Broker, where: str, may_embed: bool) -> None:
+    if not b.embedded:
+        if b.embedded_port_311 is not None:
+            raise ConfigError(f"{where}.embedded_port_311: only used with {where}.embedded: true")
+        return
+    if not may_embed:
+        raise ConfigError(f"{where}.embedded: only the map's broker (broker.embedded) can be embedded; "
+                          "a shard's own broker must be a running broker")
+    if not is_loopback(b.host):
+        raise ConfigError(f"{where}.embedded: the embedded broker listens on loopback only, so "
+                          f"{where}.host must be localhost or 127.0.0.1 (got {b.host!r}); to record a "
+                          f"broker on another host set {where}.embedded: false")
+    if b.tls is not None:
+        raise ConfigError(f"{where}.embedded: the embedded broker speaks plain MQTT on loopback; "
+                          f"remove {where}.tls or set {where}.embedded: false")
+    if b.embedded_port_311 is not None and b.embedded_port_311 == b.port:
+        raise ConfigError(f"{where}.embedded_port_311: must differ from {where}.port ({b.port})")
+
+
 def _check_shards(smap: ShardMap) -> None:
+    _check_broker(smap.broker, "broker", True)
     names: dict[str, int] = {}
     prefixes: dict[str, int] = {}
     hosts = [s.host for s in smap.shards]
@@ -303,6 +348,8 @@ def _check_shards(smap: ShardMap) -> None:
         if s.host is None and any(h is not None for h in hosts):
             raise ConfigError(f"{where}.host: required, because other shards name a host "
                               "(a shard without one would run on every host)")
+        if s.broker is not None:
+            _check_broker(s.broker, f"{where}.broker", False)
         if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
             raise ConfigError(f"{where}.qos: expected 0 or 1")
 

@@ -30,6 +30,7 @@ from typing import Protocol
 from shardlog.config import ConfigError, ShardMap, load_map, shards_for_host
 from shardlog.stats import Counters, read_stats
 from supervisor import backoff
+from supervisor.broker import EmbeddedBroker
 from supervisor.process import (
     Child,
     ExitInfo,
@@ -147,6 +148,7 @@ class Arbiter:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._old_handlers: dict[int, object] = {}
+        self.broker: EmbeddedBroker | None = None  # broker.embedded: true
 
     # -- settings read at use, so a reload applies them --------------------------------------
 
@@ -166,6 +168,11 @@ class Arbiter:
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="shardlog-")
         self._freeze_map()
         now = self.clock.monotonic()
+        if self.smap.broker.embedded:
+            # started first; the shards start once it accepts connections (start_due)
+            self.broker = EmbeddedBroker(self.smap, os.path.join(self.run_dir, "broker.toml"), self.spawn,
+                                         self.env, self.log_level, self.pid)
+            self.broker.step(now, self.clock.time())
         shards = shards_for_host(self.smap, self.host)
         if not shards:
             log.warning("the shard map %s has no shards for host %s; waiting for SIGHUP",
@@ -254,6 +261,8 @@ class Arbiter:
         now = self.clock.monotonic()
         while self.signals:
             self.handle_signal(self.signals.popleft(), now)
+        if self.broker is not None:
+            self.broker.step(now, self.clock.time())
         for rt in list(self.shards.values()):
             if rt.child is not None:
                 code = rt.child.poll()
@@ -269,7 +278,11 @@ class Arbiter:
                                                                        self.policy, now):
                 log.info("shard %s healthy for %gs: backoff reset", rt.name, self.policy.healthy_after)
         if self.stopping and all(rt.child is None for rt in self.shards.values()):
-            self.done = True
+            if self.broker is not None:  # last, after every recorder has disconnected
+                self.broker.stop(now, self.smap.supervisor.stop_timeout)
+                self.broker.step(now, self.clock.time())
+            if self.broker is None or self.broker.child is None:
+                self.done = True
         self.notify(now)
         self.publish(now)
 
@@ -285,6 +298,8 @@ class Arbiter:
                 due.append(rt.kill_at)
         if self.notifier.watchdog_interval:
             due.append(self.next_watchdog)
+        if self.broker is not None and (b := self.broker.next_due(now)) is not None:
+            due.append(b)
         return max(0.0, min(due) - now)
 
     # -- signal handlers --------------------------------------------------------------------------
@@ -345,6 +360,9 @@ class Arbiter:
             log.error("reload failed, keeping the running map: %s", exc)
             self.notifier.ready(self.status_line())
             return
+        if (new.broker.embedded, new.broker.port, new.broker.embedded_port_311) != (
+                self.smap.broker.embedded, self.smap.broker.port, self.smap.broker.embedded_port_311):
+            log.warning("the embedded broker's settings changed; they apply when the supervisor restarts")
         if new.supervisor.listen != self.smap.supervisor.listen:
             log.warning("supervisor.listen changed to %s; it applies when the supervisor restarts "
                         "(still serving %s)", new.supervisor.listen, self.smap.supervisor.listen)
@@ -547,6 +565,8 @@ class Arbiter:
     def start_due(self, now: float) -> None:
         if self.stopping:
             return
+        if self.broker is not None and not self.broker.ready:
+            return  # the embedded broker is starting: the shards follow when it accepts connections
         reload_stops = self._reload_stops_pending()
         due = sorted((rt for rt in self.shards.values()
                       if rt.child is None and rt.next_start is not None and rt.next_start <= now
@@ -602,6 +622,8 @@ class Arbiter:
         for rt in live:
             if rt.child is not None and rt.child.poll() is None:
                 send(rt.child, signal.SIGKILL)
+        if self.broker is not None:
+            self.broker.kill()
 
     # -- reporting --------------------------------------------------------------------------------
 

@@ -1,0 +1,148 @@
+"""``broker.embedded: true``: ``shardlog supervise`` runs its own broker (iotcore) as a
+supervised child. No mosquitto here: these tests must pass on a machine with only pip.
+
+Every wait is a poll with a deadline (helpers.wait_for)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from shardlog.config import ConfigError, load_map, parse_map
+from supervisor.broker import config_toml
+from tests.supervisor.helpers import SupervisorProc, free_port, make_map, read_records, wait_for
+
+pytest.importorskip("iotcore", reason="iotcore (the embedded broker) is a dependency: pip install -e .")
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def embedded_map(tmp_path: Path) -> tuple[Path, int, int]:
+    port, port311 = free_port(), free_port()
+    m = make_map(tmp_path / "shards.yaml", port, [{"name": "chat", "prefix": "chat"},
+                                                   {"name": "rest", "prefix": "#"}])
+    doc = yaml.safe_load(m.read_text())
+    doc["broker"].update({"embedded": True, "embedded_port_311": port311, "reconnect_max": "1s"})
+    m.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return m, port, port311
+
+
+def broker_procs(sup: SupervisorProc) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(sup.pid).children():
+        try:
+            if "supervisor.broker" in p.cmdline():
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def publish(port: int, msgs: list[tuple[str, dict[str, Any]]], protocol: int = mqtt.MQTTv5) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{os.getpid()}-{port}", protocol=protocol)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        infos = [c.publish(t, json.dumps(p), 1) for t, p in msgs]
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published(), "the embedded broker did not acknowledge a publish"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def ids(root: Path, topic: str) -> list[int]:
+    return sorted(r["payload"]["i"] for r in read_records(root, topic))
+
+
+def all_subscribed(sup: SupervisorProc) -> bool:
+    return all(s["state"] == "running" and (s["counters"] or {}).get("subscribed")
+               for s in sup.shards().values())
+
+
+@pytest.fixture
+def embedded(supervisors: list[SupervisorProc], tmp_path: Path) -> tuple[SupervisorProc, int, int]:
+    m, port, port311 = embedded_map(tmp_path)
+    sup = SupervisorProc(m, tmp_path)
+    supervisors.append(sup)
+    sup.start()  # ready: every shard subscribed at the embedded broker
+    return sup, port, port311
+
+
+def test_records_through_the_embedded_broker(embedded, tmp_path: Path) -> None:
+    sup, port, port311 = embedded
+    root = tmp_path / "data"
+    assert len(broker_procs(sup)) == 1
+    publish(port, [("chat/room42", {"i": i}) for i in range(50)])                   # MQTT 5 listener
+    publish(port311, [("sensors/t", {"i": i}) for i in range(50)], mqtt.MQTTv311)    # 3.1.1 listener
+    big = {"i": 0, "blob": "x" * 100_000}  # past iotcore's 20 KiB default payload cap
+    publish(port, [("chat/big", big)])
+    wait_for(lambda: ids(root, "chat/room42") == list(range(50)), 15, "50 records of chat/room42")
+    wait_for(lambda: ids(root, "sensors/t") == list(range(50)), 15, "50 records of sensors/t")
+    wait_for(lambda: ids(root, "chat/big") == [0], 15, "the 100 kB message")
+
+
+def test_a_killed_embedded_broker_is_restarted_and_the_shards_record_again(embedded, tmp_path: Path) -> None:
+    sup, port, _ = embedded
+    root = tmp_path / "data"
+    publish(port, [("chat/a", {"i": i}) for i in range(10)])
+    wait_for(lambda: ids(root, "chat/a") == list(range(10)), 15, "the first 10 records")
+    (old,) = broker_procs(sup)
+    old.send_signal(signal.SIGKILL)
+    new = wait_for(lambda: [p for p in broker_procs(sup) if p.pid != old.pid], 20,
+                   f"a new embedded broker after SIGKILL (log: {sup.log_path})")
+    assert len(new) == 1
+    wait_for(lambda: all_subscribed(sup), 30, f"both shards to reconnect and subscribe (log: {sup.log_path})")
+    publish(port, [("chat/a", {"i": i}) for i in range(10, 20)] + [("other/b", {"i": i}) for i in range(5)])
+    wait_for(lambda: ids(root, "chat/a") == list(range(20)), 15, "the records after the restart")
+    wait_for(lambda: ids(root, "other/b") == list(range(5)), 15, "other/b after the restart")
+    assert "embedded-broker" in sup.log() and "exited: killed by SIGKILL" in sup.log()
+
+
+def test_sigterm_stops_the_recorders_then_the_broker(embedded, tmp_path: Path) -> None:
+    sup, port, _ = embedded
+    (broker,) = broker_procs(sup)
+    shards = sup.shards()
+    recorders = [shards["chat"]["pid"], shards["rest"]["pid"]]
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(30) == 0
+    assert not psutil.pid_exists(broker.pid) or broker.status() == psutil.STATUS_ZOMBIE
+    log = sup.log()
+    broker_stop = log.index("stopping embedded-broker")
+    for name, pid in zip(("chat", "rest"), recorders):
+        stopped = log.index(f"shard {name} (pid {pid}) stopped: exit 0")  # flushed and disconnected
+        assert stopped < broker_stop, f"the broker was stopped before shard {name}:\n{log}"
+    assert log.index(f"embedded-broker (pid {broker.pid}) stopped") > broker_stop
+    assert all(not psutil.pid_exists(p) for p in recorders)
+
+
+def test_embedded_config_is_checked(tmp_path: Path) -> None:
+    base = {"shards": [{"name": "a", "prefix": "#"}]}
+    for host in ("localhost", "127.0.0.1", "::1", "127.0.1.1"):
+        parse_map({**base, "broker": {"host": host, "embedded": True}})
+    with pytest.raises(ConfigError, match=r"broker\.embedded: .*loopback.*'mqtt\.example\.com'"):
+        parse_map({**base, "broker": {"host": "mqtt.example.com", "embedded": True}})
+    with pytest.raises(ConfigError, match=r"broker\.embedded: .*tls"):
+        parse_map({**base, "broker": {"embedded": True, "tls": {"ca_file": "x"}}})
+    with pytest.raises(ConfigError, match=r"shards\[0\]\.broker\.embedded: only the map's broker"):
+        parse_map({"shards": [{"name": "a", "prefix": "#", "broker": {"embedded": True}}]})
+    with pytest.raises(ConfigError, match=r"broker\.embedded_port_311: only used with"):
+        parse_map({**base, "broker": {"embedded_port_311": 1884}})
+    # the example map turns it on; its TOML raises iotcore's 20 KiB payload cap and binds loopback
+    smap = load_map(str(REPO / "shards.example.yaml"), env={})
+    assert smap.broker.embedded and smap.broker.embedded_port_311 == 1884
+    toml = config_toml(smap)
+    assert 'listen = "127.0.0.1:1883"' in toml and "[v5.1]" in toml and "[v4.2]" in toml
+    assert f"max_payload_size = {16 * 1024 * 1024}" in toml and "0.0.0.0" not in toml
