@@ -414,7 +414,7 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
         done_seq = seg.seq
         p = os.path.join(path, seg.name)
         if p in chosen:
-            yield from _filter(_segment_file_lines(p), since, until)
+            yield from _filter(_segment_file_lines(p, since), since, until)
     if CURRENT in names and cur not in chosen:
         return  # the current segment starts at or after ``until``
     while True:
@@ -428,11 +428,12 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
                 f.close()
             for seg in newer:
                 done_seq = seg.seq
-                yield from _filter(_segment_file_lines(os.path.join(path, seg.name)), since, until)
+                yield from _filter(_segment_file_lines(os.path.join(path, seg.name), since), since, until)
             continue
         if f is None:
             return
         with f:
+            _skip_to(f, since)
             yield from _filter(_lines_forward(f), since, until)
         return
 
@@ -452,13 +453,53 @@ def _safe_listdir(path: str) -> list[str]:
         return []
 
 
-def _segment_file_lines(path: str) -> Iterator[bytes]:
+def _segment_file_lines(path: str, since: int | None = None) -> Iterator[bytes]:
     try:
         f = _open_segment(path)
     except FileNotFoundError:
         return  # deleted by retention meanwhile
     with f:
+        _skip_to(f, since)
         yield from _lines_forward(f)
+
+
+def _skip_to(f, since: int | None) -> None:  # noqa: ANN001 - a binary file object
+    """Position a plain segment near its first record with ``ts >= since``."""
+    if since is None or isinstance(f, gzip.GzipFile):
+        return
+    fd = f.fileno()
+    f.seek(_seek_since(fd, os.fstat(fd).st_size, since))
+
+
+def _seek_since(fd: int, size: int, since: int) -> int:
+    """A line start ``lo`` such that every record starting before it has ``ts < since``
+    (found by bisection on byte offsets; records are in ts order). Reading from ``lo``
+    and dropping records before ``since`` gives exactly the range."""
+    lo, hi = 0, size
+    while hi - lo > BLOCK:
+        mid = (lo + hi) // 2
+        chunk = _pread(fd, min(BLOCK, hi - mid + 1), mid - 1)
+        j = chunk.find(b"\n")
+        if j < 0:
+            hi = mid
+            continue
+        p = mid + j  # the first line start at or after mid
+        if p >= hi:
+            hi = mid
+            continue
+        head = _pread(fd, 64, p)
+        if not head.startswith(_TS_PREFIX):
+            break  # not a record start: scan from lo
+        end = head.find(b",", 6)
+        try:
+            ts = int(head[6:end])
+        except ValueError:
+            break
+        if ts < since:
+            lo = p
+        else:
+            hi = mid
+    return lo
 
 
 def _filter(lines: Iterator[bytes], since: int | None, until: int | None) -> Iterator[tuple[int, bytes]]:
@@ -470,7 +511,7 @@ def _filter(lines: Iterator[bytes], since: int | None, until: int | None) -> Ite
         if since is not None and ts < since:
             continue
         if until is not None and ts >= until:
-            continue
+            return  # ts does not go backwards within a topic: the rest is later still
         yield ts, line
 
 

@@ -442,3 +442,42 @@ def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int,
             os.close(fd)
 
     check()
+
+
+def test_read_since_bisects_a_large_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "big"
+    d.mkdir()
+    with open(d / "+log.jsonl", "wb") as f:
+        f.write(b"".join(encode_record(T0 + i // 3, 0, False, b'{"i": %d}' % i) for i in range(200_000)))
+    read_bytes: list[int] = []
+    real = history._pread
+    monkeypatch.setattr(history, "_pread", lambda fd, n, off: read_bytes.append(n) or real(fd, n, off))
+    got = [r.value["i"] for _t, r in history.read(tmp_path, "big", since=T0 + 66_000, until=T0 + 66_002)]
+    assert got == list(range(198_000, 198_006))
+    assert sum(read_bytes) < 40 * history.BLOCK  # a bisection, not a scan with _pread
+
+
+@pytest.mark.parametrize("block", [1, 16, 100])
+def test_read_since_until_is_exact_with_equal_timestamps(tmp_path: Path, block: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(history, "BLOCK", block)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 30), min_size=1, max_size=40).map(sorted),
+           st.integers(0, 8), st.integers(-1, 32), st.integers(-1, 32))
+    def check(stamps: list[int], split: int, since: int, until: int) -> None:
+        d = tmp_path / "eq"
+        if d.exists():
+            for p in d.iterdir():
+                p.unlink()
+        k = min(split, len(stamps))
+        ts = [T0 + x for x in stamps]
+        write_topic(tmp_path, "eq", [ts[:k]] if k else [], ts[k:])
+        got = [(r.ts - T0, r.payload) for _t, r in history.read(tmp_path, "eq", since=T0 + since, until=T0 + until)]
+        want = [(s, b'{"ts_": %d}' % (T0 + s)) for s in stamps if since <= s < until]
+        assert got == want
+
+    check()
