@@ -207,7 +207,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
             out.write(json.dumps(doc, ensure_ascii=False) + "\n")
         elif args.long:
             last = "-" if info.last_ts is None else dt.datetime.fromtimestamp(
-                info.last_ts / 1e6, dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+                info.last_ts / 1e6, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
             out.write(f"{_shown_topic(info.topic)}\t{info.records}\t{info.bytes}\t{last}\n")
         else:
             out.write(_shown_topic(info.topic) + "\n")

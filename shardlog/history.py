@@ -35,11 +35,25 @@ import msgspec
 
 from shardlog.records import Record, decode_record
 from shardlog.segments import CURRENT, TOPIC_FILE, parse_segment, rotated_segments
-from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
+from shardlog.topics import (
+    HashedNameError,
+    TopicError,
+    decode_level,
+    safe_join,
+    topic_to_relpath,
+)
 
 __all__ = [
-    "TopicInfo", "TopicNotFound", "topics", "topic_dir", "segments_of", "tail", "read", "follow",
-    "export_sqlite", "parse_time",
+    "TopicInfo",
+    "TopicNotFound",
+    "export_sqlite",
+    "follow",
+    "parse_time",
+    "read",
+    "segments_of",
+    "tail",
+    "topic_dir",
+    "topics",
 ]
 
 BLOCK = 64 * 1024            # first backwards read; doubles while a line is longer
@@ -63,7 +77,7 @@ class TopicInfo(NamedTuple):
 
 # -- time ---------------------------------------------------------------------------------
 
-def parse_time(value: int | float | str | _dt.datetime | None) -> int | None:
+def parse_time(value: float | str | _dt.datetime | None) -> int | None:
     """µs since the epoch from an int (µs), a datetime (naive = UTC) or an ISO 8601
     string (naive = UTC; a plain integer string is µs). ``None`` stays ``None``."""
     if value is None:
@@ -86,8 +100,8 @@ def parse_time(value: int | float | str | _dt.datetime | None) -> int | None:
             raise ValueError(f"not a time (µs since the epoch or ISO 8601): {value!r}") from None
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        delta = value - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+            value = value.replace(tzinfo=_dt.UTC)
+        delta = value - _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
         return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
     raise ValueError(f"not a time: {value!r}")
 
@@ -463,7 +477,7 @@ def _segment_file_lines(path: str, since: int | None = None) -> Iterator[bytes]:
         yield from _lines_forward(f)
 
 
-def _skip_to(f, since: int | None) -> None:  # noqa: ANN001 - a binary file object
+def _skip_to(f, since: int | None) -> None:
     """Position a plain segment near its first record with ``ts >= since``."""
     if since is None or isinstance(f, gzip.GzipFile):
         return

@@ -27,7 +27,8 @@ T0 = 1_763_815_800_000_000
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "shardlog", *args], capture_output=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "shardlog", *args], capture_output=True, timeout=timeout,
+                          check=False)
 
 
 def raw_records(topic_dir: Path) -> list[bytes]:
@@ -141,7 +142,7 @@ def test_cat_since_until_exact_at_the_boundaries(tmp_path: Path, broker: Mosquit
 def history_iso(ts_us: int) -> str:
     import datetime as dt
 
-    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (epoch + dt.timedelta(microseconds=ts_us)).isoformat(timespec="microseconds")
 
 
@@ -383,7 +384,8 @@ def test_export_unit_hostile_keys(tmp_path: Path) -> None:
     cols = [r[1] for r in con.execute("PRAGMA table_info(records)")]
     assert cols == ["topic", "ts", "qos", "retain", "payload", "payload_json", "payload.a", "payload.A~2",
                     'payload.q"uote', "payload.n\\u0000ul", "payload.big", "payload.z"]
-    rows = con.execute('SELECT "payload.a", "payload.A~2", "payload.big", payload_json, payload FROM records').fetchall()
+    rows = con.execute('SELECT "payload.a", "payload.A~2", "payload.big", payload_json, payload '
+                       "FROM records").fetchall()
     assert rows[0][:3] == (1, 2, "123456789012345678901234567890")
     assert rows[1][0] == 2.5 and rows[2][3] == "[1, 2]" and rows[3][3] == '"just a string"'
     assert [bytes(r[4]) for r in rows] == payloads
@@ -420,7 +422,8 @@ def test_follower_survives_rotation_and_a_cut_torn_tail(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("block", [1, 2, 7, 64])
-def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
