@@ -1,0 +1,150 @@
+"""Fault injection (issue 7): real broker, real processes, real signals.
+
+Run alone with ``python -m pytest -m faults -s`` to see the figures each scenario
+prints (they go into docs/reliability.md). Assertions are about loss and
+correctness only; speeds and times are reported, not asserted (beyond generous
+sanity bounds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import hostile
+from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
+from tests.supervisor.helpers import Flow, SupervisorProc, make_map, payload_ids
+
+pytestmark = pytest.mark.faults
+
+
+def report(scenario: str, **figures: object) -> None:
+    print(f"\n[reliability] {scenario}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def test_crash_loop_under_load(tmp_path: Path, broker: Mosquitto, supervisors: list[SupervisorProc]) -> None:
+    """SIGKILL a random shard every 2 s while QoS 1 messages flow to both: nothing lost."""
+    m = make_map(tmp_path / "shards.yaml", broker.port, [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}],
+                 supervisor={"restart": {"backoff_initial": "100ms", "backoff_max": "500ms",
+                                         "max_restarts": 1000, "window": "60s"}})
+    sup = SupervisorProc(m, tmp_path).start()
+    supervisors.append(sup)
+    for name in "ab":
+        sup.running(name)
+    seconds = float(os.environ.get("SHARDLOG_FAULT_SECONDS", "20"))  # the issue's figure: 60
+    count = int(2500 * seconds)  # per branch: at most ~5,000 msg/s in all, paced by Flow
+    flow = Flow(broker.port, ["a", "b"], count, batch=100, pause=0.04)
+    t0 = time.monotonic()
+    flow.start()
+    rng = random.Random(7)
+    restart_times: list[float] = []
+    kills = 0
+    while flow.is_alive():
+        name = rng.choice("ab")
+        victim = sup.running(name)["pid"]
+        os.kill(victim, signal.SIGKILL)
+        kills += 1
+        killed_at = time.monotonic()
+        sup.running(name, timeout=15, not_pid=victim)
+        restart_times.append(time.monotonic() - killed_at)
+        wait_for(lambda: time.monotonic() - killed_at >= 2 or not flow.is_alive(), 5, "the next kill slot")
+    flow.finish()
+    rate = 2 * count / (time.monotonic() - t0)
+    for name in "ab":
+        wait_for(lambda n=name: set(payload_ids(tmp_path / "data", flow.topics(n))) >= set(range(count)),
+                 60, f"every message of branch {name} on disk")
+    dups = sum(len(payload_ids(tmp_path / "data", flow.topics(n))) - count for n in "ab")
+    assert kills >= 3
+    restart_times.sort()
+    report("crash loop", seconds=f"{time.monotonic() - t0:.0f}", kills=kills, messages=2 * count,
+           publish_rate=f"{rate:,.0f}/s", lost=0,
+           duplicates=dups, restart_p50=f"{statistics.median(restart_times):.2f}s",
+           restart_max=f"{restart_times[-1]:.2f}s")
+    assert restart_times[-1] < 10
+
+
+def test_broker_restart_under_load(tmp_path: Path, broker: Mosquitto, recorders: list[RecorderProc]) -> None:
+    """Stop and start mosquitto (persistence on) while messages flow: the shard
+    reconnects by itself and nothing the broker acknowledged is lost."""
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "#"}])
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    first = 3000
+    p = Publisher(broker.port, client_id="faults-pub-1")
+    p.publish_many([(f"r/{i % 20}", json.dumps({"i": i}).encode(), 1) for i in range(first)])
+    p.close()
+    wait_for(lambda: (s := rec.stats()) and s.messages >= first // 2, 30, "half the first batch written")
+    t_down = time.monotonic()
+    broker.stop()  # mosquitto writes its persistence file on exit
+    wait_for(lambda: (s := rec.stats()) and not s.connected, 15, "the shard to notice")
+    broker.start()
+    wait_for(lambda: (s := rec.stats()) and s.subscribed, 60, "the shard to reconnect by itself")
+    reconnect = time.monotonic() - t_down
+    second = 3000
+    p = Publisher(broker.port, client_id="faults-pub-2")
+    p.publish_many([(f"r/{i % 20}", json.dumps({"i": i}).encode(), 1) for i in range(first, first + second)])
+    p.close()
+    ids_wanted = set(range(first + second))
+    root = tmp_path / "data"
+    topics = [f"r/{k}" for k in range(20)]
+
+    def ids() -> list[int]:
+        out = []
+        for t in topics:
+            f = root / "r" / t.split("/")[1] / "+log.jsonl"
+            if f.exists():
+                out += [json.loads(x)["payload"]["i"] for x in f.read_bytes().splitlines()]
+        return out
+
+    wait_for(lambda: set(ids()) >= ids_wanted, 60, "every message on disk after the broker restart")
+    s = rec.stats()
+    assert s is not None and s.connects >= 2
+    report("broker restart", messages=first + second, lost=0, duplicates=len(ids()) - len(ids_wanted),
+           down_to_resubscribed=f"{reconnect:.2f}s", connects=s.connects)
+    assert rec.stop() == 0
+
+
+def test_hostile_input_at_volume(tmp_path: Path, broker: Mosquitto, publisher: Publisher,
+                                 recorders: list[RecorderProc]) -> None:
+    """Every hostile topic x every hostile payload, many times over: nothing outside the
+    root, no crash, every line strict JSON, every stored topic round-trips."""
+    from tests.shardlog.test_recorder import deliverable, strict, topic_dirs, topic_lines
+
+    root = tmp_path / "r" / "data"
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "#"}], root=str(root))
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    topics = [t for t in hostile.HOSTILE_TOPICS if deliverable(t)]
+    payloads = hostile.HOSTILE_PAYLOADS[:12]
+    rounds = 20
+    msgs = [(t, p, 1) for _ in range(rounds) for t in topics for p in payloads]
+    t0 = time.monotonic()
+    publisher.publish_many(msgs, timeout=300)
+    wait_for(lambda: (s := rec.stats()) and s.acked >= len(msgs), 120, f"{len(msgs)} acknowledgements")
+    elapsed = time.monotonic() - t0
+    assert rec.stop() == 0
+    outside = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
+               if not os.path.realpath(os.path.join(d, f)).startswith(str(root) + os.sep)
+               and "broker" not in Path(d).parts and Path(d) != tmp_path]
+    dirs = topic_dirs(root)
+    bad_lines = 0
+    lines = 0
+    for d in dirs.values():
+        for x in topic_lines(d):
+            lines += 1
+            try:
+                strict(x)
+            except ValueError:
+                bad_lines += 1
+    round_trip = sum(1 for t in topics if t in dirs)
+    report("hostile input at volume", topics=len(topics), payloads=len(payloads), messages=len(msgs),
+           rate=f"{len(msgs) / elapsed:,.0f}/s", outside_root=len(outside), crashes=0,
+           non_strict_lines=bad_lines, round_trip=f"{round_trip}/{len(topics)}")
+    assert outside == [] and bad_lines == 0 and round_trip == len(topics) and lines == len(msgs)
