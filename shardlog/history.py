@@ -26,6 +26,7 @@ import heapq
 import os
 import resource
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -552,8 +553,52 @@ def _read_lines(root: str | os.PathLike[str], topic_or_prefix: str, since: int |
         t, p, _ = found[0]
         return ((t, ts, line) for ts, line in _topic_lines(p, since, until))
     _raise_fd_limit(len(found))  # one open segment per topic while merging
-    streams = [_tagged(_topic_lines(p, since, until), i, t) for i, (t, p, _) in enumerate(found)]
-    return ((t, ts, line) for ts, _i, t, line in heapq.merge(*streams))
+    budget = _fd_budget()
+    if len(found) <= budget:
+        streams = [_tagged(_topic_lines(p, since, until), i, t) for i, (t, p, _) in enumerate(found)]
+        return ((t, ts, line) for ts, _i, t, line in heapq.merge(*streams))
+    return _external_merge(found, since, until, budget)
+
+
+def _fd_budget() -> int:
+    """How many segments may be open at once while merging."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    return max(16, soft - in_use - 64)
+
+
+def _external_merge(found: list[tuple[str, str, list[str]]], since: int | None, until: int | None,
+                    budget: int) -> Iterator[tuple[str, int, bytes]]:
+    """More topics than open files allowed: merge groups of ``budget`` topics into
+    temporary spool files (``ts index line``), then merge the spools."""
+    spools = []
+    try:
+        for start in range(0, len(found), budget):
+            spool = tempfile.TemporaryFile()
+            spools.append(spool)
+            group = [_tagged(_topic_lines(p, since, until), i, t)
+                     for i, (t, p, _) in enumerate(found[start:start + budget], start)]
+            write = spool.write
+            for ts, i, _t, line in heapq.merge(*group):
+                write(b"%d %d %s" % (ts, i, line))
+            spool.seek(0)
+        for ts, i, line in heapq.merge(*(_read_spool(f) for f in spools)):
+            yield found[i][0], ts, line
+    finally:
+        for f in spools:
+            f.close()
+
+
+def _read_spool(f) -> Iterator[tuple[int, int, bytes]]:  # noqa: ANN001 - a binary file
+    for entry in f:
+        a = entry.index(b" ")
+        b = entry.index(b" ", a + 1)
+        yield int(entry[:a]), int(entry[a + 1:b]), entry[b + 1:]
 
 
 def _tagged(lines: Iterator[tuple[int, bytes]], i: int, t: str) -> Iterator[tuple[int, int, str, bytes]]:

@@ -484,3 +484,15 @@ def test_read_since_until_is_exact_with_equal_timestamps(tmp_path: Path, block: 
         assert got == want
 
     check()
+
+
+def test_read_merges_more_topics_than_open_files_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in range(10):
+        write_topic(tmp_path, f"many/t{k}", [[T0 + k, T0 + 20 + k]], [T0 + 40 + k, T0 + 40 + k, T0 + 70])
+    want = [(t, r.ts, r.payload) for t, r in history.read(tmp_path, "many")]
+    assert len(want) == 50 and [x[1] for x in want] == sorted(x[1] for x in want)
+    monkeypatch.setattr(history, "_fd_budget", lambda: 3)
+    assert [(t, r.ts, r.payload) for t, r in history.read(tmp_path, "many")] == want
+    got = [(t, r.ts) for t, r in history.read(tmp_path, "many", since=T0 + 45, until=T0 + 71)]
+    assert got == [(f"many/t{k}", T0 + 40 + k) for k in range(5, 10) for _ in (0, 1)] + \
+        [(f"many/t{k}", T0 + 70) for k in range(10)]
