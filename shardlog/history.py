@@ -205,18 +205,17 @@ def topics(root: str | os.PathLike[str], prefix: str = "", long: bool = False) -
         count = size = 0
         for seg in segments_of(path):
             try:
-                size += os.stat(seg).st_size
                 count += _count_lines(seg)
+                size += os.stat(seg if os.path.exists(seg) else seg + ".gz").st_size
             except FileNotFoundError:
-                continue
+                continue  # deleted by retention meanwhile
         last = _tail_lines_dir(path, 1)
         yield TopicInfo(topic, path, count, size, _ts_of(last[-1]) if last else None)
 
 
 def _count_lines(path: str) -> int:
     n = 0
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open_segment(path) as f:  # a plain one compressed meanwhile: its .gz
         while chunk := f.read(1024 * 1024):
             n += chunk.count(b"\n")
     return n
