@@ -243,12 +243,18 @@ class Recorder:
             self.client.ack_many(ack)  # one write; sent by the loop if inside a callback
             self.counters.acked += len(ack)
 
-    def _due(self, now: float) -> bool:
+    def _flush_deadline(self) -> float | None:
+        """When the buffered records must be flushed: the batch's max_delay, or, while
+        the disk refuses writes, the next retry. None when nothing is buffered."""
         if not self.pending:
-            return False
+            return None
         if self.counters.degraded:
-            return now >= self.next_retry
-        return now - self.batch_started >= self.max_delay
+            return self.next_retry
+        return self.batch_started + self.max_delay
+
+    def _due(self, now: float) -> bool:
+        deadline = self._flush_deadline()
+        return deadline is not None and now >= deadline
 
     def _trim_states(self) -> None:
         """Forget idle topics (oldest first) down to 3/4 of the cap; they are reloaded
@@ -334,8 +340,9 @@ class Recorder:
                     backoff = min(backoff * 2, self.broker.reconnect_max)
             if client.socket() is not None:
                 timeout = 0.1
-                if self.pending:
-                    timeout = max(0.0, min(timeout, self.batch_started + self.max_delay - now))
+                deadline = self._flush_deadline()
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - now))
                 rc = client.loop(timeout)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.buffered:
                     rc = client.read_buffered()

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -148,3 +149,63 @@ def test_hostile_input_at_volume(tmp_path: Path, broker: Mosquitto, publisher: P
            rate=f"{len(msgs) / elapsed:,.0f}/s", outside_root=len(outside), crashes=0,
            non_strict_lines=bad_lines, round_trip=f"{round_trip}/{len(topics)}")
     assert outside == [] and bad_lines == 0 and round_trip == len(topics) and lines == len(msgs)
+
+
+def test_permission_errors_degrade_and_resume(tmp_path: Path, broker: Mosquitto, publisher: Publisher,
+                                              recorders: list[RecorderProc]) -> None:
+    """The root refuses new files under a running shard (the immutable attribute, which
+    denies even root): the shard stops acking, stays up and connected, reports
+    degraded, uses little CPU, and writes everything once it may again. (Remounting a
+    file system read-only is refused while the recorder holds files open for writing.)"""
+    import psutil
+
+    root = tmp_path / "data"
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "#"}], root=str(root))
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    publisher.publish_many([("old/a", b'{"i": %d}' % i, 1) for i in range(100)])
+    wait_for(lambda: (s := rec.stats()) and s.acked >= 100, 20, "the first 100 messages")
+    if subprocess.run(["chattr", "+i", str(root)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        publisher.publish_many([("new/topic", b'{"i": %d}' % i, 1) for i in range(100, 600)])
+        s = wait_for(lambda: (s := rec.stats()) and s.degraded and s, 20, "the shard to report degraded")
+        assert "not permitted" in (s.degraded_reason or "") and s.connected and s.acked == 100
+        assert rec.proc is not None
+        proc = psutil.Process(rec.proc.pid)
+        cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        wait_for(lambda: time.monotonic() - t0 >= 3, 5, "three seconds of refusals")
+        cpu_share = (sum(proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        assert rec.proc.poll() is None and cpu_share < 0.2, f"CPU {cpu_share:.0%} while degraded"
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=False)
+    wait_for(lambda: (s := rec.stats()) and s.acked >= 600 and not s.degraded, 30, "recovery")
+    assert rec.stop() == 0
+    got = [json.loads(x)["payload"]["i"] for t in ("old/a", "new/topic")
+           for x in (root / t / "+log.jsonl").read_bytes().splitlines()]
+    assert sorted(got) == list(range(600))
+    report("permission errors", acks_held=True, cpu_while_degraded=f"{cpu_share:.1%}", lost=0)
+
+
+def test_sighup_under_load(tmp_path: Path, broker: Mosquitto, supervisors: list[SupervisorProc]) -> None:
+    """SIGHUP adding a shard while messages flow: no loss; the unchanged shard keeps its pid."""
+    shards = [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}]
+    m = make_map(tmp_path / "shards.yaml", broker.port, shards)
+    sup = SupervisorProc(m, tmp_path).start()
+    supervisors.append(sup)
+    pids = {n: sup.running(n)["pid"] for n in "ab"}
+    count = 4000
+    flow = Flow(broker.port, ["a", "b"], count, batch=100, pause=0.02)
+    flow.start()
+    wait_for(lambda: flow.sent >= count // 4 or not flow.is_alive(), 30, "a quarter of the flow")
+    doc = m.read_text().replace("- name: b\n  prefix: b\n", "- name: b\n  prefix: b\n- name: c\n  prefix: c\n")
+    assert doc != m.read_text()
+    m.write_text(doc)
+    sup.signal(signal.SIGHUP)
+    sup.running("c")
+    flow.finish()
+    for name in "ab":
+        wait_for(lambda n=name: set(payload_ids(tmp_path / "data", flow.topics(n))) >= set(range(count)),
+                 60, f"every message of branch {name}")
+    assert {n: sup.shards()[n]["pid"] for n in "ab"} == pids
+    report("SIGHUP under load", messages=2 * count, lost=0, unchanged_pids_kept=True)
