@@ -663,13 +663,31 @@ class _Follower:
             return False
         ino = os.fstat(fd).st_ino
         rot = rotated_segments(_safe_listdir(self.dir))
-        base = rot[-1].seq if rot else 0
-        if rot and not rot[-1].compressed:
-            with _suppress_missing():
-                if os.stat(os.path.join(self.dir, rot[-1].name)).st_ino == ino:
-                    base -= 1  # rotated between our open and our listing: that one is ours
-        self.fd, self.ino, self.buf, self.offset, self.base = fd, ino, b"", 0, base
+        self.fd, self.ino, self.buf, self.offset = fd, ino, b"", 0
+        self.base = self._seq_of_open_file(rot) - 1 if rot else 0
         return True
+
+    def _seq_of_open_file(self, rot: list) -> int:  # noqa: ANN001 - list[Segment]
+        """The number the open file will have once rotated: one past the newest rotated
+        segment, unless it was rotated between our open and our listing (then it is
+        one of them: the plain one with our inode, or, if already compressed and
+        unlinked, the .gz one whose first line is ours)."""
+        assert self.fd is not None
+        unlinked = os.fstat(self.fd).st_nlink == 0
+        head = b""
+        if unlinked:
+            first = _pread(self.fd, 4096, 0)
+            head = first[: first.find(b"\n") + 1]
+        for seg in reversed(rot[-8:]):
+            p = os.path.join(self.dir, seg.name)
+            with _suppress_missing():
+                if not seg.compressed and os.stat(p).st_ino == self.ino:
+                    return seg.seq
+                if seg.compressed and unlinked and head:
+                    with gzip.open(p, "rb") as g:
+                        if g.readline(len(head) + 1) == head:
+                            return seg.seq
+        return rot[-1].seq + 1
 
     def _drain(self) -> list[bytes]:
         assert self.fd is not None

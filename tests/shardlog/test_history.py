@@ -496,3 +496,35 @@ def test_read_merges_more_topics_than_open_files_allowed(tmp_path: Path, monkeyp
     got = [(t, r.ts) for t, r in history.read(tmp_path, "many", since=T0 + 45, until=T0 + 71)]
     assert got == [(f"many/t{k}", T0 + 40 + k) for k in range(5, 10) for _ in (0, 1)] + \
         [(f"many/t{k}", T0 + 70) for k in range(10)]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_follower_opening_a_file_rotated_under_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  compressed: bool) -> None:
+    """The race: +log.jsonl is opened, then rotated (and compressed) before the follower
+    lists the directory. It must still read every later segment, in order."""
+    d = write_topic(tmp_path, "race", [[T0]], [T0 + 1])
+    cur = d / "+log.jsonl"
+    real_listdir = history._safe_listdir
+    fired = []
+
+    def rotate_then_list(path: str) -> list[str]:
+        if not fired:
+            fired.append(1)
+            with open(cur, "ab") as f:
+                f.write(encode_record(T0 + 2, 1, False, b"2"))
+            os.rename(cur, d / segment_name(2))
+            if compressed:
+                (d / segment_name(2, True)).write_bytes(gzip.compress((d / segment_name(2)).read_bytes()))
+                (d / segment_name(2)).unlink()
+            cur.write_bytes(encode_record(T0 + 3, 1, False, b"3"))
+            os.rename(cur, d / segment_name(3))  # and one more rotation
+            cur.write_bytes(encode_record(T0 + 4, 1, False, b"4"))
+        return real_listdir(path)
+
+    monkeypatch.setattr(history, "_safe_listdir", rotate_then_list)
+    fo = history._Follower(str(d), at_end=False)
+    lines = fo.poll()
+    lines += fo.poll()
+    fo.close()
+    assert [decode_record(x).ts - T0 for x in lines] == [1, 2, 3, 4]
