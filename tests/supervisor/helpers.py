@@ -55,8 +55,9 @@ class FakeChild:
     def __init__(self, pid: int, argv: list[str], spawner: FakeSpawner) -> None:
         self.pid = pid
         self.argv = argv
-        self.shard = argv[argv.index("--shard") + 1]
-        self.stats_file = argv[argv.index("--stats-file") + 1]
+        # the embedded broker (python -m supervisor.broker) is a child without a shard
+        self.shard = argv[argv.index("--shard") + 1] if "--shard" in argv else "embedded-broker"
+        self.stats_file = argv[argv.index("--stats-file") + 1] if "--stats-file" in argv else ""
         self.returncode: int | None = None
         self.signals: list[int] = []
         self.spawner = spawner

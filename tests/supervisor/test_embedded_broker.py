@@ -146,3 +146,67 @@ def test_embedded_config_is_checked(tmp_path: Path) -> None:
     toml = config_toml(smap)
     assert 'listen = "127.0.0.1:1883"' in toml and "[v5.1]" in toml and "[v4.2]" in toml
     assert f"max_payload_size = {16 * 1024 * 1024}" in toml and "0.0.0.0" not in toml
+
+
+# -- the arbiter's side, with a fake clock and fake children ---------------------------------------
+
+def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path: Path, monkeypatch) -> None:
+    from shardlog.config import load_map as load
+    from supervisor import broker as broker_mod
+    from supervisor.arbiter import Arbiter
+    from tests.supervisor.helpers import FakeClock, FakeSpawner
+
+    listening = {"on": False}
+    monkeypatch.setattr(broker_mod, "accepts", lambda host, port, timeout=0.2: listening["on"])
+    path = tmp_path / "shards.yaml"
+    path.write_text(yaml.safe_dump({
+        "broker": {"host": "127.0.0.1", "port": 1883, "embedded": True},
+        "shards": [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "#"}],
+        "defaults": {"root": str(tmp_path / "data")},
+        "supervisor": {"start_jitter": "0s", "stop_timeout": "10s"}}))
+    clock, spawner = FakeClock(), FakeSpawner()
+    arb = Arbiter(load(str(path)), str(path), clock=clock, spawn=spawner, rand=lambda: 0.5, env={})
+    (tmp_path / "run").mkdir()
+    arb.boot(str(tmp_path / "run"))
+
+    def step(dt: float = 0.0) -> None:
+        clock.advance(dt)
+        arb.step()
+
+    (b1,) = spawner.children  # the broker, before any shard
+    assert b1.argv[1:3] == ["-m", "supervisor.broker"] and b1.argv[3].endswith("broker.toml")
+    assert 'listen = "127.0.0.1:1883"' in Path(b1.argv[3]).read_text()
+    for _ in range(5):
+        step(0.1)
+    assert len(spawner.children) == 1, "no shard starts before the broker accepts connections"
+    listening["on"] = True
+    step(0.1)
+    step(0.1)
+    assert sorted(c.shard for c in spawner.children[1:]) == ["a", "b"]
+    for name in ("a", "b"):
+        spawner.live(name).beat()
+    step()
+    # the broker dies: restarted after a backoff; the shards are left alone
+    b1.exit(-signal.SIGKILL)
+    listening["on"] = False
+    step()
+    assert len(spawner.children) == 3
+    step(0.6)
+    b2 = spawner.live("embedded-broker")
+    assert b2 is not b1 and all(spawner.live(n).returncode is None for n in ("a", "b"))
+    listening["on"] = True
+    step(0.1)
+    # SIGTERM: the shards first; the broker only once both have exited
+    arb.enqueue(signal.SIGTERM)
+    step()
+    a, b = spawner.live("a"), spawner.live("b")
+    assert signal.SIGTERM in a.signals and signal.SIGTERM in b.signals and not b2.signals
+    a.exit(0)
+    step(0.1)
+    assert not b2.signals
+    b.exit(0)
+    step(0.1)
+    assert b2.signals == [signal.SIGTERM] and not arb.done
+    b2.exit(0)
+    step(0.1)
+    assert arb.done and arb.exit_code == 0
