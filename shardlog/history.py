@@ -593,7 +593,7 @@ def _external_merge(found: list[tuple[str, str, list[str]]], since: int | None, 
             f.close()
 
 
-def _read_spool(f) -> Iterator[tuple[int, int, bytes]]:  # noqa: ANN001 - a binary file
+def _read_spool(f) -> Iterator[tuple[int, int, bytes]]:
     for entry in f:
         a = entry.index(b" ")
         b = entry.index(b" ", a + 1)
@@ -667,7 +667,7 @@ class _Follower:
         self.base = self._seq_of_open_file(rot) - 1 if rot else 0
         return True
 
-    def _seq_of_open_file(self, rot: list) -> int:  # noqa: ANN001 - list[Segment]
+    def _seq_of_open_file(self, rot: list) -> int:
         """The number the open file will have once rotated: one past the newest rotated
         segment, unless it was rotated between our open and our listing (then it is
         one of them: the plain one with our inode, or, if already compressed and
