@@ -270,6 +270,10 @@ def test_exit_codes(tmp_path: Path) -> None:
     assert run_cli("cat", str(tmp_path / "root"), "x", "--since", "yesterday").returncode == 64
     assert run_cli("tail").returncode == 64
     assert run_cli("topics", str(tmp_path / "missing")).returncode == 66
+    assert run_cli("topics", str(tmp_path / "root"), "nothing/here").returncode == 66
+    r = run_cli("topics", str(tmp_path / "root"))
+    assert r.returncode == 0 and r.stdout == b""
+    assert run_cli("tail", str(tmp_path / "root"), "x", "-n", "-1").returncode == 64
 
 
 # -- unit tests on files written directly ------------------------------------------------
@@ -392,6 +396,10 @@ def test_export_unit_hostile_keys(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(FileExistsError):
         history.export_sqlite(tmp_path, "e", out)
+    assert history.export_sqlite(tmp_path, "e", tmp_path / "r.sqlite", since=T0 + 1, until=T0 + 3) == 2
+    con = sqlite3.connect(tmp_path / "r.sqlite")
+    assert [r[0] - T0 for r in con.execute("SELECT ts FROM records")] == [1, 2]
+    con.close()
 
 
 def test_follower_survives_rotation_and_a_cut_torn_tail(tmp_path: Path) -> None:
