@@ -43,6 +43,10 @@ EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 0, 70, 73, 75, 78
 #: states kept in memory per open-file slot (closed-file topics keep their recent buffer)
 _STATES_PER_FD = 2
 _DISCARD = "discard"
+_BROKER_DROPPED = "broker-dropped"
+#: mosquitto's count of messages it dropped (e.g. past max_queued_messages for an offline
+#: session). Nothing else tells a subscriber that the broker lost messages meant for it.
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 
 class Recorder:
@@ -134,6 +138,9 @@ class Recorder:
         log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
                  self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
         client.subscribe(topic, self.shard.qos)
+        if self.router.owner(SYS_DROPPED) != self.shard.name:
+            self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
+            client.subscribe(SYS_DROPPED, 0)  # harmless where the broker has no such topic
 
     def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                      reasons: list, properties: Properties | None) -> None:
@@ -173,6 +180,9 @@ class Recorder:
         st = self.states.get(topic)
         if st is None:
             st = self._resolve(topic)
+        elif st is _BROKER_DROPPED:
+            self._broker_dropped(payload)
+            return
         ts = time.time_ns() // 1000
         if not qos:
             mid = 0
@@ -202,6 +212,20 @@ class Recorder:
             self.batch_started = time.monotonic()
         if self.pending >= self.batch_max and not c.degraded:
             self.flush()
+
+    def _broker_dropped(self, payload: bytes) -> None:
+        try:
+            n = int(payload)
+        except ValueError:
+            return
+        before = self.counters.broker_dropped
+        self.counters.broker_dropped = n
+        if before is not None and n > before:
+            log.warning("the broker dropped %d message(s) (%s now %d): messages queued for offline "
+                        "sessions may be lost; raise mosquitto's max_queued_messages", n - before,
+                        SYS_DROPPED, n)
+        elif before is None and n:
+            log.warning("the broker has dropped %d message(s) since it started (%s)", n, SYS_DROPPED)
 
     def _resolve(self, raw: bytes) -> TopicState | str:
         """Topic bytes -> its state, _DISCARD, or a reason to quarantine (not cached)."""

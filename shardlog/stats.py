@@ -35,6 +35,7 @@ class Counters(msgspec.Struct, kw_only=True):
     connects: int = 0
     degraded: bool = False
     degraded_reason: str | None = None
+    broker_dropped: int | None = None   # mosquitto's $SYS/broker/publish/messages/dropped, if it tells
     last_message_ts: int | None = None  # reception time (us) of the newest message
     started_ts: int = 0
     updated_ts: int = 0

@@ -45,7 +45,7 @@ def free_port() -> int:
 class Mosquitto:
     """A real broker with persistence and no queue limit, on 127.0.0.1:<free port>."""
 
-    def __init__(self, workdir: Path, max_queued: int = 0) -> None:
+    def __init__(self, workdir: Path, max_queued: int = 0, extra_conf: str = "") -> None:
         self.dir = workdir
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
@@ -61,6 +61,7 @@ class Mosquitto:
             "set_tcp_nodelay true\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
+            + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -209,3 +209,33 @@ def test_sighup_under_load(tmp_path: Path, broker: Mosquitto, supervisors: list[
                  60, f"every message of branch {name}")
     assert {n: sup.shards()[n]["pid"] for n in "ab"} == pids
     report("SIGHUP under load", messages=2 * count, lost=0, unchanged_pids_kept=True)
+
+
+def test_default_queue_limit_loss_is_reported(tmp_path: Path, recorders: list[RecorderProc]) -> None:
+    """mosquitto's default max_queued_messages (1000): a shard down while 1,500 messages
+    arrive gets the first 1,000; the broker drops 500 and says so only in $SYS. The
+    shard reports that count (stats `broker_dropped`, shown in /status) and logs it."""
+    d = tmp_path / "broker"
+    d.mkdir()
+    broker = Mosquitto(d, max_queued=1000, extra_conf="sys_interval 1\n")
+    broker.start()
+    try:
+        m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "#"}])
+        rec = RecorderProc(m, "all", tmp_path).start()
+        recorders.append(rec)
+        assert rec.stop() == 0  # the session stays on the broker
+        p = Publisher(broker.port, client_id="faults-q-pub")
+        p.publish_many([("q/x", b'{"i": %d}' % i, 1) for i in range(1500)])
+        p.close()
+        rec.start()
+        s = wait_for(lambda: (s := rec.stats()) and s.broker_dropped and s, 15, "broker_dropped in the stats")
+        wait_for(lambda: (s := rec.stats()) and s.messages >= 1000, 15, "the queued messages")
+        assert rec.stop() == 0
+        got = [json.loads(x)["payload"]["i"] for x in (tmp_path / "data" / "q" / "x" / "+log.jsonl")
+               .read_bytes().splitlines()]
+        assert got == list(range(1000)), "mosquitto keeps the oldest 1000 and drops the newest"
+        assert s.broker_dropped == 500 and "dropped 500 message(s)" in rec.log()
+        report("default queue (1000)", published_while_down=1500, recorded=len(got), lost_at_broker=500,
+               told="stats broker_dropped=500 (in /status) and a warning in the shard's log")
+    finally:
+        broker.stop()
