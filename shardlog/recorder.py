@@ -138,7 +138,9 @@ class Recorder:
         log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
                  self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
         client.subscribe(topic, self.shard.qos)
-        if self.router.owner(SYS_DROPPED) != self.shard.name:
+        # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
+        # subscription by dropping the connection, which would reconnect forever.
+        if self.router.owner(SYS_DROPPED) != self.shard.name and not self.broker.embedded:
             self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
             client.subscribe(SYS_DROPPED, 0)  # harmless where the broker has no such topic
 
