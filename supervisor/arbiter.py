@@ -44,7 +44,7 @@ from supervisor.process import (
 )
 from supervisor.sdnotify import Notifier
 from supervisor.shardmap import ShardSpec, diff, specs, write_copy
-from supervisor.snapshot import EMPTY, ShardView, Snapshot
+from supervisor.snapshot import EMPTY, BrokerView, ShardView, Snapshot
 from supervisor.states import DEGRADED, PROCESS_STATES, Event, ShardState, transition
 
 log = logging.getLogger(__name__)
@@ -680,4 +680,12 @@ class Arbiter:
         self.snapshot = Snapshot(pid=self.pid, map_path=self.map_path, host=self.host,
                                  started_wall=self.started_wall, started_mono=self.started_mono, mono=now,
                                  ready=self.ready, stopping=self.stopping, reloads=self.reloads,
-                                 shards=tuple(views))
+                                 shards=tuple(views), broker=self._broker_view())
+
+    def _broker_view(self) -> BrokerView | None:
+        b = self.broker
+        if b is None:
+            return None
+        return BrokerView(listen=b.listen, state=b.state, pid=b.pid,
+                          spawned_mono=b.started_at if b.child is not None else None,
+                          restarts=b.restarts, last_exit=b.last_exit)

@@ -123,6 +123,18 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self.child.pid if self.child is not None else None
 
+    @property
+    def state(self) -> str:
+        if self.child is None:
+            return "stopped" if self.stopping or self.next_start is None else "backoff"
+        if self.stopping:
+            return "stopping"
+        return "running" if self.ready else "starting"
+
+    @property
+    def listen(self) -> str:
+        return _addr(self.host, self.port)
+
     def step(self, now: float, wall: float) -> None:
         if self.child is not None:
             code = self.child.poll()

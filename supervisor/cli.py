@@ -158,6 +158,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         sup = doc["supervisor"]
         print(f"supervisor pid {sup['pid']}, up {_ago(sup['uptime'])}, map {sup['map']}"
               f"{', stopping' if sup['stopping'] else ''}{'' if sup['ready'] else ', not ready yet'}")
+        eb = sup.get("embedded_broker")
+        if eb:
+            print(f"embedded broker: {eb['state']}, pid {eb['pid'] or '-'}, {eb['listen']}, "
+                  f"restarts {eb['restarts']}"
+                  + (f", last exit: {eb['last_exit']['reason']}" if eb.get("last_exit") else ""))
         print(format_table(("SHARD", "STATE", "PID", "UPTIME", "RESTARTS", "MESSAGES", "LAST MSG", "CPU",
                             "RSS", "ROOT FREE", "PREFIX", "NOTE"), status_rows(doc)))
     failed = [s["name"] for s in doc["shards"] if s["state"] == "failed"]

@@ -35,6 +35,18 @@ class ShardView:
 
 
 @dataclass(frozen=True)
+class BrokerView:
+    """The embedded broker (broker.embedded: true)."""
+
+    listen: str
+    state: str                 # starting, running, backoff, stopping, stopped
+    pid: int | None
+    spawned_mono: float | None
+    restarts: int
+    last_exit: ExitInfo | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     pid: int
     map_path: str
@@ -46,6 +58,7 @@ class Snapshot:
     stopping: bool
     reloads: int
     shards: tuple[ShardView, ...]
+    broker: BrokerView | None = None  # the embedded broker, if the map has one
 
 
 EMPTY = Snapshot(pid=0, map_path="", host=None, started_wall=0.0, started_mono=0.0, mono=0.0,

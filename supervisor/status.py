@@ -99,6 +99,17 @@ class ShardStatus(msgspec.Struct, **_CLOSED):
     disk: Disk | None
 
 
+class EmbeddedBrokerStatus(msgspec.Struct, **_CLOSED):
+    """The broker the supervisor runs itself (broker.embedded: true); see docs/deploy.md."""
+
+    listen: str                # host:port of its main listener
+    state: Literal["starting", "running", "backoff", "stopping", "stopped"]
+    pid: int | None
+    uptime: float | None       # seconds since its current process started
+    restarts: int
+    last_exit: LastExit | None
+
+
 class SupervisorStatus(msgspec.Struct, **_CLOSED):
     pid: int
     version: str
@@ -110,6 +121,7 @@ class SupervisorStatus(msgspec.Struct, **_CLOSED):
     stopping: bool
     reloads: int               # successful SIGHUP reloads
     sampled_ts: float | None   # when the process and disk figures were gathered
+    embedded_broker: EmbeddedBrokerStatus | None = None  # null unless broker.embedded is true
 
 
 class StatusDoc(msgspec.Struct, **_CLOSED):
@@ -154,8 +166,21 @@ def build_status(snap: Snapshot, sample: Sample, now_mono: float, now_wall: floa
     sup = SupervisorStatus(pid=snap.pid, version=__version__, map=snap.map_path, host=snap.host,
                            started_ts=_r(snap.started_wall), uptime=_r(now_mono - snap.started_mono),
                            ready=snap.ready, stopping=snap.stopping, reloads=snap.reloads,
-                           sampled_ts=_r(sample.ts) if sample.ts is not None else None)
+                           sampled_ts=_r(sample.ts) if sample.ts is not None else None,
+                           embedded_broker=_broker_status(snap, now_mono))
     return StatusDoc(supervisor=sup, shards=shards)
+
+
+def _broker_status(snap: Snapshot, now_mono: float) -> EmbeddedBrokerStatus | None:
+    b = snap.broker
+    if b is None:
+        return None
+    return EmbeddedBrokerStatus(
+        listen=b.listen, state=b.state, pid=b.pid,  # type: ignore[arg-type]
+        uptime=_r(now_mono - b.spawned_mono) if b.spawned_mono is not None else None,
+        restarts=b.restarts,
+        last_exit=(LastExit(code=b.last_exit.code, signal=b.last_exit.signal, reason=b.last_exit.reason,
+                            ts=_r(b.last_exit.ts)) if b.last_exit is not None else None))
 
 
 encode = msgspec.json.Encoder().encode

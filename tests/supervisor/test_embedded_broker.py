@@ -84,7 +84,10 @@ def embedded(supervisors: list[SupervisorProc], tmp_path: Path) -> tuple[Supervi
 def test_records_through_the_embedded_broker(embedded, tmp_path: Path) -> None:
     sup, port, port311 = embedded
     root = tmp_path / "data"
-    assert len(broker_procs(sup)) == 1
+    (proc,) = broker_procs(sup)
+    eb = sup.status()["supervisor"]["embedded_broker"]
+    assert eb["state"] == "running" and eb["pid"] == proc.pid and eb["restarts"] == 0
+    assert eb["listen"] == f"127.0.0.1:{port}"
     publish(port, [("chat/room42", {"i": i}) for i in range(50)])                   # MQTT 5 listener
     publish(port311, [("sensors/t", {"i": i}) for i in range(50)], mqtt.MQTTv311)    # 3.1.1 listener
     big = {"i": 0, "blob": "x" * 100_000}  # past iotcore's 20 KiB default payload cap
@@ -113,6 +116,9 @@ def test_a_killed_embedded_broker_is_restarted_and_the_shards_record_again(embed
     wait_for(lambda: ids(root, "chat/a") == list(range(20)), 15, "the records after the restart")
     wait_for(lambda: ids(root, "other/b") == list(range(5)), 15, "other/b after the restart")
     assert "embedded-broker" in sup.log() and "exited: killed by SIGKILL" in sup.log()
+    eb = wait_for(lambda: (e := sup.status()["supervisor"]["embedded_broker"])["state"] == "running" and e, 10,
+                  "/status to show the restarted broker running")
+    assert eb["pid"] == new[0].pid and eb["restarts"] == 1 and eb["last_exit"]["signal"] == "SIGKILL"
 
 
 def test_sigterm_stops_the_recorders_then_the_broker(embedded, tmp_path: Path) -> None:
