@@ -154,6 +154,12 @@ class StatusCollector(Collector):
                        [], [((), sup.reloads)])
         yield _gauge("shardlog_supervisor_ready", "1 once every shard has subscribed (or failed)",
                      [], [((), int(sup.ready))])
+        eb = sup.embedded_broker
+        if eb is not None:  # broker.embedded: true
+            yield _gauge("shardlog_embedded_broker_up", "1 while the embedded broker accepts connections",
+                         [], [((), int(eb.state == "running"))])
+            yield _counter("shardlog_embedded_broker_restarts", "Restarts of the embedded broker",
+                           [], [((), eb.restarts)])
         shards = doc.shards
         yield _gauge("shardlog_shard_info", "Static facts about a shard (always 1)",
                      ["shard", "prefix", "root"], [((s.name, s.prefix or "#", s.root), 1) for s in shards])

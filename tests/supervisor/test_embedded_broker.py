@@ -111,7 +111,12 @@ def test_a_killed_embedded_broker_is_restarted_and_the_shards_record_again(embed
     new = wait_for(lambda: [p for p in broker_procs(sup) if p.pid != old.pid], 20,
                    f"a new embedded broker after SIGKILL (log: {sup.log_path})")
     assert len(new) == 1
-    wait_for(lambda: all_subscribed(sup), 30, f"both shards to reconnect and subscribe (log: {sup.log_path})")
+    # the new broker listens, and each shard has connected a second time and subscribed again
+    # (a stale "subscribed" from before the kill is not enough: count the connections)
+    wait_for(lambda: sup.status()["supervisor"]["embedded_broker"]["state"] == "running", 20,
+             "/status to show the new broker running")
+    wait_for(lambda: all_subscribed(sup) and all(s["counters"]["connects"] >= 2 for s in sup.shards().values()),
+             30, f"both shards to reconnect and subscribe (log: {sup.log_path})")
     publish(port, [("chat/a", {"i": i}) for i in range(10, 20)] + [("other/b", {"i": i}) for i in range(5)])
     wait_for(lambda: ids(root, "chat/a") == list(range(20)), 15, "the records after the restart")
     wait_for(lambda: ids(root, "other/b") == list(range(5)), 15, "other/b after the restart")
@@ -119,6 +124,8 @@ def test_a_killed_embedded_broker_is_restarted_and_the_shards_record_again(embed
     eb = wait_for(lambda: (e := sup.status()["supervisor"]["embedded_broker"])["state"] == "running" and e, 10,
                   "/status to show the restarted broker running")
     assert eb["pid"] == new[0].pid and eb["restarts"] == 1 and eb["last_exit"]["signal"] == "SIGKILL"
+    metrics = (sup.get("/metrics") or b"").decode()
+    assert "shardlog_embedded_broker_up 1.0" in metrics and "shardlog_embedded_broker_restarts_total 1.0" in metrics
 
 
 def test_sigterm_stops_the_recorders_then_the_broker(embedded, tmp_path: Path) -> None:
