@@ -108,6 +108,10 @@ class Broker(Struct, **_STRICT):
     # protocol per port; `port` speaks `protocol`), for publishers such as mosquitto_pub
     # or paho that default to 3.1.1. null: none.
     embedded_port_311: Port | None = None
+    # Watch mosquitto's $SYS/broker/publish/messages/dropped (the loss past its
+    # max_queued_messages; stats broker_dropped). false for brokers that refuse $SYS
+    # subscriptions: rumqttd (iotcore) drops the connection. Never with embedded.
+    sys_topics: bool = True
 
     @property
     def mqtt5(self) -> bool:

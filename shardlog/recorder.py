@@ -140,7 +140,8 @@ class Recorder:
         client.subscribe(topic, self.shard.qos)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
-        if self.router.owner(SYS_DROPPED) != self.shard.name and not self.broker.embedded:
+        if (self.router.owner(SYS_DROPPED) != self.shard.name and self.broker.sys_topics
+                and not self.broker.embedded):
             self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
             client.subscribe(SYS_DROPPED, 0)  # harmless where the broker has no such topic
 

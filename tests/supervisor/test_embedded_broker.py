@@ -227,3 +227,37 @@ def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path:
     b2.exit(0)
     step(0.1)
     assert arb.done and arb.exit_code == 0
+
+
+def test_record_alone_with_sys_topics_off_keeps_its_connection_to_iotcore(tmp_path: Path, recorders) -> None:
+    """`shardlog record` never starts a broker; pointed at a running iotcore (a production
+    rumqttd would be the same) with broker.sys_topics: false it stays connected: without that,
+    its $SYS subscription makes rumqttd hang up on it, again and again."""
+    import subprocess
+    import sys
+
+    from tests.helpers import RecorderProc
+
+    port = free_port()
+    smap = parse_map({"broker": {"host": "127.0.0.1", "port": port, "embedded": True},
+                      "shards": [{"name": "t", "prefix": "#"}]})
+    conf = tmp_path / "broker.toml"
+    conf.write_text(config_toml(smap))
+    broker = subprocess.Popen([sys.executable, "-m", "supervisor.broker", str(conf), "--parent-pid", str(os.getpid())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from supervisor.broker import accepts
+        wait_for(lambda: accepts("127.0.0.1", port), 10, "iotcore to listen")
+        m = make_map(tmp_path / "shards.yaml", port, [{"name": "all", "prefix": "#"}])
+        doc = yaml.safe_load(m.read_text())
+        doc["broker"]["sys_topics"] = False
+        m.write_text(yaml.safe_dump(doc))
+        rec = RecorderProc(m, "all", tmp_path).start()
+        recorders.append(rec)
+        publish(port, [("x/y", {"i": i}) for i in range(20)])
+        wait_for(lambda: ids(tmp_path / "data", "x/y") == list(range(20)), 15, "20 records of x/y")
+        assert rec.stats().connects == 1 and "disconnected from the broker" not in rec.log()
+        assert rec.stop() == 0
+    finally:
+        broker.terminate()
+        broker.wait(10)
