@@ -239,3 +239,22 @@ def test_default_queue_limit_loss_is_reported(tmp_path: Path, recorders: list[Re
                told="stats broker_dropped=500 (in /status) and a warning in the shard's log")
     finally:
         broker.stop()
+
+
+def test_recorders_stop_when_the_supervisor_dies(tmp_path: Path, broker: Mosquitto,
+                                                 supervisors: list[SupervisorProc]) -> None:
+    """SIGKILL the supervisor: its recorders notice (parent check each heartbeat), flush
+    and exit by themselves, so no orphan keeps writing a branch."""
+    import psutil
+
+    m = make_map(tmp_path / "shards.yaml", broker.port, [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}])
+    sup = SupervisorProc(m, tmp_path).start()
+    supervisors.append(sup)
+    procs = [psutil.Process(sup.running(n)["pid"]) for n in "ab"]
+    t0 = time.monotonic()
+    sup.signal(signal.SIGKILL)
+    sup.wait(10)
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs), 15,
+             "the orphaned recorders to exit by themselves")
+    report("supervisor killed", orphans_left=0, gone_after=f"{time.monotonic() - t0:.2f}s")
+    assert "is gone; stopping" in (tmp_path / "supervisor.log").read_text()  # they said why
