@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fallback_broker import IotcoreBroker
+from tests.fallback_broker import wanted as fallback_wanted
 from tests.helpers import (  # noqa: F401 - re-exported for older imports
     Mosquitto,
     Publisher,
@@ -21,11 +23,13 @@ from tests.helpers import (  # noqa: F401 - re-exported for older imports
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real mosquitto; without one (or with SHARDLOG_TEST_BROKER=iotcore), the embedded
+    broker iotcore, and tests needing what only mosquitto does skip (tests/fallback_broker.py)."""
     d = tmp_path / "broker"
     d.mkdir()
-    b = Mosquitto(d)
+    b = IotcoreBroker(d) if fallback_wanted() else Mosquitto(d)
     b.start()
-    yield b
+    yield b  # type: ignore[misc]
     b.stop()
 
 

@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from shardlog.stats import Counters, write_stats
 from shardlog.topics import topic_to_relpath
-from tests.helpers import free_port, wait_for  # noqa: F401 - re-exported to the supervisor tests
+from tests.helpers import fallback_broker_settings, free_port, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
 
 # -- fakes for the arbiter ---------------------------------------------------------------------
@@ -127,7 +127,7 @@ def make_map(path: Path, port: int, shards: list[dict[str, Any]], *, supervisor:
             sup[k] = v
     doc = {
         "broker": {"host": "127.0.0.1", "port": port,
-                   "client_id_prefix": f"t{os.getpid()}-{path.parent.name}-"},
+                   "client_id_prefix": f"t{os.getpid()}-{path.parent.name}-", **fallback_broker_settings(port)},
         "defaults": {"root": str(path.parent / "data"), "lock_wait": "2s", **defaults},
         "shards": shards,
         "supervisor": sup,
