@@ -84,6 +84,17 @@ def accepts(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def ports_taken(smap: ShardMap) -> list[str]:
+    """The embedded broker's listen addresses that something else already answers on.
+
+    Checked before the first start: a broker that cannot bind would be restarted for
+    ever, while the shards quietly recorded whatever broker holds the port."""
+    b = smap.broker
+    host = listen_host(b)
+    ports = [b.port] + ([b.embedded_port_311] if b.embedded_port_311 is not None else [])
+    return [_addr(host, port) for port in ports if accepts(host, port)]
+
+
 # -- the supervisor's side ------------------------------------------------------------------------
 
 #: restart backoff of the embedded broker: initial, longest

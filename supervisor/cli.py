@@ -12,8 +12,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shardlog.cli import add_log_level, format_table, load_or_exit, setup_logging
+from shardlog.cli import EX_CONFIG, add_log_level, format_table, load_or_exit, setup_logging
 from supervisor.arbiter import Arbiter
+from supervisor.broker import ports_taken
 from supervisor.http import bind, parse_listen
 from supervisor.metrics import Sampler
 from supervisor.sdnotify import Notifier
@@ -31,6 +32,12 @@ EX_SOFTWARE = 70
 def _cmd_supervise(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "supervisor")
     smap = load_or_exit(args.map)
+    taken = ports_taken(smap) if smap.broker.embedded else []
+    if taken:
+        log.error("broker.embedded: %s already in use (another MQTT broker?). To record that broker, "
+                  "set broker.embedded: false; to run the embedded one, give it a free broker.port",
+                  " and ".join(taken))
+        return EX_CONFIG
     notifier = Notifier()
     arbiter = Arbiter(smap, args.map, host=args.host, log_level=args.log_level, notifier=notifier)
     sampler = Sampler(lambda: arbiter.snapshot)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +264,17 @@ def test_record_alone_with_sys_topics_off_keeps_its_connection_to_iotcore(tmp_pa
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_a_taken_port_is_refused_not_crash_looped(tmp_path: Path) -> None:
+    """Another program (say a system mosquitto) holds the embedded broker's port: the
+    supervisor refuses at once with exit 78 and says what to do, instead of restarting
+    a broker that cannot bind while the shards record someone else's broker."""
+    m, port, _ = embedded_map(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = subprocess.run([sys.executable, "-m", "shardlog", "supervise", str(m)], capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 78
+    assert f"127.0.0.1:{port} already in use" in r.stderr and "broker.embedded: false" in r.stderr
