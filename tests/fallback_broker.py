@@ -11,14 +11,13 @@ its port speaks MQTT 5 only; such tests call :func:`mosquitto_only` with the rea
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import BrokerProcess, free_port, wait_for
 
 #: ports of the running fallback brokers: maps written for them turn broker.sys_topics off
 PORTS: set[int] = set()
@@ -37,7 +36,7 @@ def wanted() -> bool:
     return not os.path.exists(MOSQUITTO)
 
 
-class IotcoreBroker:
+class IotcoreBroker(BrokerProcess):
     """Same surface as tests.helpers.Mosquitto: ``port``, ``start()``, ``stop()``, ``proc``."""
 
     kind = "iotcore"
@@ -66,21 +65,12 @@ class IotcoreBroker:
         PORTS.add(self.port)
         wait_for(self._accepts, 10, f"iotcore to listen on port {self.port} (log: {self.log})")
 
-    def _accepts(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"iotcore exited: {self.log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+    def exit_report(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         PORTS.discard(self.port)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+        super().stop()
 
 
 

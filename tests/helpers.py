@@ -42,8 +42,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Mosquitto:
+class BrokerProcess:
+    """A broker child process on 127.0.0.1:``port``; subclasses start it."""
+
+    kind = "broker"
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def exit_report(self) -> str:
+        return ""
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.kind} exited: {self.exit_report()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class Mosquitto(BrokerProcess):
     """A real broker with persistence and no queue limit, on 127.0.0.1:<free port>."""
+
+    kind = "mosquitto"
 
     def __init__(self, workdir: Path, max_queued: int = 0, extra_conf: str = "") -> None:
         self.dir = workdir
@@ -73,20 +101,8 @@ class Mosquitto:
                                      stderr=subprocess.PIPE)
         wait_for(self._accepts, 10, f"mosquitto to listen on port {self.port}")
 
-    def _accepts(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+    def exit_report(self) -> str:
+        return self.proc.stderr.read().decode() if self.proc is not None and self.proc.stderr else ""
 
 
 class Publisher:
