@@ -70,6 +70,7 @@ class Recorder:
         self.max_payload = shard.max_payload
         self.max_states = shard.max_open_files * _STATES_PER_FD
         self.stop_requested = False
+        self._subscribe_mid = -1  # the SUBACK that makes this shard "subscribed"
         self.connected = False
         self.next_retry = 0.0
         self.store: Store | None = None
@@ -137,7 +138,7 @@ class Recorder:
         topic = subscription(self.shard.branch)
         log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
                  self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
-        client.subscribe(topic, self.shard.qos)
+        self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
         if (self.router.owner(SYS_DROPPED) != self.shard.name and self.broker.sys_topics
@@ -147,6 +148,8 @@ class Recorder:
 
     def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                      reasons: list, properties: Properties | None) -> None:
+        if mid != self._subscribe_mid:
+            return  # the $SYS watch: its refusal or grant says nothing about recording
         failed = [r for r in reasons if getattr(r, "is_failure", False) or r == 128]
         if failed:
             log.error("the broker refused the subscription to %s: %s",
