@@ -341,6 +341,32 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_history_errors(_cmd_export))
 
 
+# -- nginx-routes (shardlog.nginx_routes) -------------------------------------------------
+
+def _cmd_nginx_routes(args: argparse.Namespace) -> int:
+    from shardlog.nginx_routes import MissingUpstream, parse_upstreams, render
+
+    smap = load_or_exit(args.map)
+    try:
+        text = render(smap, parse_upstreams(args.upstream or []), listen=args.listen,
+                      source=os.path.basename(args.map))
+    except (MissingUpstream, ValueError) as exc:
+        print(f"shardlog: nginx-routes: {exc}", file=sys.stderr)
+        return EX_USAGE
+    sys.stdout.write(text)
+    return 0
+
+
+def _add_nginx_routes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("nginx-routes", help="print an NGINX front routing each shard's branch to its host")
+    p.add_argument("map", help="the shard map (YAML)")
+    p.add_argument("--upstream", action="append", metavar="HOST=ADDR",
+                   help="where HOST's nginx (deploy/nginx/shardlog.conf) listens, e.g. web1=10.0.0.1:80; "
+                        "once per host ('all' for a map without hosts)")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="the front's listen (default 127.0.0.1:8080)")
+    p.set_defaults(func=_cmd_nginx_routes)
+
+
 # -- main -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export,
-                *_plugin_verbs()):
+                _add_nginx_routes, *_plugin_verbs()):
         add(sub)
     return parser
 
