@@ -5,6 +5,7 @@ Skips when nginx is not installed (.ci/run installs it, so CI runs this)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,10 +98,18 @@ def served(broker, publisher, recorders, tmp_path: Path):
                  20, f"+recent.json of {t} to show the last message")
     wait_for(lambda: list((disk1 / "chat" / "room42").glob("+log.*.jsonl.gz")), 20, "a compressed segment")
     # the shipped config, with its listen port and roots pointed at this test's
+    with shipped_nginx(tmp_path, {"root /srv/shardlog/disk1;": f"root {disk1};",
+                                  "root /srv/shardlog/data;": f"root {data};"}) as http:
+        yield http, disk1, data
+
+
+@contextlib.contextmanager
+def shipped_nginx(tmp_path: Path, replacements: dict[str, str], access_log: bool = False) -> Iterator[Http]:
+    """Run nginx with the shipped deploy/nginx/shardlog.conf on a free loopback port, its
+    paths replaced as given (each must still be in the file); yields an Http client."""
     port = free_port()
     text = CONF.read_text()
-    for old, new in (("listen 80;", f"listen 127.0.0.1:{port};"), ("listen [::]:80;", ""),
-                     ("root /srv/shardlog/disk1;", f"root {disk1};"), ("root /srv/shardlog/data;", f"root {data};")):
+    for old, new in {"listen 80;": f"listen 127.0.0.1:{port};", "listen [::]:80;": "", **replacements}.items():
         assert old in text, f"{old!r} is no longer in {CONF}: update this test"
         text = text.replace(old, new)
     site = tmp_path / "shardlog.conf"
@@ -107,6 +117,8 @@ def served(broker, publisher, recorders, tmp_path: Path):
     nroot = tmp_path / "nginx"
     nroot.mkdir()
     conf = wrapper(nroot, site)
+    if access_log:
+        conf.write_text(conf.read_text().replace("access_log off;", f"access_log {nroot}/access.log;"))
     r = nginx_t(conf, nroot)
     assert r.returncode == 0, r.stderr
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(nroot), "-g", "daemon off;"],
@@ -115,7 +127,7 @@ def served(broker, publisher, recorders, tmp_path: Path):
     try:
         wait_for(lambda: proc.poll() is not None or http.up(), 10, "nginx to answer")
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        yield http, disk1, data
+        yield http
     finally:
         proc.terminate()
         proc.wait(10)

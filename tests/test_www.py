@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from shardlog.topics import topic_to_relpath
-from tests.helpers import RecorderProc, free_port, wait_for, write_map
-from tests.test_nginx import CONF, NGINX, Http, nginx_t, wrapper
+from tests.helpers import RecorderProc, wait_for, write_map
+from tests.test_nginx import NGINX, shipped_nginx
 
 REPO = Path(__file__).resolve().parents[1]
 WWW = REPO / "deploy" / "www"
@@ -55,30 +55,10 @@ def site(broker, publisher, recorders, tmp_path: Path):
     wait_for(lambda: list(d.glob("+log.*.jsonl.gz")), 20, "a compressed segment")
     wait_for(lambda: (d / "general" / "+recent.json").exists(), 20, "the subtopic's +recent.json")
     # the shipped config: its listen port, roots and the page's alias pointed at this test's
-    port = free_port()
-    text = CONF.read_text()
-    for old, new in (("listen 80;", f"listen 127.0.0.1:{port};"), ("listen [::]:80;", ""),
-                     ("root /srv/shardlog/disk1;", f"root {data};"), ("root /srv/shardlog/data;", f"root {data};"),
-                     ("alias /srv/shardlog/www/;", f"alias {WWW}/;")):
-        assert old in text, f"{old!r} is no longer in {CONF}: update this test"
-        text = text.replace(old, new)
-    (tmp_path / "shardlog.conf").write_text(text)
-    nroot = tmp_path / "nginx"
-    nroot.mkdir()
-    conf = wrapper(nroot, tmp_path / "shardlog.conf")
-    conf.write_text(conf.read_text().replace("access_log off;", f"access_log {nroot}/access.log;"))
-    r = nginx_t(conf, nroot)
-    assert r.returncode == 0, r.stderr
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(nroot), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    http = Http(port)
-    try:
-        wait_for(lambda: proc.poll() is not None or http.up(), 10, "nginx to answer")
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    with shipped_nginx(tmp_path, {"root /srv/shardlog/disk1;": f"root {data};",
+                                  "root /srv/shardlog/data;": f"root {data};",
+                                  "alias /srv/shardlog/www/;": f"alias {WWW}/;"}, access_log=True) as http:
         yield http, tmp_path
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def chromium(tmp: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
