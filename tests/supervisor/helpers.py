@@ -334,10 +334,15 @@ def drain_session(port: int, cid: str, wanted: set[int], timeout: float = 15) ->
     """Resume the persistent session ``cid`` and collect the ``i`` of what the broker still held for it,
     until every id in ``wanted`` has come (or the timeout)."""
     got: set[int] = set()
+    complete = threading.Event()
+    if not wanted:
+        complete.set()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
 
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         got.add(json.loads(msg.payload)["i"])
+        if wanted <= got:
+            complete.set()
 
     c.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
@@ -345,9 +350,7 @@ def drain_session(port: int, cid: str, wanted: set[int], timeout: float = 15) ->
     c.connect("127.0.0.1", port, clean_start=False, properties=props)
     c.loop_start()
     try:
-        deadline = time.monotonic() + timeout
-        while not wanted <= got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        complete.wait(timeout)  # the caller asserts on what came
     finally:
         c.disconnect()
         c.loop_stop()
