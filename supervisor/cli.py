@@ -43,7 +43,7 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
     sampler = Sampler(lambda: arbiter.snapshot)
 
     def status() -> StatusDoc:
-        return build_status(arbiter.snapshot, sampler.sample, arbiter.clock.monotonic(), arbiter.clock.time())
+        return build_status(arbiter.snapshot, sampler.sample, arbiter.clock.monotonic())
 
     try:
         server = bind(smap.supervisor.listen, status)

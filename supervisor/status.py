@@ -142,7 +142,7 @@ def _r(x: float) -> float:
     return round(x, 3)
 
 
-def build_status(snap: Snapshot, sample: Sample, now_mono: float, now_wall: float) -> StatusDoc:
+def build_status(snap: Snapshot, sample: Sample, now_mono: float) -> StatusDoc:
     shards = []
     for v in snap.shards:
         counters = None

@@ -269,7 +269,7 @@ def test_status_document_from_the_snapshot_validates(tmp_path: Path) -> None:
     h.live("a").beat(messages=5, degraded=True, degraded_reason="disk full")
     h.live("b").exit(70)
     h.step(0.1)
-    doc = build_status(h.arb.snapshot, Sample(), h.clock.monotonic(), h.clock.time())
+    doc = build_status(h.arb.snapshot, Sample(), h.clock.monotonic())
     parsed = msgspec.json.decode(encode(doc), type=StatusDoc)
     shards = {s.name: s for s in parsed.shards}
     assert shards["a"].state == "degraded" and shards["a"].counters is not None
