@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,3 +196,154 @@ class RecorderProc:
         rc = self.proc.wait(timeout)
         self._err.close()
         return rc
+
+
+def _mqtt_str(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+class FastPublisher:
+    """A raw-socket MQTT 3.1.1 QoS 1 publisher: PUBLISHes pipelined up to ``window``
+    unacknowledged, PUBACKs read as they come. paho's publisher tops out near 3,000 msg/s
+    on a loaded 2-core machine; this one is limited by the broker. Single-threaded; use it
+    from one thread (e.g. a :class:`FastFlow`)."""
+
+    def __init__(self, port: int, client_id: str = "fast-publisher", window: int = 2000) -> None:
+        self.window = window
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # CONNECT: protocol MQTT v4, clean session, keepalive 0 (no pings needed)
+        self.sock.sendall(_mqtt_packet(0x10, _mqtt_str(b"MQTT") + b"\x04\x02\x00\x00"
+                                       + _mqtt_str(client_id.encode())))
+        connack = self._read_exact(4)
+        assert connack[0] == 0x20 and connack[3] == 0, f"broker refused the connection: {connack!r}"
+        self.sock.setblocking(False)
+        self.buf = bytearray()
+        self.next_id = 1
+        self.inflight: set[int] = set()
+        self.acked = 0
+
+    def _read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            data += chunk
+        return data
+
+    def _read_acks(self, wait: float) -> None:
+        ready, _, _ = select.select([self.sock], [], [], wait)
+        if not ready:
+            return
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        self.buf += chunk
+        buf, i = self.buf, 0
+        while len(buf) - i >= 4:  # every packet we expect is a 4-byte PUBACK
+            assert buf[i] == 0x40 and buf[i + 1] == 2, f"unexpected packet from the broker: {bytes(buf[i:i + 4])!r}"
+            self.inflight.discard((buf[i + 2] << 8) | buf[i + 3])
+            self.acked += 1
+            i += 4
+        del buf[:i]
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                select.select([self.sock], [self.sock], [], 1.0)
+                self._read_acks(0)
+
+    def publish_many(self, messages: list[tuple[str | bytes, bytes]]) -> None:
+        """Send QoS 1 PUBLISHes (pipelined; returns once they are written, not acknowledged)."""
+        out = bytearray()
+        for topic, payload in messages:
+            while len(self.inflight) >= self.window:
+                if out:
+                    self._send(bytes(out))
+                    out.clear()
+                self._read_acks(1.0)
+            pid = self.next_id
+            self.next_id = pid % 65535 + 1
+            assert pid not in self.inflight, "packet id wrapped onto an unacknowledged publish"
+            self.inflight.add(pid)
+            t = topic.encode() if isinstance(topic, str) else topic
+            out += _mqtt_packet(0x32, _mqtt_str(t) + pid.to_bytes(2, "big") + payload)
+        if out:
+            self._send(bytes(out))
+        self._read_acks(0)
+
+    def wait_acked(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.inflight:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{len(self.inflight)} publishes not acknowledged after {timeout:.0f}s")
+            self._read_acks(0.1)
+
+    def close(self) -> None:
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class FastFlow(threading.Thread):
+    """Publishes ``count`` QoS 1 messages ``{"i": n}`` per branch at ``rate`` msg/s in all
+    (paced in 10 ms steps), with a :class:`FastPublisher`, in a thread. The same interface
+    as tests.supervisor.helpers.Flow (``sent``, ``topics``, ``finish``)."""
+
+    def __init__(self, port: int, branches: list[str], count: int, rate: float,
+                 topics_per_branch: int = 4) -> None:
+        super().__init__(daemon=True)
+        self.branches = branches
+        self.count = count
+        self.rate = rate
+        self.tpb = topics_per_branch
+        self.sent = 0  # per branch, written to the broker (acknowledged at finish)
+        self.error: BaseException | None = None
+        self.elapsed = 0.0
+        self.pub = FastPublisher(port, client_id=f"fastflow-{os.getpid()}-{id(self)}")
+
+    def topics(self, branch: str) -> list[str]:
+        return [f"{branch}/t{k}" for k in range(self.tpb)]
+
+    def run(self) -> None:
+        try:
+            t0 = time.monotonic()
+            per_step = max(1, int(self.rate * 0.01 / len(self.branches)))  # per branch per 10 ms
+            i = 0
+            while i < self.count:
+                due = t0 + (i / per_step) * 0.01
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self.pub._read_acks(delay)
+                    continue
+                end = min(self.count, i + per_step)
+                self.pub.publish_many([(f"{b}/t{n % self.tpb}", b'{"i": %d}' % n)
+                                       for n in range(i, end) for b in self.branches])
+                i = self.sent = end
+            self.pub.wait_acked(120)
+            self.elapsed = time.monotonic() - t0
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = 120) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the publisher did not finish"
+        self.pub.close()
+        if self.error is not None:
+            raise self.error
