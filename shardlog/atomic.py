@@ -50,8 +50,11 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def swap_in(path: str, spare: str, data: bytes) -> None:
-    """Make ``path`` hold ``data``; ``spare`` is left holding the previous version."""
+def swap_in(path: str, spare: str, data: bytes, versions: set[tuple[int, int]] | None = None) -> None:
+    """Make ``path`` hold ``data``; ``spare`` is left holding the previous version.
+
+    With ``versions`` (kept by the caller per file, initially empty), the new version is
+    made to differ from every earlier one in its (mtime second, size): see _distinct."""
     try:
         fd = os.open(spare, _OPEN_FLAGS)
     except FileNotFoundError:
@@ -59,7 +62,34 @@ def swap_in(path: str, spare: str, data: bytes) -> None:
     try:
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
+        if versions is not None:
+            _distinct(fd, path, data, versions)
     finally:
         os.close(fd)
     if not _exchange(spare, path):
         os.replace(spare, path)
+
+
+def _distinct(fd: int, path: str, data: bytes, versions: set[tuple[int, int]]) -> None:
+    """NGINX's ETag is the file's mtime in whole seconds and its size. Two versions written
+    in the same second with the same size get the same ETag, so a client revalidating with
+    If-None-Match is told 304 and keeps the older one, until the file changes again. Pad the
+    new version with spaces before its final newline (the same JSON) until its (second, size)
+    is new; ``versions`` keeps those of the current second."""
+    if not versions:  # the version a previous process left
+        try:
+            st = os.stat(path)
+            versions.add((st.st_mtime_ns // 1_000_000_000, st.st_size))
+        except OSError:
+            pass
+    pad = 0
+    while True:
+        st = os.fstat(fd)
+        key = (st.st_mtime_ns // 1_000_000_000, st.st_size)
+        if key not in versions:
+            break
+        pad += 1
+        os.pwrite(fd, data[:-1] + b" " * pad + data[-1:], 0)
+    if any(second < key[0] for second, _ in versions):
+        versions.clear()  # an earlier second's versions differ by mtime already
+    versions.add(key)

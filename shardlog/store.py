@@ -48,7 +48,7 @@ class TopicState:
     """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
 
     __slots__ = ("topic", "relpath", "path", "lines", "mids", "dirty", "fd", "size",
-                 "first_ts", "recent", "recent_dirty", "recent_at", "loaded")
+                 "first_ts", "recent", "recent_dirty", "recent_at", "recent_versions", "loaded")
 
     def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
         self.topic = topic
@@ -63,6 +63,7 @@ class TopicState:
         self.recent: collections.deque[bytes] = collections.deque(maxlen=recent)
         self.recent_dirty = False
         self.recent_at = -1e18        # monotonic time of the last +recent.json write
+        self.recent_versions: set[tuple[int, int]] = set()  # (mtime second, size) this second
         self.loaded = False           # tail repaired and recent loaded (once per state)
 
 
@@ -406,7 +407,8 @@ class Store:
     def _write_recent(self, st: TopicState, now_mono: float) -> None:
         body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
         try:
-            swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body)
+            swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,
+                    st.recent_versions)
         except OSError as exc:
             self.counters.errors += 1
             log.warning("%s: cannot replace %s: %s", st.relpath, RECENT, exc.strerror or exc)
