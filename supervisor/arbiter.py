@@ -56,6 +56,8 @@ TICK = 0.25
 ABORT_GRACE = 2.0
 #: during shutdown, give up on a process that survives SIGKILL this long (stuck in the kernel)
 UNKILLABLE_GRACE = 5.0
+STUCK_REASON = ("survives SIGKILL: blocked in the kernel (a frozen, wedged or hung file system?); "
+                "replaced once it exits")
 
 
 class Clock(Protocol):
@@ -555,6 +557,13 @@ class Arbiter:
                           rt.name, rt.child.pid)
                 rt.child = None
                 self.exit_code = EX_SOFTWARE
+            elif (rt.killed_at is not None and now - rt.killed_at > UNKILLABLE_GRACE
+                  and rt.reason != STUCK_REASON):
+                # e.g. a write blocked on a frozen or wedged file system (state D): it dies,
+                # and is replaced, only when the kernel lets go; until then, say so
+                log.error("shard %s (pid %d) survives SIGKILL for %gs: %s", rt.name, rt.child.pid,
+                          UNKILLABLE_GRACE, STUCK_REASON)
+                rt.reason = STUCK_REASON
 
     # -- starting ---------------------------------------------------------------------------------
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from shardlog.atomic import swap_in
+from tests.supervisor.helpers import FakeChild, FakeSpawner
 
 pytestmark = pytest.mark.faults
 
@@ -42,3 +44,41 @@ def test_recent_json_first_version_differs_from_the_previous_process(tmp_path: P
     before = nginx_etag(path)
     swap_in(str(path), str(spare), b"[2]\n", set())      # a new process, the same second
     assert nginx_etag(path) != before and json.loads(path.read_bytes()) == [2]
+
+
+class UnkillableChild(FakeChild):
+    """A process blocked in the kernel (state D): signals wait until it returns."""
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self.signals.append(sig)
+
+
+class UnkillableSpawner(FakeSpawner):
+    def __call__(self, argv: list[str], env: dict[str, str]) -> FakeChild:
+        self.next_pid += 1
+        child = UnkillableChild(self.next_pid, argv, self)
+        self.children.append(child)
+        return child
+
+
+def test_a_shard_surviving_sigkill_is_reported(tmp_path: Path) -> None:
+    """Found by test_blocking_write_on_a_frozen_file_system: a recorder blocked in a write on
+    a frozen file system survives SIGKILL until the thaw, and the supervisor said nothing
+    after "SIGKILL". Now its log and /status (the shard's reason) say what is going on."""
+    from supervisor.arbiter import STUCK_REASON, UNKILLABLE_GRACE
+    from tests.supervisor.test_supervisor_arbiter import Harness
+
+    h = Harness(tmp_path, [{"name": "a", "prefix": "a"}])
+    h.spawner = h.arb.spawn = UnkillableSpawner()  # before the first start
+    h.start_all()
+    a = h.live("a")
+    h.step(5.1)   # no heartbeat for the 5 s timeout: SIGABRT
+    h.step(2.0)   # SIGKILL
+    assert a.signals[-1] == signal.SIGKILL and h.state("a") == "stopping"
+    h.step(UNKILLABLE_GRACE + 0.1)
+    assert h.arb.snapshot.shards[0].reason == STUCK_REASON and h.state("a") == "stopping"
+    a.exit(-signal.SIGKILL)  # the kernel lets go (the thaw)
+    h.step()
+    h.step(1.0)
+    assert h.live("a") is not a and h.arb.shards["a"].restarts == 1
