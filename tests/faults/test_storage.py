@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.arbiter import STUCK_REASON, UNKILLABLE_GRACE
 from tests.faults.loopfs import Ext4
 from tests.faults.test_faults import report
 from tests.helpers import FastFlow, FastPublisher, Mosquitto, wait_for
@@ -130,14 +131,18 @@ def test_blocking_write_on_a_frozen_file_system(tmp_path: Path, broker: Mosquitt
         detected = time.monotonic() - t_freeze
         assert "hung" in (s["reason"] or "")
         wait_for(lambda: "still running after SIGABRT; SIGKILL" in sup.log(), 10, "the SIGKILL")
-        t_kill = time.monotonic()
-        # the supervisor answers while its shard is stuck in the kernel
+        # the supervisor answers while its shard is stuck in the kernel, and says so
         slowest = 0.0
-        while time.monotonic() - t_kill < 2:
+
+        def stuck() -> bool:
+            nonlocal slowest
             t0 = time.monotonic()
-            assert sup.status() is not None
+            s = sup.shard("a")
             slowest = max(slowest, time.monotonic() - t0)
+            return s is not None and s["reason"] == STUCK_REASON
+        wait_for(stuck, UNKILLABLE_GRACE + 5, "/status to say the shard survives SIGKILL")
         assert proc.is_running() and proc.status() == psutil.STATUS_DISK_SLEEP, "SIGKILL ended a D-state process?"
+        assert "survives SIGKILL for" in sup.log()
         sup_cpu, = cpu_share([psutil.Process(sup.pid)], 2)
         assert sup_cpu < 0.2, f"supervisor CPU {sup_cpu:.0%} while its shard is stuck"
     finally:
@@ -153,3 +158,41 @@ def test_blocking_write_on_a_frozen_file_system(tmp_path: Path, broker: Mosquitt
            cpu_supervisor=f"{sup_cpu:.1%}", thaw_to_new_shard_subscribed=f"{back:.2f}s",
            messages=count, lost=0, duplicates=len(got) - count, restarts=new["restarts"])
     assert detected < timeout + 3
+
+
+def test_supervisor_stops_while_its_shard_is_stuck_on_a_frozen_file_system(
+        tmp_path: Path, broker: Mosquitto, ext4: Ext4, supervisors: list[SupervisorProc]) -> None:
+    """SIGTERM to the supervisor while its shard is blocked in a write (fsfreeze): the
+    supervisor must not wait for it forever: SIGTERM, SIGKILL after stop_timeout, then
+    after UNKILLABLE_GRACE it leaves the process and exits 70. After the thaw the
+    process dies (its SIGKILL is pending) and a new supervisor records everything."""
+    root = ext4.mnt / "data"
+    m = make_map(tmp_path / "shards.yaml", broker.port, [{"name": "a", "prefix": "a"}], root=str(root),
+                 batch={"max_delay": "20ms"}, supervisor={"stop_timeout": "2s"})
+    sup = SupervisorProc(m, tmp_path).start()
+    supervisors.append(sup)
+    pid = sup.running("a")["pid"]
+    proc = psutil.Process(pid)
+    count = 3000
+    flow = FastFlow(broker.port, ["a"], count, rate=2000)
+    flow.start()
+    wait_for(lambda: (sup.shard("a") or {}).get("counters", {}).get("messages", 0) >= 500, 20, "500 written")
+    ext4.freeze()
+    try:
+        wait_for(lambda: proc.status() == psutil.STATUS_DISK_SLEEP, 10, "the recorder to block in a write")
+        t0 = time.monotonic()
+        sup.signal(signal.SIGTERM)
+        rc = sup.wait(2 + UNKILLABLE_GRACE + 10)
+        took = time.monotonic() - t0
+        assert rc == 70 and "survives SIGKILL (stuck in the kernel?); leaving it" in sup.log()
+        assert proc.status() == psutil.STATUS_DISK_SLEEP
+    finally:
+        ext4.thaw()
+    wait_for(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 10,
+             "the stuck recorder to die after the thaw")
+    flow.finish()
+    sup = SupervisorProc(m, tmp_path).start()
+    supervisors.append(sup)
+    wait_for(lambda: set(payload_ids(root, TOPICS)) >= set(range(count)), 60, "every message on disk")
+    report("supervisor stopped while its shard is stuck", supervisor_exit=rc, took=f"{took:.1f}s",
+           stop_timeout="2s", lost=0)
