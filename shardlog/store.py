@@ -202,10 +202,11 @@ class Store:
                 n = os.write(st.fd, view)
                 view = view[n:]
         except OSError:
-            try:
-                os.ftruncate(st.fd, before)
-            except OSError as exc2:  # pragma: no cover - the disk refuses even that
-                log.error("cannot cut %s back after a failed write: %s", st.relpath, exc2)
+            if len(view) < len(data):  # part of it was written: cut it off
+                try:
+                    os.ftruncate(st.fd, before)
+                except OSError as exc2:  # the disk refuses even that: cut when reopened
+                    log.error("cannot cut %s back after a failed write: %s", st.relpath, exc2)
             raise
         st.size = before + len(data)
 
@@ -431,7 +432,10 @@ class Store:
     # -- housekeeping ---------------------------------------------------------------
 
     def sweep_recent(self, now_mono: float, force: bool = False) -> None:
-        """Write the +recent.json files that were held back by recent_interval."""
+        """Write the +recent.json files that were held back by recent_interval (not while
+        the disk refuses writes: the flush that succeeds again ends that)."""
+        if self.counters.degraded and not force:
+            return
         for st in list(self.stale_recent):
             if force or now_mono - st.recent_at >= self.shard.recent_interval:
                 self._write_recent(st, now_mono)
