@@ -70,11 +70,14 @@ def test_read_only_file_system_under_a_running_shard(tmp_path: Path, broker: Mos
     publish(broker.port, before, after, "erofs-pub-2")
     s = sup.wait_shard("a", lambda s: s["state"] == "degraded", 20, "degraded in /status")
     assert "Read-only file system" in (s["counters"]["degraded_reason"] or "")
-    acked_while_ro = s["counters"]["acked"]
+    acked_while_ro, errors = s["counters"]["acked"], s["counters"]["errors"]
     rec_cpu, sup_cpu = cpu_share([psutil.Process(pid), psutil.Process(sup.pid)], 3)
     s = sup.shard("a")
     assert s is not None and s["pid"] == pid and s["restarts"] == 0, "no crash loop"
     assert s["counters"]["connected"] and s["counters"]["acked"] == acked_while_ro, "acks held"
+    # the refusal is counted and logged once, not every heartbeat per topic (found here)
+    assert s["counters"]["errors"] == errors and "cannot replace +recent.json" not in sup.log()
+    assert "cannot cut" not in sup.log()  # nothing was written, so there was nothing to cut
     assert rec_cpu < 0.2 and sup_cpu < 0.2, f"CPU while degraded: recorder {rec_cpu:.0%}, supervisor {sup_cpu:.0%}"
     # recovery: stop (the recorder exits cleanly, its unwritten records unacknowledged),
     # repair, start again
