@@ -231,13 +231,17 @@ def test_default_queue_limit_loss_is_reported(tmp_path: Path, recorders: list[Re
         p.publish_many([("q/x", b'{"i": %d}' % i, 1) for i in range(1500)])
         p.close()
         rec.start()
-        s = wait_for(lambda: (s := rec.stats()) and s.broker_dropped and s, 15, "broker_dropped in the stats")
+        # $SYS is published every sys_interval: the retained value the shard gets first may be
+        # from the middle of the 1,500 publishes (seen: 201); the next one is the total
+        s = wait_for(lambda: (s := rec.stats()) and (s.broker_dropped or 0) >= 500 and s, 15,
+                     "broker_dropped=500 in the stats")
         wait_for(lambda: (s := rec.stats()) and s.messages >= 1000, 15, "the queued messages")
         assert rec.stop() == 0
         got = [json.loads(x)["payload"]["i"] for x in (tmp_path / "data" / "q" / "x" / "+log.jsonl")
                .read_bytes().splitlines()]
         assert got == list(range(1000)), "mosquitto keeps the oldest 1000 and drops the newest"
-        assert s.broker_dropped == 500 and "dropped 500 message(s)" in rec.log()
+        log_text = rec.log()
+        assert s.broker_dropped == 500 and ("dropped 500 message(s)" in log_text or "now 500)" in log_text)
         report("default queue (1000)", published_while_down=1500, recorded=len(got), lost_at_broker=500,
                told="stats broker_dropped=500 (in /status) and a warning in the shard's log")
     finally:
