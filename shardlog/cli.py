@@ -3,8 +3,9 @@
 Verbs of the recorder package live here (record, check, init). Verbs of other
 packages (``supervise`` and ``status`` from ``supervisor``) are added through the
 ``shardlog.commands`` entry point group, so this package never imports them.
-Exit codes follow sysexits: 0 ok, 64 usage, 66 no input (history verbs), 70 internal error,
-73 cannot create (export), 78 configuration.
+Exit codes follow sysexits: 0 ok, 64 usage, 65 data error (replay skipped records), 66 no input
+(history verbs), 69 broker unavailable (replay), 70 internal error, 73 cannot create (export),
+78 configuration.
 """
 
 from __future__ import annotations
@@ -341,6 +342,122 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_history_errors(_cmd_export))
 
 
+# -- replay (shardlog.replay) ---------------------------------------------------------------
+
+EX_DATAERR, EX_UNAVAILABLE = 65, 69
+
+
+class _ReplayProgress:
+    """A progress bar on stderr, redrawn at most 10 times a second (only on a terminal)."""
+
+    def __init__(self, total: int | None, last_ts: int | None, speed: float | None) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.total, self.last_ts, self.speed = total, last_ts, speed
+        self.start = self.clock()
+        self.shown = 0.0
+        self.done = 0
+
+    def __call__(self, done: int, ts: int | None) -> None:
+        from shardlog.replay import format_progress
+
+        self.done = done
+        now = self.clock()
+        if now - self.shown < 0.1:
+            return
+        self.shown = now
+        elapsed = now - self.start
+        eta = None
+        if self.speed is not None and ts is not None and self.last_ts is not None:
+            eta = (self.last_ts - ts) / 1e6 / self.speed
+        elif self.total and done and elapsed > 0:
+            eta = (self.total - done) * elapsed / done
+        sys.stderr.write("\r" + format_progress(done, self.total, elapsed, eta) + "\x1b[K")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from shardlog import history, replay
+
+    try:
+        speed = replay.parse_speed(args.speed)
+        rename = replay.parse_rename(args.rename, args.prefix) if args.rename is not None else None
+        broker = replay.broker_from_url(args.broker, protocol=args.protocol, ca_file=args.ca_file,
+                                        cert_file=args.cert_file, key_file=args.key_file,
+                                        insecure=args.insecure, keepalive=args.keepalive)
+    except ValueError as exc:
+        print(f"shardlog: replay: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if args.window < 1:
+        print("shardlog: replay: --window must be >= 1", file=sys.stderr)
+        return EX_USAGE
+    records = history.read(args.root, args.prefix, args.since, args.until)  # TopicNotFound -> 66
+    tty = sys.stderr.isatty()
+    progress = None
+    if tty:  # a bar needs the total: one counting pass first
+        total, last_ts = 0, None
+        for _t, rec in history.read(args.root, args.prefix, args.since, args.until):
+            total, last_ts = total + 1, rec.ts
+        progress = _ReplayProgress(total, last_ts, speed)
+    client_id = args.client_id or f"{broker.client_id_prefix}{os.getpid()}"
+    pub = replay.Publisher(broker, client_id, window=args.window, ack_timeout=args.ack_timeout)
+    target = replay.broker_name(broker)
+    try:
+        pub.connect(args.connect_timeout)
+        try:
+            summary = replay.replay(records, pub, speed, rename, progress=progress)
+        finally:
+            if progress is not None:
+                progress.end()
+        pub.close()
+    except replay.ReplayError as exc:
+        print(f"shardlog: replay: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    rate = summary.published / summary.seconds if summary.seconds > 0 else 0.0
+    where = f" as {rename.new}" if rename is not None else ""
+    print(f"replayed {summary.published} records of {args.prefix or 'every topic'!r}{where} to {target} "
+          f"in {summary.seconds:.2f} s ({rate:,.0f} records/s; {summary.confirmed} QoS 1/2 publishes "
+          f"acknowledged)", file=sys.stderr)
+    if summary.skipped:
+        print(f"shardlog: replay: skipped {summary.skipped} record(s) that cannot be published "
+              "(see the warnings above)", file=sys.stderr)
+        return EX_DATAERR
+    return 0
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay", help="republish recorded messages to a broker, with their original timing")
+    p.add_argument("root", help="a recording root")
+    p.add_argument("prefix", help="a topic; the topics below it are included ('' for all)")
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="mqtt://[user[:password]@]host[:port] (mqtts:// for TLS); a user without a password "
+                        "takes it from $MQTT_PASSWORD")
+    p.add_argument("--speed", default="1", help="1 (original timing, default), 10 (ten times faster), "
+                   "any factor, or max (as fast as the broker acknowledges)")
+    p.add_argument("--rename", metavar="OLD=NEW", help="publish topic OLD and the topics below it under NEW")
+    p.add_argument("--since", type=_time_arg, help="from this time on (µs or ISO 8601), inclusive")
+    p.add_argument("--until", type=_time_arg, help="before this time, exclusive")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
+    p.add_argument("--client-id", help="default: shardlog-replay-<pid>")
+    p.add_argument("--ca-file", help="TLS: CA certificates (default: the system's)")
+    p.add_argument("--cert-file", help="TLS: client certificate")
+    p.add_argument("--key-file", help="TLS: client key")
+    p.add_argument("--insecure", action="store_true", help="TLS: skip host name verification")
+    p.add_argument("--keepalive", type=int, default=60, help="seconds (default 60)")
+    p.add_argument("--window", type=int, default=1000,
+                   help="QoS 1/2 publishes unacknowledged at a time (default 1000; never above the broker's "
+                        "Receive Maximum)")
+    p.add_argument("--ack-timeout", type=float, default=30.0,
+                   help="give up when the broker acknowledges nothing for this long (s, default 30)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="s (default 10)")
+    p.set_defaults(func=_history_errors(_cmd_replay))
+
+
 # -- nginx-routes (shardlog.nginx_routes) -------------------------------------------------
 
 def _cmd_nginx_routes(args: argparse.Namespace) -> int:
@@ -374,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export,
-                _add_nginx_routes, *_plugin_verbs()):
+                _add_replay, _add_nginx_routes, *_plugin_verbs()):
         add(sub)
     return parser
 
