@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import ssl
 import time
 import urllib.parse
@@ -248,7 +249,9 @@ class Publisher:
         else:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                             protocol=mqtt.MQTTv311)
-        c.max_inflight_messages_set(window)  # paho's own limit never queues: ours is enforced first
+        # no paho limit (0): ours is enforced before publish(); paho's own rescans every
+        # unacknowledged message on each PUBACK (O(window) per ack)
+        c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
         if broker.username:
             c.username_pw_set(broker.username, broker.password)
@@ -308,14 +311,38 @@ class Publisher:
                 raise BrokerUnavailable(f"{broker_name(b)} refused the connection: {self._refused_connect}")
             if self.clock() >= deadline:
                 raise BrokerUnavailable(f"{broker_name(b)} did not answer the connection within {timeout:g} s")
-            rc = self.client.loop(0.1)
+            rc = self._loop(0.1)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._refused_connect is None:
                 raise BrokerUnavailable(f"cannot connect to {broker_name(b)}: {mqtt.error_string(rc)}")
+
+    def _loop(self, timeout: float) -> MQTTErrorCode:
+        """paho's ``loop()`` without its wake-up socket pair: ``loop()`` creates one, and
+        then every publish also writes a byte to it (a second system call per message).
+        Read, write and keepalive through paho's public external-loop calls instead."""
+        c = self.client
+        sock = c.socket()
+        if sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        pending = getattr(sock, "pending", None)  # bytes already decrypted by TLS
+        if pending is not None and pending() > 0:
+            readable, writable = True, c.want_write()
+        else:
+            r, w, _ = select.select([sock], [sock] if c.want_write() else [], [], timeout)
+            readable, writable = bool(r), bool(w)
+        if readable:
+            rc = c.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.socket() is None:
+                return rc or MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if writable:
+            rc = c.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.socket() is None:
+                return rc or MQTTErrorCode.MQTT_ERR_CONN_LOST
+        return c.loop_misc()
 
     def pump(self, timeout: float = 0.0) -> None:
         """Handle the network for up to ``timeout`` seconds (returns sooner on traffic)."""
         self._last_pump = self.clock()
-        rc = self.client.loop(timeout)
+        rc = self._loop(timeout)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self.lost is not None:
             raise BrokerUnavailable(f"lost the connection to {broker_name(self.broker)}: "
                                     f"{self.lost or mqtt.error_string(rc)}")
@@ -364,7 +391,7 @@ class Publisher:
         self.client.disconnect()
         deadline = self.clock() + 5.0
         while self.client.socket() is not None and self.clock() < deadline:
-            if self.client.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if self._loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
 
 
