@@ -14,16 +14,19 @@ in-flight limits) with ``mosquitto_sub -C N`` subscribed to the branch, then run
 (every record rewritten to the given QoS) and checks that the subscriber got all N.
 
 Reported: the replay's own time (its summary line: from the first publish to the
-last acknowledgement), records/s from that, and the whole process's wall time
-(Python start-up, reading and merging the segments included). Progress on stderr,
+last acknowledgement), records/s from that, the whole process's wall time (Python
+start-up, reading and merging the segments included) and its CPU time (user+system,
+the figure that matters when other processes share the cores). Progress on stderr,
 a markdown table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -36,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shardlog.records import encode_record  # noqa: E402
+from shardlog.records import encode_record
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
@@ -55,22 +58,19 @@ def free_port() -> int:
 
 
 def write_recording(root: Path, records: int, topics: int, qos: int) -> None:
-    files = []
-    for t in range(topics):
-        d = root / "bench" / f"t{t:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        files.append(open(d / "+log.jsonl", "wb"))
-    try:
+    with contextlib.ExitStack() as stack:
+        files = []
+        for t in range(topics):
+            d = root / "bench" / f"t{t:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            files.append(stack.enter_context(open(d / "+log.jsonl", "wb")))
         for i in range(records):
             payload = b'{"seq": %d, "value": %.3f, "unit": "C"}' % (i, 20 + (i % 1000) / 100)
             files[i % topics].write(encode_record(T0 + i * 1000, qos, False, payload))
-    finally:
-        for f in files:
-            f.close()
 
 
-def one_run(root: Path, records: int, window: int, workdir: Path) -> tuple[float, float]:
-    """(replay seconds from its summary, process wall seconds)."""
+def one_run(root: Path, records: int, window: int, workdir: Path) -> tuple[float, float, float]:
+    """(replay seconds from its summary, process wall seconds, process CPU seconds)."""
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -91,10 +91,13 @@ def one_run(root: Path, records: int, window: int, workdir: Path) -> tuple[float
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # let the subscription be made (a benchmark, not a test)
         t = time.perf_counter()
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run([sys.executable, "-m", "shardlog", "replay", str(root), "bench", "--speed", "max",
                             "--window", str(window), "--broker", f"mqtt://127.0.0.1:{port}"],
                            capture_output=True, check=False, cwd=REPO)
         wall = time.perf_counter() - t
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
         if r.returncode != 0:
             raise RuntimeError(f"replay failed ({r.returncode}): {r.stderr.decode(errors='replace')}")
         m = SUMMARY_RE.search(r.stderr)
@@ -104,7 +107,7 @@ def one_run(root: Path, records: int, window: int, workdir: Path) -> tuple[float
         got = out.count(b"\n")
         if got != records:
             raise RuntimeError(f"the subscriber got {got} of {records} messages")
-        return float(m.group(2)), wall
+        return float(m.group(2)), wall, cpu
     finally:
         if sub is not None and sub.poll() is None:
             sub.kill()
@@ -128,22 +131,23 @@ def main() -> int:
             say(f"writing {args.records:,} records (QoS {qos}) over {args.topics} topics")
             write_recording(root, args.records, args.topics, qos)
             for window in [int(w) for w in args.window.split(",")]:
-                inner, walls = [], []
+                inner, walls, cpus = [], [], []
                 for run in range(args.runs):
                     work = Path(tmp) / f"run-{qos}-{window}-{run}"
                     work.mkdir()
-                    sec, wall = one_run(root, args.records, window, work)
+                    sec, wall, cpu = one_run(root, args.records, window, work)
                     say(f"QoS {qos}, window {window}, run {run + 1}: {sec:.2f} s "
-                        f"({args.records / sec:,.0f} records/s), process {wall:.2f} s")
+                        f"({args.records / sec:,.0f} records/s), process {wall:.2f} s, CPU {cpu:.2f} s")
                     inner.append(sec)
                     walls.append(wall)
-                sec, wall = statistics.median(inner), statistics.median(walls)
-                rows.append((qos, window, sec, args.records / sec, wall, args.records / wall))
+                    cpus.append(cpu)
+                sec, wall, cpu = statistics.median(inner), statistics.median(walls), statistics.median(cpus)
+                rows.append((qos, window, sec, args.records / sec, wall, cpu))
     print(f"\n{args.records:,} records, {args.topics} topics, median of {args.runs} run(s)\n")
-    print("| QoS | window | replay (first publish to last ack) | records/s | whole process | records/s |")
+    print("| QoS | window | replay (first publish to last ack) | records/s | whole process | its CPU (user+sys) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for qos, window, sec, rate, wall, wrate in rows:
-        print(f"| {qos} | {window} | {sec:.2f} s | {rate:,.0f} | {wall:.2f} s | {wrate:,.0f} |")
+    for qos, window, sec, rate, wall, cpu in rows:
+        print(f"| {qos} | {window} | {sec:.2f} s | {rate:,.0f} | {wall:.2f} s | {cpu:.2f} s |")
     return 0
 
 

@@ -76,7 +76,7 @@ def parse_speed(text: str) -> float | None:
     if s == "max":
         return None
     try:
-        value = float(s[:-1] if s.endswith("x") else s)
+        value = float(s.removesuffix("x"))
     except ValueError:
         raise ValueError(f"speed must be a positive number (1, 10, 0.5) or 'max', got {text!r}") from None
     if not value > 0 or value == float("inf"):
