@@ -358,25 +358,29 @@ class _ReplayProgress:
         self.start = self.clock()
         self.shown = 0.0
         self.done = 0
+        self.ts: int | None = None  # the newest record published
 
-    def __call__(self, done: int, ts: int | None) -> None:
+    def __call__(self, done: int, ts: int | None, force: bool = False) -> None:
         from shardlog.replay import format_progress
 
         self.done = done
+        if ts is not None:
+            self.ts = ts
         now = self.clock()
-        if now - self.shown < 0.1:
+        if now - self.shown < 0.1 and not force:
             return
         self.shown = now
         elapsed = now - self.start
         eta = None
-        if self.speed is not None and ts is not None and self.last_ts is not None:
-            eta = (self.last_ts - ts) / 1e6 / self.speed
+        if self.speed is not None and self.ts is not None and self.last_ts is not None:
+            eta = (self.last_ts - self.ts) / 1e6 / self.speed
         elif self.total and done and elapsed > 0:
             eta = (self.total - done) * elapsed / done
         sys.stderr.write("\r" + format_progress(done, self.total, elapsed, eta) + "\x1b[K")
         sys.stderr.flush()
 
     def end(self) -> None:
+        self(self.done, None, force=True)
         sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -417,7 +421,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         pub.close()
     except replay.ReplayError as exc:
         print(f"shardlog: replay: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return 130 if isinstance(exc, replay.Interrupted) else EX_UNAVAILABLE
     rate = summary.published / summary.seconds if summary.seconds > 0 else 0.0
     where = f" as {rename.new}" if rename is not None else ""
     print(f"replayed {summary.published} records of {args.prefix or 'every topic'!r}{where} to {target} "

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BrokerUnavailable",
+    "Interrupted",
     "Publisher",
     "Rename",
     "ReplayError",
@@ -66,6 +67,10 @@ class ReplayError(Exception):
 
 class BrokerUnavailable(ReplayError):
     """The broker cannot be reached, refused the connection, lost it or stopped acknowledging."""
+
+
+class Interrupted(ReplayError):
+    """Ctrl-C (SIGINT) during a replay; the message says where to resume."""
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -446,12 +451,14 @@ def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: f
             if progress is not None:
                 progress(publisher.published + skipped, ts)
         publisher.drain()
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, KeyboardInterrupt) as exc:
         resume = publisher.oldest_unconfirmed()
         if ts is not None and (resume is None or ts < resume):
             resume = ts
         hint = f"; {publisher.confirmed:,} confirmed; to go on, replay again with --since {resume}" \
             if resume is not None else ""
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted after {publisher.published:,} publishes{hint}") from None
         raise BrokerUnavailable(f"{exc}{hint}") from None
     if publisher.refused:
         raise BrokerUnavailable(f"{broker_name(publisher.broker)} refused {publisher.refused:,} of "

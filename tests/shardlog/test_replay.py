@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -232,7 +233,7 @@ def test_unreachable_broker_and_bad_arguments(tmp_path: Path, capsys: pytest.Cap
     assert cli_main(["replay", str(tmp_path / "missing"), "t", "--broker", url]) == 66
 
 
-def test_lost_broker_mid_replay_says_where_to_resume(tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]) -> None:
+def test_interrupted_or_lost_broker_says_where_to_resume(tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto]) -> None:
     _a, b = brokers
     src = tmp_path / "src"
     write_topic(src, "slow/x", [T0 + k * 500_000 for k in range(20)])  # 10 s at --speed 1
@@ -242,10 +243,19 @@ def test_lost_broker_mid_replay_says_where_to_resume(tmp_path: Path, brokers: tu
     sub.connect("127.0.0.1", b.port)
     sub.subscribe("slow/#", 1)
     sub.loop_start()
+    cmd = [sys.executable, "-m", "shardlog", "replay", str(src), "slow", "--broker", f"mqtt://127.0.0.1:{b.port}"]
     try:
         wait_for(lambda: sub.is_connected(), 10, "the test subscriber to connect")
-        p = subprocess.Popen([sys.executable, "-m", "shardlog", "replay", str(src), "slow", "--broker",
-                              f"mqtt://127.0.0.1:{b.port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Ctrl-C: exit 130, with where to go on
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for(lambda: len(seen) >= 2, 20, "two replayed messages")
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=30)
+        assert p.returncode == 130, err
+        assert b"interrupted after" in err and b"--since " in err and b"Traceback" not in err, err
+        # the broker goes away
+        seen.clear()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for(lambda: len(seen) >= 2, 20, "two replayed messages")
         b.stop()
         _out, err = p.communicate(timeout=30)
