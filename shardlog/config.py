@@ -179,11 +179,29 @@ class SupervisorSettings(Struct, **_STRICT):
     start_jitter: Duration = Duration(0.2)
 
 
+class Control(Struct, **_STRICT):
+    """Control over MQTT and status topics (docs/control.md). Everything is off by default;
+    the supervisor's local HTTP API (``shardlog rotate|rm|mv|stop``) is always on."""
+
+    # accept JSON commands on `topic` (published to the map's broker); replies go to
+    # `reply_topic` (default <topic>/reply) or to a request's MQTT 5 response topic
+    mqtt: bool = False
+    topic: str = "shardlog/control/{host}"  # {host}: supervise --host, else the host name
+    reply_topic: str | None = None
+    token: str | None = None                # if set, a command must carry "token" equal to it
+    # each shard keeps a retained "online"/"offline" (its Last Will) at <status_topic>/<shard>
+    status_topic: str | None = None
+    # the supervisor publishes its /status document (retained) here every supervisor_interval
+    supervisor_topic: str | None = None     # may contain {host}
+    supervisor_interval: PositiveDuration = PositiveDuration(30.0)
+
+
 class ShardMap(Struct, **_STRICT):
     shards: Annotated[list[Shard], Meta(min_length=1)]
     broker: Broker = msgspec.field(default_factory=Broker)
     defaults: Settings = msgspec.field(default_factory=Settings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+    control: Control = msgspec.field(default_factory=Control)
 
     def shard(self, name: str) -> Shard:
         for s in self.shards:
@@ -331,8 +349,22 @@ def _check_broker(b: Broker, where: str, may_embed: bool) -> None:
         raise ConfigError(f"{where}.embedded_port_311: must differ from {where}.port ({b.port})")
 
 
+def _check_control(c: Control) -> None:
+    for key in ("topic", "reply_topic", "status_topic", "supervisor_topic"):
+        value = getattr(c, key)
+        if value is None:
+            continue
+        if value == "" or "+" in value or "#" in value or "\x00" in value:
+            raise ConfigError(f"control.{key}: expected a topic name without wildcards, got {value!r}")
+        if value.startswith("$"):
+            raise ConfigError(f"control.{key}: {value!r} starts with '$' (reserved for the broker)")
+    if c.token == "":
+        c.token = None  # an unset ${SHARDLOG_CONTROL_TOKEN:-}: no token
+
+
 def _check_shards(smap: ShardMap) -> None:
     _check_broker(smap.broker, "broker", True)
+    _check_control(smap.control)
     names: dict[str, int] = {}
     prefixes: dict[str, int] = {}
     hosts = [s.host for s in smap.shards]
