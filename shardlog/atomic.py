@@ -21,6 +21,7 @@ import errno
 import os
 
 _AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _OPEN_FLAGS = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
 
@@ -93,3 +94,18 @@ def _distinct(fd: int, path: str, data: bytes, versions: set[tuple[int, int]]) -
     if any(second < key[0] for second, _ in versions):
         versions.clear()  # an earlier second's versions differ by mtime already
     versions.add(key)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists (even an
+    empty directory, which a plain rename would silently replace). Atomic where
+    ``renameat2(RENAME_NOREPLACE)`` works; elsewhere a check, then ``os.rename``."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)

@@ -71,7 +71,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EX_CONFIG
     recorder = Recorder(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
-                        heartbeat=args.heartbeat)
+                        heartbeat=args.heartbeat, control_path=args.control)
     return recorder.run()
 
 
@@ -82,6 +82,8 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats-file", help="rewrite this JSON stats file every heartbeat")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between stats writes")
     p.add_argument("--parent-pid", type=int, help="stop when this process is no longer the parent")
+    p.add_argument("--control", metavar="PATH", help="accept control commands (rotate, delete, move) on "
+                                                     "a Unix datagram socket created at PATH (the supervisor's)")
     add_log_level(p)
     p.set_defaults(func=_cmd_record)
 

@@ -29,7 +29,9 @@ from paho.mqtt.properties import Properties
 
 from shardlog.client import BufferedClient, StockClient, make_client
 from shardlog.config import Broker, Shard, ShardMap, client_id
+from shardlog.control import topic_filter_matches
 from shardlog.lock import LockBusy, ShardLock
+from shardlog.operations import ControlSocket, Operations
 from shardlog.records import encode_record
 from shardlog.routing import Router, subscription
 from shardlog.stats import Counters, write_stats
@@ -51,7 +53,8 @@ SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 class Recorder:
     def __init__(self, smap: ShardMap, shard: Shard, stats_file: str | None = None,
-                 parent_pid: int | None = None, heartbeat: float = 1.0) -> None:
+                 parent_pid: int | None = None, heartbeat: float = 1.0,
+                 control_path: str | None = None) -> None:
         self.smap = smap
         self.shard = shard
         self.broker: Broker = smap.broker_of(shard)
@@ -75,6 +78,12 @@ class Recorder:
         self.next_retry = 0.0
         self.store: Store | None = None
         self.client: BufferedClient | StockClient | None = None
+        self.control_path = control_path  # the supervisor's control socket for this shard
+        self.ops = Operations(self, None)
+        ctl = smap.control
+        #: never recorded: the control topic (commands may carry a token) and its replies
+        self.unrecorded = [ctl.topic] + ([ctl.reply_topic] if ctl.reply_topic else []) if ctl.mqtt else []
+        self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
 
     # -- setup ----------------------------------------------------------------------
 
@@ -110,6 +119,8 @@ class Recorder:
             client.on_publish_fields = self.on_publish  # the fast path skips building a message
         client.on_subscribe = self.on_subscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
+        if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
+            client.will_set(self.status_topic, "offline", qos=1, retain=True)
         if log.isEnabledFor(logging.DEBUG):
             client.enable_logger(logging.getLogger("paho"))
         return client
@@ -139,6 +150,8 @@ class Recorder:
         log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
                  self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
         self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
+        if self.status_topic:
+            client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
         if (self.router.owner(SYS_DROPPED) != self.shard.name and self.broker.sys_topics
@@ -240,7 +253,7 @@ class Recorder:
         except TopicError as exc:
             return f"topic not storable: {exc}"
         owner = self.router.owner(topic)
-        if owner != self.shard.name:
+        if owner != self.shard.name or any(topic_filter_matches(t, topic) for t in self.unrecorded):
             self.states[raw] = _DISCARD
             return _DISCARD
         assert self.store is not None
@@ -330,6 +343,15 @@ class Recorder:
     def _run_locked(self, root_real: str, branch_root: str) -> int:
         _raise_fd_limit(self.shard.max_open_files + 64)
         compressor = self.open_store(root_real, branch_root)
+        channel = None
+        if self.control_path:
+            try:
+                channel = ControlSocket(self.control_path)
+            except OSError as exc:
+                log.error("cannot open the control socket %s: %s (control commands will fail)",
+                          self.control_path, exc)
+        self.ops = Operations(self, channel)
+        self.ops.clean_leftovers()
         self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -338,6 +360,8 @@ class Recorder:
             self._loop()
             self._shutdown()
         finally:
+            if channel is not None:
+                channel.close()
             if compressor is not None:
                 compressor.stop(timeout=30.0)
             self.store.close()
@@ -387,6 +411,8 @@ class Recorder:
             now = time.monotonic()
             if self._due(now):
                 self.flush()
+            if now >= self.ops.next_poll:
+                self.ops.poll(now)  # control commands, between batches
             if now >= next_tick:
                 next_tick = now + self.heartbeat
                 self._tick(now)
@@ -414,6 +440,8 @@ class Recorder:
                       self.pending)
         self.store.sweep_recent(time.monotonic(), force=True)
         if client.socket() is not None:
+            if self.status_topic and self.connected:
+                client.publish(self.status_topic, "offline", qos=1, retain=True)  # no Will on DISCONNECT
             client.disconnect()  # queued after the PUBACKs; the session stays on the broker
             deadline = time.monotonic() + 5.0
             while client.socket() is not None and time.monotonic() < deadline:

@@ -440,6 +440,32 @@ class Store:
             if force or now_mono - st.recent_at >= self.shard.recent_interval:
                 self._write_recent(st, now_mono)
 
+    def rotate_now(self, st: TopicState, now_us: int) -> bool:
+        """Close and version ``st``'s current segment now (a control command); False if it is
+        empty. Call only when nothing is buffered for it (after a flush)."""
+        if st.fd < 0:
+            self._open_fd(st)
+        if st.size == 0:
+            return False
+        self._rotate(st, now_us)
+        self.open.pop(st, None)
+        self.open[st] = None
+        return True
+
+    def forget(self, st: TopicState) -> None:
+        """Let go of a topic whose directory is being moved or deleted: close its file and
+        drop it from every list (its buffer must be empty: flush first)."""
+        self._close_fd(st)
+        self.stale_recent.discard(st)
+        if st.dirty:  # pragma: no cover - callers flush first and refuse while degraded
+            self.dirty = [d for d in self.dirty if d is not st]
+            st.dirty = False
+
+    def write_recent_now(self, st: TopicState) -> None:
+        """Write a held-back +recent.json now (before its directory moves)."""
+        if st in self.stale_recent:
+            self._write_recent(st, time.monotonic())
+
     def evictable(self, st: TopicState) -> bool:
         return not st.dirty and st.fd < 0 and st not in self.stale_recent
 
@@ -510,6 +536,9 @@ class Compressor:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self.queue: queue.Queue[str | None] = queue.Queue()
+        #: held while one file is compressed; a move or delete takes it so that no
+        #: compression is half done inside the directory it renames
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="compressor", daemon=True)
         self.thread.start()
 
@@ -522,7 +551,8 @@ class Compressor:
             if path is None:
                 return
             try:
-                self.compress(path)
+                with self.lock:
+                    self.compress(path)
                 self.counters.compressed += 1
             except FileNotFoundError:
                 pass
