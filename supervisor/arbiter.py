@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shardlog.config import ConfigError, ShardMap, load_map, shards_for_host
+from shardlog.control import ALL
 from shardlog.stats import Counters, read_stats
 from supervisor import backoff
 from supervisor.broker import EmbeddedBroker
+from supervisor.control import Job, control_path
 from supervisor.process import (
     Child,
     ExitInfo,
@@ -78,6 +80,7 @@ class Intent(enum.Enum):
     REMOVE = "remove"      # gone from the map (SIGHUP)
     REPLACE = "replace"    # changed in the map (SIGHUP): start it again with the new spec
     HUNG = "hung"          # heartbeat timeout: a crash, restarted with backoff
+    OPERATOR = "operator"  # a stop command (shardlog stop SHARD): stays stopped until started
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Arbiter:
         self.pid = os.getpid()
         self.shards: dict[str, ShardRuntime] = {}
         self.signals: deque[int] = deque()
+        self.jobs: deque[Job] = deque()  # stop/start commands from the HTTP or MQTT threads
         self.run_dir = ""
         self.map_copy = self.map_path
         self.generation = 0
@@ -224,6 +228,62 @@ class Arbiter:
                 s.close()
         self._wake_r = self._wake_w = None
 
+    # -- control commands (supervisor.control) -----------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """From another thread: queue a stop/start for the main loop and wake it."""
+        self.jobs.append(job)
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:  # the buffer is full: the loop is awake anyway
+                pass
+
+    def control_path(self, name: str) -> str | None:
+        """The control socket of shard ``name``'s recorder (None if the path would be too long)."""
+        return control_path(self.run_dir, name)
+
+    def handle_job(self, job: Job, now: float) -> None:
+        t = job.target
+        if t.shard == ALL:
+            if t.op == "start":
+                job.finish({"ok": False, "reason": "start: name a shard"})
+                return
+            if self.stopping:
+                job.finish({"ok": True, "note": "already stopping"})
+                return
+            log.info("stop requested by a control command (%s)", job.source)
+            self.begin_shutdown(now)
+            job.finish({"ok": True, "stopping": sorted(self.shards)})
+            return
+        rt = self.shards.get(t.shard)
+        if rt is None:
+            job.finish({"ok": False, "reason": f"no shard named {t.shard!r} here"})
+            return
+        if self.stopping:
+            job.finish({"ok": False, "reason": "the supervisor is stopping"})
+            return
+        if t.op == "stop":
+            if rt.state in PROCESS_STATES and rt.child is not None:
+                if rt.state is ShardState.STOPPING:
+                    job.finish({"ok": True, "shard": rt.name, "note": "already stopping"})
+                    return
+                self.request_stop(rt, Intent.OPERATOR, now)
+                job.finish({"ok": True, "shard": rt.name, "stopping": rt.pid})
+            else:
+                self.request_stop(rt, Intent.OPERATOR, now)  # cancels a pending restart
+                rt.reason = "stopped by a control command"
+                job.finish({"ok": True, "shard": rt.name, "note": f"was not running ({rt.state.value})"})
+            return
+        # start
+        if rt.child is not None:
+            job.finish({"ok": True, "shard": rt.name, "note": f"already {rt.state.value}"})
+            return
+        log.info("shard %s: started by a control command (%s)", rt.name, job.source)
+        self._fresh_start(rt, now)
+        rt.after_reload = False
+        job.finish({"ok": True, "shard": rt.name, "starting": True})
+
     def wait(self, timeout: float) -> None:
         """Sleep until a signal arrives or ``timeout`` passes."""
         if self._wake_r is None:
@@ -263,6 +323,8 @@ class Arbiter:
         now = self.clock.monotonic()
         while self.signals:
             self.handle_signal(self.signals.popleft(), now)
+        while self.jobs:
+            self.handle_job(self.jobs.popleft(), now)
         if self.broker is not None:
             self.broker.step(now, self.clock.time())
         for rt in list(self.shards.values()):
@@ -406,7 +468,8 @@ class Arbiter:
             rt.intent = intent
             rt.next_start = None
             rt.reason = {Intent.SHUTDOWN: "supervisor stopping", Intent.REMOVE: "removed from the map",
-                         Intent.REPLACE: "changed in the map"}.get(intent)
+                         Intent.REPLACE: "changed in the map",
+                         Intent.OPERATOR: "stopped by a control command"}.get(intent)
             log.info("stopping shard %s (pid %d): %s", rt.name, rt.child.pid, rt.reason)
             send(rt.child, signal.SIGTERM)
             send(rt.child, signal.SIGCONT)  # a stopped process must run to see the SIGTERM
@@ -470,13 +533,13 @@ class Arbiter:
         final = read_stats(rt.stats_file)
         if final is not None and final.pid == pid:
             rt.counters = final
-        if self.stopping or intent in (Intent.SHUTDOWN, Intent.REMOVE):
+        if self.stopping or intent in (Intent.SHUTDOWN, Intent.REMOVE, Intent.OPERATOR):
             if rt.state is not ShardState.STOPPING:
                 self._set(rt, Event.STOP)
             self._set(rt, Event.EXITED)
             level = logging.INFO if returncode == 0 else logging.WARNING
             log.log(level, "shard %s (pid %s) stopped: %s", rt.name, pid, info.reason)
-            rt.reason = None
+            rt.reason = "stopped by a control command" if intent is Intent.OPERATOR else None
             if intent is Intent.REMOVE and not self.stopping:
                 self._forget(rt)
             return
@@ -593,7 +656,8 @@ class Arbiter:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        argv = record_argv(self.map_copy, rt.name, rt.stats_file, self.heartbeat, self.pid, self.log_level)
+        argv = record_argv(self.map_copy, rt.name, rt.stats_file, self.heartbeat, self.pid, self.log_level,
+                           self.control_path(rt.name))
         restart = rt.state in (ShardState.BACKOFF, ShardState.FAILED)
         try:
             child = self.spawn(argv, self.env)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 import urllib.error
@@ -15,10 +16,12 @@ from typing import Any
 from shardlog.cli import EX_CONFIG, add_log_level, format_table, load_or_exit, setup_logging
 from supervisor.arbiter import Arbiter
 from supervisor.broker import ports_taken
+from supervisor.control import Controller
+from supervisor.mqtt_control import MqttControl
 from supervisor.http import bind, parse_listen
 from supervisor.metrics import Sampler
 from supervisor.sdnotify import Notifier
-from supervisor.status import StatusDoc, build_status
+from supervisor.status import StatusDoc, build_status, encode
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +48,28 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
     def status() -> StatusDoc:
         return build_status(arbiter.snapshot, sampler.sample, arbiter.clock.monotonic())
 
+    controller = Controller(arbiter)
+
+    def control(op: str, body: bytes, source: str) -> dict[str, Any]:
+        return controller.execute(body, op, source)
+
     try:
-        server = bind(smap.supervisor.listen, status)
+        server = bind(smap.supervisor.listen, status, control=control)
     except (OSError, ValueError) as exc:
         log.error("cannot serve /status on %s: %s", smap.supervisor.listen, exc)
         return EX_UNAVAILABLE
     server.start()
     sampler.start()
     log.info("serving /status and /metrics on http://%s:%d", *server.address)
+    mqtt_control = None
+    if MqttControl.wanted(smap):  # the control section applies when the supervisor (re)starts
+        mqtt_control = MqttControl(smap, args.host or socket.gethostname(), controller,
+                                   lambda: encode(status())).start()
     try:
         return arbiter.run()
     finally:
+        if mqtt_control is not None:
+            mqtt_control.stop()
         sampler.stop()
         server.stop()
 

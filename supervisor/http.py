@@ -1,13 +1,17 @@
-"""The supervisor's HTTP endpoint: ``/status`` (JSON) and ``/metrics`` (Prometheus).
+"""The supervisor's HTTP endpoint: ``/status`` (JSON), ``/metrics`` (Prometheus) and the
+control API (``POST /control/<op>``, docs/control.md).
 
 A stdlib ``ThreadingHTTPServer`` in a daemon thread. Handlers build their answer
 from the last published snapshot and sample (immutable objects read through one
 attribute each); they take no lock and do no file or process I/O, so a scrape
-never waits on, or slows, the main loop or a recorder.
+never waits on, or slows, the main loop or a recorder. A control request waits in its own
+handler thread for the shard that carries it out (supervisor.control).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import socket
 import threading
@@ -21,6 +25,11 @@ from supervisor.metrics import make_registry
 from supervisor.status import StatusDoc, encode
 
 log = logging.getLogger(__name__)
+
+#: (op, JSON body, who asked) -> the reply document
+ControlFn = Callable[[str, bytes, str], dict]
+CONTROL_OPS = ("rotate", "delete", "move", "stop", "start")
+MAX_BODY = 64 * 1024
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -37,9 +46,11 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], handler: type, status: Callable[[], StatusDoc]) -> None:
+    def __init__(self, address: tuple[str, int], handler: type, status: Callable[[], StatusDoc],
+                 control: ControlFn | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.status = status
+        self.control = control
         self.registry = make_registry(status)
         super().__init__(address, handler)
 
@@ -65,6 +76,55 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("error serving %s", path)
             self._send(500, "text/plain; charset=utf-8", b"internal error\n")
 
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        op = path[len("/control/"):] if path.startswith("/control/") else ""
+        if op not in CONTROL_OPS or self.server.control is None:
+            self._drain()
+            self._answer(404, {"ok": False, "reason": f"no such endpoint: POST {path} "
+                                                      f"(try /control/{'|'.join(CONTROL_OPS)})"})
+            return
+        # Only local programs may send commands: never a peer on the network (when listen is
+        # 0.0.0.0 for scraping), and never a web page (a browser sends Origin, and cannot send
+        # application/json to another origin without a preflight that this server refuses).
+        try:
+            loopback = ipaddress.ip_address(self.client_address[0].removeprefix("::ffff:")).is_loopback
+        except ValueError:
+            loopback = False
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if not loopback or self.headers.get("Origin") is not None:
+            self._drain()
+            self._answer(403, {"ok": False, "reason": "control commands are accepted from local programs only"})
+            return
+        if ctype != "application/json":
+            self._drain()
+            self._answer(415, {"ok": False, "reason": "send the command as Content-Type: application/json"})
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit() or int(length) > MAX_BODY:
+            self.close_connection = True
+            self._answer(413 if length and length.isdigit() else 411,
+                         {"ok": False, "reason": f"a JSON body with Content-Length up to {MAX_BODY} bytes"})
+            return
+        body = self.rfile.read(int(length))
+        try:
+            reply = self.server.control(op, body, f"http {self.client_address[0]}")
+        except Exception:
+            log.exception("error serving POST %s", path)
+            self._answer(500, {"ok": False, "reason": "internal error"})
+            return
+        self._answer(200 if reply.get("ok") else 400, reply)
+
+    def _drain(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= MAX_BODY:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+    def _answer(self, code: int, doc: dict) -> None:
+        self._send(code, "application/json", json.dumps(doc).encode() + b"\n")
+
     def _send(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -78,9 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class StatusServer:
-    def __init__(self, listen: str, status: Callable[[], StatusDoc]) -> None:
+    def __init__(self, listen: str, status: Callable[[], StatusDoc], control: ControlFn | None = None) -> None:
         self.listen = listen
-        self.httpd = _Server(parse_listen(listen), _Handler, status)
+        self.httpd = _Server(parse_listen(listen), _Handler, status, control)
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                        name="shardlog-http", daemon=True)
 
@@ -99,11 +159,12 @@ class StatusServer:
         self.thread.join(timeout=5)
 
 
-def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0) -> StatusServer:
+def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0,
+         control: ControlFn | None = None) -> StatusServer:
     """Bind ``listen``, retrying a few times (a previous supervisor may still be exiting)."""
     for attempt in range(1, attempts + 1):
         try:
-            return StatusServer(listen, status)
+            return StatusServer(listen, status, control)
         except OSError as exc:
             if attempt == attempts:
                 raise

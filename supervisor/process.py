@@ -49,10 +49,11 @@ def popen_spawn(argv: list[str], env: dict[str, str]) -> Child:
 
 
 def record_argv(map_path: str, shard: str, stats_file: str, heartbeat: float, parent_pid: int,
-                log_level: str) -> list[str]:
+                log_level: str, control: str | None = None) -> list[str]:
     return [sys.executable, "-m", "shardlog", "record", map_path, "--shard", shard,
             "--stats-file", stats_file, "--heartbeat", f"{heartbeat:g}",
-            "--parent-pid", str(parent_pid), "--log-level", log_level]
+            "--parent-pid", str(parent_pid), "--log-level", log_level,
+            *(["--control", control] if control else [])]
 
 
 def child_env(base: Mapping[str, str]) -> dict[str, str]:
