@@ -288,3 +288,39 @@ def test_host_runs_only_its_shards(tmp_path: Path) -> None:
     assert {c.shard for c in h.spawner.children} == {"a", "c"}
     # the recorders read the whole map (routing needs every prefix), frozen
     assert load_map(h.arb.map_copy).shard("b").host == "web2"
+
+
+def test_a_stop_command_keeps_the_shard_stopped_until_started(tmp_path: Path) -> None:
+    from shardlog.control import ALL, Target
+    from supervisor.control import Job
+
+    h = Harness(tmp_path, [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}])
+    h.start_all()
+    a = h.live("a")
+    assert a.argv[a.argv.index("--control") + 1] == str(tmp_path / "run" / "a.ctl")
+    job = Job(Target("a", "stop", {}), "test")
+    h.arb.submit(job)
+    h.step()
+    assert job.done.is_set() and job.result == {"ok": True, "shard": "a", "stopping": a.pid}
+    assert a.signals == [signal.SIGTERM, signal.SIGCONT] and h.state("a") == "stopping"
+    a.exit(0)
+    h.step()
+    assert h.state("a") == "stopped" and h.arb.shards["a"].reason == "stopped by a control command"
+    for _ in range(60):  # no restart, however long (b keeps beating)
+        h.live("b").beat()
+        h.step(2)
+    assert len(h.spawner.of("a")) == 1 and h.state("a") == "stopped"
+    h.map_path.write_text(h.map_path.read_text())
+    h.arb.signals.append(signal.SIGHUP)  # a reload that leaves it unchanged keeps it stopped
+    h.step(1)
+    assert len(h.spawner.of("a")) == 1
+    job = Job(Target("a", "start", {}), "test")
+    h.arb.submit(job)
+    h.step(1)
+    assert job.result == {"ok": True, "shard": "a", "starting": True}
+    assert len(h.spawner.of("a")) == 2 and h.state("a") == "starting"
+    assert h.arb.shards["a"].restarts == 0 and h.live("b").signals == []
+    job = Job(Target(ALL, "stop", {}), "test")
+    h.arb.submit(job)
+    h.step()
+    assert job.result == {"ok": True, "stopping": ["a", "b"]} and h.arb.stopping
