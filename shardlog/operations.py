@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -91,7 +92,8 @@ class Operations:
     def __init__(self, rec: Recorder, channel: ControlSocket | None) -> None:
         self.rec = rec
         self.channel = channel
-        self.next_poll = 0.0
+        #: when the loop looks at the channel next (never without one)
+        self.next_poll = 0.0 if channel is not None else math.inf
         shard = rec.shard
         self.others = [s.branch for s in rec.smap.shards
                        if s.name != shard.name and rec.smap.broker_of(s) == rec.broker]
@@ -100,9 +102,10 @@ class Operations:
 
     def poll(self, now: float) -> None:
         """Called by the recorder's loop when ``now >= next_poll``."""
-        self.next_poll = now + POLL_INTERVAL
         if self.channel is None:
+            self.next_poll = math.inf
             return
+        self.next_poll = now + POLL_INTERVAL
         for _ in range(8):  # a few per turn; the rest next turn
             got = self.channel.receive()
             if got is None:

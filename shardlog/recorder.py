@@ -393,7 +393,7 @@ class Recorder:
                     next_connect = now + backoff
                     backoff = min(backoff * 2, self.broker.reconnect_max)
             if client.socket() is not None:
-                timeout = 0.1
+                timeout = min(0.1, max(0.0, self.ops.next_poll - now))  # inf without a control socket
                 deadline = self._flush_deadline()
                 if deadline is not None:
                     timeout = max(0.0, min(timeout, deadline - now))
