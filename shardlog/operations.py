@@ -165,8 +165,13 @@ class Operations:
         rec = self.rec
         store = rec.store
         assert store is not None
-        if rec.pending:
-            rec.flush()
+        if rec.pending or store.dirty:
+            if getattr(store, "preparer", None) is not None:
+                # first opens run in a background thread: wait for them, so that every
+                # buffered record is written and nothing is creating directories meanwhile
+                rec.flush(wait=True)  # type: ignore[call-arg]
+            else:
+                rec.flush()
         stuck = [st.topic for st in store.dirty if any(is_under(st.topic, p) for p in prefixes)]
         if stuck:
             raise Refused(f"{len(stuck)} topic(s) there have records the disk refused "
