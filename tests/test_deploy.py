@@ -534,7 +534,7 @@ def test_try_sh_serves_a_root_and_the_history_page(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path), "PATH": f"{Path(NGINX).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen(["bash", str(DEPLOY / "nginx" / "try.sh"), str(port), str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     http = Http(port)
 
     def up() -> bool:
@@ -552,7 +552,7 @@ def test_try_sh_serves_a_root_and_the_history_page(tmp_path: Path) -> None:
         assert status == 200 and h["content-type"].startswith("text/html") and b"app.js" in body
         assert http.get("/+shard.lock")[0] == 404
     finally:
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the foreground process group
         rc = proc.wait(15)
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert rc == 130, err
