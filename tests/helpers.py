@@ -242,7 +242,7 @@ class FastPublisher:
         return data
 
     def _read_acks(self, wait: float) -> None:
-        ready, _, _ = select.select([self.sock], [], [], wait)
+        ready, _, _ = select.select([self.sock], [], [], max(0.0, wait))  # a caller's deadline may have passed
         if not ready:
             return
         chunk = self.sock.recv(1 << 16)
