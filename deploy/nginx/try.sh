@@ -35,6 +35,7 @@ error_log stderr;
 events {}
 http {
     access_log off;
+    log_not_found off;          # the browser's /favicon.ico
     client_body_temp_path $tmp/body;
     proxy_temp_path $tmp/proxy;
     fastcgi_temp_path $tmp/fastcgi;
