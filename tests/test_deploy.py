@@ -5,7 +5,8 @@ systemd as PID 1) are linted with the real tools, and each lint is shown to fail
   command runs against a real supervisor; .dockerignore lets through what it copies;
 - deploy/docker/compose.yaml: the compose-spec JSON schema (check-jsonschema's vendored copy),
   and every file it mounts exists; deploy/docker/mosquitto.conf runs in a real mosquitto and keeps
-  more than mosquitto's default 1000 queued messages across a broker restart;
+  more than mosquitto's default 1000 queued messages across a broker restart, and the compose
+  file's broker health check (mosquitto_sub) passes against it;
 - deploy/k8s/: every manifest against Kubernetes' own OpenAPI schemas, strict (kubernetes-validate,
   which bundles them: no network); the maps in the ConfigMaps load; the probes run for real;
 - deploy/systemd/: `systemd-analyze verify`;
@@ -356,6 +357,18 @@ def queued_session(port: int, client_id: str, expect: int | None = None) -> int:
     return len(got)
 
 
+def check_compose_broker_healthcheck(port: int) -> None:
+    """compose.yaml's health check of the broker, as the container runs it (`$$` is compose's `$`)."""
+    test = yaml.safe_load(COMPOSE.read_text())["services"]["mosquitto"]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "mosquitto_sub"
+    argv = [a.replace("$$", "$") for a in test[1:]]
+    argv[0] = tool("mosquitto_sub", "apt-get install mosquitto-clients; .ci/run installs it")
+    r = run(*argv, "-h", "127.0.0.1", "-p", str(port))
+    assert r.returncode == 0 and r.stdout.strip().endswith("seconds"), r.stdout + r.stderr
+    r = run(*argv, "-h", "127.0.0.1", "-p", str(free_port()))  # no broker there
+    assert r.returncode != 0
+
+
 def test_shipped_mosquitto_conf_keeps_more_than_1000_queued_across_a_restart(tmp_path: Path) -> None:
     if not os.path.exists(MOSQUITTO):
         tool("mosquitto", "apt-get install mosquitto; .ci/run installs it")
@@ -380,6 +393,8 @@ def test_shipped_mosquitto_conf_keeps_more_than_1000_queued_across_a_restart(tmp
                                           stderr=subprocess.PIPE)
                 wait_for(b._accepts, 10, "mosquitto to listen again")
             results[name] = queued_session(b.port, "deploy-recorder", expect=n)
+            if name == "shipped":
+                check_compose_broker_healthcheck(b.port)
         finally:
             b.stop()
     assert results["shipped"] == n, results
