@@ -241,7 +241,8 @@ def test_sighup_adds_removes_changes_and_keeps_unchanged_pids(broker, publisher,
     publisher.publish_many([(f"{t}/x", json.dumps({"i": i}).encode(), 1) for i in range(5) for t in "acd"])
     for t in "acd":
         wait_for(lambda t=t: len(read_records(tmp_path / "data", f"{t}/x")) == 5, 10, f"records of {t}/x")
-    wait_for(lambda: len(json.loads((topic_dir(tmp_path / "data", "c/x") / "+recent.json").read_text())) == 2,
+    recent = topic_dir(tmp_path / "data", "c/x") / "+recent.json"
+    wait_for(lambda: recent.exists() and len(json.loads(recent.read_text())) == 2,
              10, "c's +recent.json to hold 2 records (its new setting)")
     # a bad map is logged and ignored
     m.write_text(m.read_text().replace("prefix: d", "prefix: d/#"))
