@@ -7,6 +7,7 @@ moved tree afterwards), refused commands (they change nothing on disk and say wh
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pty
@@ -216,6 +217,10 @@ def _cli_tty(args: list[str], answer: str) -> tuple[int, str]:
 
 def test_cli_confirms_destructive_commands_and_stops_and_starts_a_shard(broker, publisher, supervisors,
                                                                         tmp_path: Path) -> None:
+    verbs = {ep.name for ep in importlib.metadata.entry_points(group="shardlog.commands")}
+    assert {"rotate", "rm", "mv", "stop", "start"} <= verbs, (
+        "the control verbs are not registered in this environment: re-run "
+        "`pip install --no-deps -e .` in the worktree (pyproject.toml's shardlog.commands changed)")
     root = tmp_path / "data"
     m = make_map(tmp_path / "shards.yaml", broker.port, [
         {"name": "a", "prefix": "a"},
@@ -376,3 +381,79 @@ def test_mqtt_control_with_token_and_status_topics(broker, publisher, supervisor
         assert listen.last("st/rest") == b"online"
     finally:
         listen.close()
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "control.md"
+
+
+def documented_acl() -> str:
+    """The mosquitto ACL block of docs/control.md (the one with ``user operator``)."""
+    blocks = DOCS.read_text().split("```")
+    return next(b for b in blocks[1::2] if "user operator" in b).strip("\n") + "\n"
+
+
+def test_the_documented_mosquitto_acl_lets_only_operators_send_commands(supervisors, tmp_path: Path) -> None:
+    from tests.helpers import MOSQUITTO, Mosquitto
+
+    if not os.path.exists(MOSQUITTO):
+        pytest.skip("needs mosquitto itself (its ACL file is what is tested); .ci/run installs it")
+    bdir = tmp_path / "broker"
+    bdir.mkdir()
+    pw = bdir / "passwd"
+    for i, user in enumerate(("recorder", "operator", "device", "other")):
+        subprocess.run(["mosquitto_passwd", "-b", *([] if i else ["-c"]), str(pw), user, f"{user}-pw"],
+                       check=True, capture_output=True)
+    acl = bdir / "acl"
+    acl.write_text(documented_acl() + "\nuser device\ntopic write a/#\n")
+    # as root, mosquitto would switch to the user mosquitto, who cannot read files in a 0700 tmp dir
+    run_as = "user root\n" if os.geteuid() == 0 else ""
+    broker = Mosquitto(bdir, extra_conf=f"password_file {pw}\nacl_file {acl}\n{run_as}")
+    broker.start()
+    try:
+        root = tmp_path / "data"
+        m = make_map(tmp_path / "shards.yaml", broker.port, [{"name": "a", "prefix": "a"}], root=str(root))
+        doc = yaml.safe_load(m.read_text())
+        doc["broker"].update(username="recorder", password="recorder-pw")
+        doc["control"] = {"mqtt": True, "status_topic": "shardlog/status"}
+        m.write_text(yaml.safe_dump(doc))
+        sup = SupervisorProc(m, tmp_path, extra=["--host", "h1"])
+        supervisors.append(sup)
+        sup.start()   # the recorder may publish its Will: else mosquitto would refuse its connection
+        sup.running("a")
+
+        def client(user: str | None) -> mqtt.Client:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acl-{user}-{os.getpid()}", protocol=mqtt.MQTTv5)
+            if user:
+                c.username_pw_set(user, f"{user}-pw")
+            c.connect("127.0.0.1", broker.port)
+            c.loop_start()
+            return c
+
+        device = client("device")
+        for t in ("a/x", "a/y"):
+            device.publish(t, b'{"i": 1}', qos=1).wait_for_publish(10)
+        wait_for(lambda: read_records(root, "a/x") and read_records(root, "a/y"), 10, "a/x and a/y recorded")
+        listen = Listener.__new__(Listener)  # as the operator: replies and status
+        listen.messages, listen.lock = [], threading.Lock()
+        op = client("operator")
+        op.on_message = listen._on_message
+        got = threading.Event()
+        op.on_subscribe = lambda *a: got.set()
+        op.subscribe([("shardlog/control/h1/reply", 1), ("shardlog/status/#", 1)])
+        assert got.wait(10)
+        wait_for(lambda: listen.last("shardlog/status/a") == b"online", 10, "a's status, readable by anyone")
+        others = [client("other"), client(None), device]
+        for i, c in enumerate(others):  # not operators: the broker drops their commands
+            c.publish("shardlog/control/h1", json.dumps({"id": f"x{i}", "op": "delete", "prefix": "a/y"}),
+                      qos=1).wait_for_publish(10)
+        op.publish("shardlog/control/h1", b'{"id": "op1", "op": "delete", "prefix": "a/x"}', qos=1).wait_for_publish(10)
+        reply = wait_for(lambda: listen.reply("shardlog/control/h1/reply", "op1"), 15, "the operator's reply")[0]
+        assert reply["ok"] and not topic_dir(root, "a/x").exists()
+        assert topic_dir(root, "a/y").exists(), "a command from a non-operator was carried out"
+        assert not any(listen.reply("shardlog/control/h1/reply", f"x{i}") for i in range(3))
+        assert "delete 'a/y'" not in sup.log()
+        for c in [op, *others]:
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        broker.stop()
