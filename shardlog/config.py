@@ -148,6 +148,9 @@ class Settings(Struct, **_STRICT):
     max_open_files: Annotated[int, Meta(ge=8, le=65536)] = 1024
     max_payload: Size = Size(16 * 1024 * 1024)  # larger payloads are quarantined
     lock_wait: Duration = Duration(10.0)
+    # how segments are written (shardlog/formats.py, docs/history.md "Write formats")
+    format: Literal["jsonl", "json", "csv"] = "jsonl"
+    payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
 
 
 class Shard(Settings, **_STRICT):
@@ -386,6 +389,9 @@ def _check_shards(smap: ShardMap) -> None:
                               "(a shard without one would run on every host)")
         if s.broker is not None:
             _check_broker(s.broker, f"{where}.broker", False)
+        if s.payload_only and s.format == "csv":
+            raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
+                              "always holds ts, qos, retain and payload)")
         if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
             raise ConfigError(f"{where}.qos: expected 0 or 1")
 

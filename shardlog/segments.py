@@ -3,6 +3,8 @@
     +log.jsonl                 current segment, append only
     +log.00000041.jsonl        rotated segments: the number only grows, never renamed again
     +log.00000040.jsonl.gz     a rotated segment after compression
+    +log.json, +log.csv, ...   the same in another write format (formats.py); the
+                               numbering is shared by every format of a directory
     +recent.json               the last N records as a JSON array, replaced atomically
 
 Rotation renames the current segment to the next number (like Kafka's segments,
@@ -14,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-CURRENT = "+log.jsonl"
+CURRENT = "+log.jsonl"  # the default format's current segment (formats.CURRENTS: all)
 RECENT = "+recent.json"
 RECENT_TMP = "+recent.json.spare"  # the previous version, kept for atomic swaps
 TOPIC_FILE = "+topic"
@@ -22,11 +24,12 @@ LOCK = "+shard.lock"
 QUARANTINE = "+quarantine.jsonl"
 SEQ_DIGITS = 8
 
-_SEGMENT_RE = re.compile(r"^\+log\.(\d{8,})\.jsonl(\.gz)?$")
+_SEGMENT_RE = re.compile(r"^\+log\.(\d{8,})\.(?:payload\.)?(?:jsonl|json|csv)(\.gz)?$")
 
 
-def segment_name(seq: int, compressed: bool = False) -> str:
-    return f"+log.{seq:0{SEQ_DIGITS}d}.jsonl" + (".gz" if compressed else "")
+def segment_name(seq: int, compressed: bool = False, key: str = "jsonl") -> str:
+    """``key``: the format (formats.KEYS), which is also the extension."""
+    return f"+log.{seq:0{SEQ_DIGITS}d}.{key}" + (".gz" if compressed else "")
 
 
 class Segment(NamedTuple):

@@ -24,13 +24,12 @@ import queue
 import shutil
 import threading
 import time
-import typing
 
-from shardlog import segments
+from shardlog import formats, segments
 from shardlog.atomic import swap_in
 from shardlog.config import Shard
-from shardlog.records import _json_decode, encode_quarantine
-from shardlog.segments import CURRENT, QUARANTINE, RECENT, RECENT_TMP, TOPIC_FILE
+from shardlog.records import decode_record, encode_quarantine
+from shardlog.segments import QUARANTINE, RECENT, RECENT_TMP, TOPIC_FILE
 from shardlog.stats import Counters
 from shardlog.topics import TopicError, is_hashed_name, safe_join, topic_to_relpath
 
@@ -42,6 +41,7 @@ TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
                        errno.EINTR, errno.ESTALE})
 _TAIL_CHUNK = 64 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: positioned writes
 
 
 class TopicState:
@@ -85,6 +85,14 @@ class Store:
         self.max_age = shard.rotate.max_age
         self.degraded_reason: str | None = None
         self._dirs_to_sync: set[str] = set()
+        # the write format (formats.py); jsonl keeps the plain append path below
+        self.fmt = fmt = formats.get(shard.format, shard.payload_only)
+        self.current = fmt.current
+        self._flags = _OPEN_FLAGS if fmt.append else _PWRITE_FLAGS
+        if fmt is not formats.JSONL:
+            self._emit = self._emit_format  # type: ignore[method-assign]
+        if fmt.payload_only:
+            self.add = self._add_payload  # type: ignore[method-assign]
 
     # -- topics -------------------------------------------------------------------
 
@@ -103,6 +111,21 @@ class Store:
         if not st.dirty:
             st.dirty = True
             self.dirty.append(st)
+
+    def _add_payload(self, st: TopicState, line: bytes, mid: int) -> None:
+        """``add`` of a payload-only shard: the JSON payload alone; a payload that is
+        not JSON goes to the quarantine file (never silently dropped)."""
+        item = self.fmt.item(line)
+        if item is not None:
+            Store.add(self, st, item, mid)
+            return
+        try:
+            rec = decode_record(line)
+            ts, qos, retain, payload = rec.ts, rec.qos, rec.retain, rec.payload
+        except Exception:  # noqa: BLE001 - keep the line itself
+            ts, qos, retain, payload = time.time_ns() // 1000, 0, False, line
+        self.quarantine(ts, "payload is not JSON (payload_only shard)", st.topic.encode(), qos,
+                        retain, payload, mid)
 
     def quarantine(self, ts_us: int, reason: str, topic: bytes, qos: int, retain: bool,
                    payload: bytes, mid: int) -> None:
@@ -166,13 +189,13 @@ class Store:
         if segments.should_rotate(st.size, len(data), st.first_ts, now_us, self.max_bytes, self.max_age):
             self._rotate(st, now_us)
         if self.max_bytes is None or st.size + len(data) <= self.max_bytes:
-            self._append(st, data)
+            self._emit(st, lines, data)
         else:  # the batch itself crosses max_bytes: write line by line, rotating between
             chunk: list[bytes] = []
             chunk_len = 0
             for line in lines:
                 if chunk_len and st.size + chunk_len + len(line) > self.max_bytes:
-                    self._append(st, b"".join(chunk))
+                    self._emit(st, chunk, b"".join(chunk))
                     self._rotate(st, now_us)
                     chunk, chunk_len = [], 0
                 elif not chunk_len and segments.should_rotate(st.size, len(line), None, now_us,
@@ -180,7 +203,7 @@ class Store:
                     self._rotate(st, now_us)
                 chunk.append(line)
                 chunk_len += len(line)
-            self._append(st, b"".join(chunk))
+            self._emit(st, chunk, b"".join(chunk))
         if st.first_ts is None:
             st.first_ts = now_us
         c = self.counters
@@ -192,6 +215,35 @@ class Store:
         st.lines = []
         st.mids = []
         st.dirty = False
+
+    def _emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
+        """Write buffered ``lines`` (``data``: them joined). jsonl: ``data`` itself."""
+        self._append(st, data)
+
+    def _emit_format(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
+        """Another format: its bytes for ``lines``, written at the end of the segment (json:
+        over its closing bracket). On failure the segment is put back as it was."""
+        fmt = self.fmt
+        before = st.size
+        offset = before - len(fmt.closer) if before else 0
+        out = fmt.pack(lines, before)
+        view = memoryview(out)
+        pos = offset
+        try:
+            while view:
+                n = os.pwrite(st.fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError:
+            try:
+                os.ftruncate(st.fd, offset)
+                if before and fmt.closer:
+                    os.pwrite(st.fd, fmt.closer, offset)
+            except OSError as exc2:  # pragma: no cover - the disk refuses even that
+                log.error("cannot put %s back after a failed write: %s", st.relpath, exc2)
+                st.loaded = False  # repaired when it is opened again
+            raise
+        st.size = offset + len(out)
 
     def _append(self, st: TopicState, data: bytes) -> None:
         """Append whole lines; on failure cut the file back so no partial line stays."""
@@ -216,15 +268,17 @@ class Store:
         created = not os.path.isdir(st.path)
         if created:
             self._make_dirs(st)
-        path = os.path.join(st.path, CURRENT)
+        path = os.path.join(st.path, self.current)
         try:
-            fd = os.open(path, _OPEN_FLAGS, 0o644)
+            fd = os.open(path, self._flags, 0o644)
         except OSError as exc:
             if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
-                raise TopicError(f"cannot open {CURRENT}: {exc.strerror}") from None
+                raise TopicError(f"cannot open {self.current}: {exc.strerror}") from None
             raise
         st.fd = fd
         st.size = os.fstat(fd).st_size
+        if not created and not st.loaded and st.size == 0:
+            self._retire_other_currents(st)
         self.open[st] = None
         self.counters.topics_open = len(self.open)
         if created and self.fsync:
@@ -251,32 +305,54 @@ class Store:
                     with open(target, "w", encoding="utf-8") as f:
                         f.write("/".join(topic_levels[:depth]))
 
+    def _retire_other_currents(self, st: TopicState) -> None:
+        """The shard's format changed: rotate a current segment of another format away
+        (renamed to the next number, with its own extension), so only one grows."""
+        for name in formats.CURRENTS:
+            if name != self.current and os.path.exists(os.path.join(st.path, name)):
+                rotated = segments.rotated_segments(os.listdir(st.path))
+                seq = rotated[-1].seq + 1 if rotated else 1
+                new = segments.segment_name(seq, key=formats.of_name(name).key)
+                os.rename(os.path.join(st.path, name), os.path.join(st.path, new))
+                log.info("%s: format is now %s: %s rotated to %s", st.relpath, self.fmt.key, name, new)
+                if self.compressor is not None:
+                    self.compressor.submit(os.path.join(st.path, new))
+
     def _load(self, st: TopicState, path: str) -> None:
         """First open of a topic in this process: cut a torn or garbage tail back to
         the last valid record, then fill the recent buffer from the tail."""
         if st.size == 0:
             return
+        fmt = self.fmt
         with open(path, "rb") as f:
-            start, tail, keep = _valid_tail(f, st.size)
+            start, tail, keep = formats.valid_tail(f, st.size, fmt.valid_line, _TAIL_CHUNK)
+            keep, suffix = fmt.finish(tail, keep, start == 0)
             f.seek(0)
-            head = f.readline(4096)
-        if keep < len(tail):
+            head = [f.readline(4096) for _ in range(1 + fmt.extra_lines)]
+        if keep < len(tail) or suffix:
             garbage = tail[keep:]
             os.truncate(path, start + keep)
-            st.size = start + keep
+            if suffix:
+                with open(path, "ab") as f:
+                    f.write(suffix)
+            st.size = start + keep + len(suffix)
+            tail = tail[:keep] + suffix
+            keep = len(tail)
             self.counters.repaired += 1
             log.warning("%s: cut %d bytes of torn or invalid tail back to the last valid record "
                         "(kept in %s)", st.relpath, len(garbage), QUARANTINE)
             self.quarantine(time.time_ns() // 1000, "torn tail of " + st.relpath,
                             st.topic.encode(), 0, False, garbage, 0)
-        if st.size and head.endswith(b"\n") and _valid_record(head):
-            st.first_ts = _json_decode(head)["ts"]
+        if st.size:
+            st.first_ts = fmt.first_ts([h for h in head if h.endswith(b"\n")])
+            if st.first_ts is None and not fmt.has_ts:
+                st.first_ts = int(os.stat(path).st_mtime * 1e6)  # no ts stored: its last write
         n = st.recent.maxlen or 0
         if n:
             lines = tail[:keep].split(b"\n")[:-1]
             if start > 0:
                 lines = lines[1:]  # the first piece may be a partial line
-            recent = [ln + b"\n" for ln in lines[-n:]]
+            recent = list(fmt.items([ln + b"\n" for ln in lines[-n - fmt.extra_lines:]]))[-n:]
             if start == 0 and len(recent) < n:
                 recent = self._previous_tail(st, n - len(recent)) + recent
             st.recent.extend(recent)
@@ -290,6 +366,9 @@ class Store:
             return []
         last = rotated[-1]
         path = os.path.join(st.path, last.name)
+        fmt = formats.of_name(last.name)
+        if fmt.payload_only != self.fmt.payload_only:
+            return []  # the format changed: its records are not what +recent.json holds now
         try:
             if last.compressed:
                 with gzip.open(path, "rb") as f:
@@ -301,18 +380,19 @@ class Store:
                     data = f.read()
         except (OSError, EOFError, gzip.BadGzipFile):
             return []
-        return [ln + b"\n" for ln in data.split(b"\n")[-n - 1:-1] if _valid_record(ln)]
+        lines = [ln + b"\n" for ln in data.split(b"\n")[-n - 1 - fmt.extra_lines:-1]]
+        return list(fmt.items([ln for ln in lines if fmt.valid_line(ln)]))[-n:]
 
     def _rotate(self, st: TopicState, now_us: int) -> None:
         names = os.listdir(st.path)
         rotated = segments.rotated_segments(names)
         seq = rotated[-1].seq + 1 if rotated else 1
-        name = segments.segment_name(seq)
+        name = segments.segment_name(seq, key=self.fmt.key)
         if self.fsync:
             os.fsync(st.fd)
-        os.rename(os.path.join(st.path, CURRENT), os.path.join(st.path, name))
+        os.rename(os.path.join(st.path, self.current), os.path.join(st.path, name))
         os.close(st.fd)
-        st.fd = os.open(os.path.join(st.path, CURRENT), _OPEN_FLAGS, 0o644)
+        st.fd = os.open(os.path.join(st.path, self.current), self._flags, 0o644)
         st.size = 0
         st.first_ts = None
         self.counters.rotations += 1
@@ -331,16 +411,19 @@ class Store:
         if r.max_segments is None and r.max_age is None:
             return
         infos = []
+        names: dict[int, tuple[str, str]] = {}
         for seg in rotated:
+            plain = seg.name[:-3] if seg.compressed else seg.name
+            names[seg.seq] = (plain, plain + ".gz")
             # the compressor may turn name into name.gz at any moment: look for both
-            for name in (segments.segment_name(seg.seq), segments.segment_name(seg.seq, True)):
+            for name in names[seg.seq]:
                 try:
                     infos.append((seg.seq, os.stat(os.path.join(st.path, name)).st_mtime))
                     break
                 except FileNotFoundError:
                     continue
         for seq in segments.segments_to_delete(infos, time.time(), r.max_segments, r.max_age):
-            for name in (segments.segment_name(seq), segments.segment_name(seq, True)):
+            for name in names[seq]:
                 try:
                     os.unlink(os.path.join(st.path, name))
                     self.counters.deleted_segments += 1
@@ -489,42 +572,7 @@ class Store:
             self._close_fd(st)
 
 
-def _valid_tail(f: typing.BinaryIO, size: int) -> tuple[int, bytes, int]:
-    """Read the end of a segment and find where its last valid record ends.
-
-    Returns (offset of ``tail`` in the file, ``tail``, length of ``tail`` to keep).
-    Reads further back (in growing chunks) while the line under test starts before
-    the chunk, so a torn 10 MiB record is found and cut too."""
-    chunk = _TAIL_CHUNK
-    while True:
-        start = max(0, size - chunk)
-        f.seek(start)
-        tail = f.read(size - start)
-        end = len(tail)
-        while end > 0:
-            if tail[end - 1] != 0x0A:  # an unterminated (torn) last line
-                nl = tail.rfind(b"\n", 0, end)
-                if nl < 0 and start > 0:
-                    break
-                end = nl + 1
-                continue
-            begin = tail.rfind(b"\n", 0, end - 1) + 1
-            if begin == 0 and start > 0:
-                break
-            if _valid_record(tail[begin:end]):
-                return start, tail, end
-            end = begin
-        else:
-            return start, tail, 0
-        chunk *= 4
-
-
-def _valid_record(line: bytes) -> bool:
-    try:
-        obj = _json_decode(line)
-    except Exception:  # noqa: BLE001 - any decoder complaint means "not a record"
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("ts"), int) and "payload" in obj
+_valid_record = formats._valid_envelope
 
 
 class Compressor:
