@@ -14,6 +14,10 @@ writes into a recording root. A web app can use it directly::
 Records are ``shardlog.records.Record`` (ts, qos, retain, payload bytes as
 published, value as JSON.parse would see it).
 
+Every write format (shardlog/formats.py: jsonl, json, csv, payload-only) is read:
+each segment's lines are turned into envelope record lines by its format (named by
+the file's extension), so everything below works on envelope lines.
+
 Assumption: within one topic, ``ts`` does not go backwards (it is the recorder's
 reception time); segment skipping in ``read`` relies on it.
 """
@@ -34,8 +38,10 @@ from typing import NamedTuple
 
 import msgspec
 
+from shardlog import formats
+from shardlog.formats import CURRENTS, Format
 from shardlog.records import Record, decode_record
-from shardlog.segments import CURRENT, TOPIC_FILE, parse_segment, rotated_segments
+from shardlog.segments import TOPIC_FILE, parse_segment, rotated_segments
 from shardlog.topics import (
     HashedNameError,
     TopicError,
@@ -131,19 +137,28 @@ def topic_dir(root: str | os.PathLike[str], topic: str) -> str:
 
 
 def _is_topic(names: Iterable[str]) -> bool:
-    return any(n == CURRENT or (n.startswith("+log.") and parse_segment(n)) for n in names)
+    return any(n in CURRENTS or (n.startswith("+log.") and parse_segment(n)) for n in names)
+
+
+def _current_name(names: Iterable[str]) -> str | None:
+    """The current segment's name among directory entries (one format's; None if none)."""
+    have = set(names)
+    return next((c for c in CURRENTS if c in have), None)
+
+
+def _mtime_us(fd: int) -> int:
+    return os.fstat(fd).st_mtime_ns // 1000
 
 
 def segments_of(topic_dir: str) -> list[str]:
     """Paths of a topic's segments, oldest first: rotated ones (plain or ``.gz``), then
-    the current ``+log.jsonl`` if it exists."""
+    the current one (``+log.jsonl``, ``+log.csv``, ...) if it exists."""
     try:
         names = os.listdir(topic_dir)
     except (FileNotFoundError, NotADirectoryError):
         return []
     out = [os.path.join(topic_dir, s.name) for s in rotated_segments(names)]
-    if CURRENT in names:
-        out.append(os.path.join(topic_dir, CURRENT))
+    out.extend(os.path.join(topic_dir, c) for c in CURRENTS if c in names)
     return out
 
 
@@ -214,11 +229,12 @@ def topics(root: str | os.PathLike[str], prefix: str = "", long: bool = False) -
 
 
 def _count_lines(path: str) -> int:
+    """Records in a segment: its lines, less a csv header or json brackets."""
     n = 0
     with _open_segment(path) as f:  # a plain one compressed meanwhile: its .gz
         while chunk := f.read(1024 * 1024):
             n += chunk.count(b"\n")
-    return n
+    return max(0, n - formats.of_name(path).extra_lines)
 
 
 def _ts_of(line: bytes) -> int:
@@ -279,14 +295,16 @@ def _lines_backwards(fd: int, end: int) -> Iterator[bytes]:
 
 
 def _segment_lines_backwards(path: str) -> Iterator[bytes]:
+    """Envelope lines of one segment, newest first."""
+    fmt = formats.of_name(path)
     if path.endswith(".gz"):
         try:
             data = _read_gz(path)
+            mtime = os.stat(path).st_mtime_ns // 1000
         except FileNotFoundError:
             return
         parts = data.split(b"\n")
-        for k in range(len(parts) - 2, -1, -1):
-            yield parts[k] + b"\n"
+        yield from fmt.envelopes((parts[k] + b"\n" for k in range(len(parts) - 2, -1, -1)), mtime)
         return
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -296,7 +314,7 @@ def _segment_lines_backwards(path: str) -> Iterator[bytes]:
             yield from _segment_lines_backwards(path + ".gz")
         return
     try:
-        yield from _lines_backwards(fd, os.fstat(fd).st_size)
+        yield from fmt.envelopes(_lines_backwards(fd, os.fstat(fd).st_size), _mtime_us(fd))
     finally:
         os.close(fd)
 
@@ -307,21 +325,29 @@ def _read_gz(path: str) -> bytes:
     return data
 
 
-def _tail_lines_dir(path: str, n: int, current: tuple[int, int] | None = None) -> list[bytes]:
-    """The last ``n`` complete lines of a topic directory, oldest first. ``current``:
-    an already open (fd, end) of the current segment to use instead of opening it."""
+def _open_current(path: str) -> tuple[int, Format] | None:
+    """An open descriptor of a topic's current segment and its format, or None."""
+    for name in CURRENTS:
+        try:
+            return os.open(os.path.join(path, name), os.O_RDONLY), formats.of_name(name)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _tail_lines_dir(path: str, n: int, current: tuple[int, int, Format] | None = None) -> list[bytes]:
+    """The last ``n`` envelope lines of a topic directory, oldest first. ``current``:
+    an already open (fd, end, format) of the current segment to use instead of opening it."""
     if n <= 0:
         return []
     own_fd = None
     if current is None:
-        try:
-            own_fd = os.open(os.path.join(path, CURRENT), os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-        else:
-            current = (own_fd, os.fstat(own_fd).st_size)
+        opened = _open_current(path)
+        if opened is not None:
+            own_fd, fmt = opened
+            current = (own_fd, os.fstat(own_fd).st_size, fmt)
     try:
-        segs = [s for s in segments_of(path) if os.path.basename(s) != CURRENT]
+        segs = [s for s in segments_of(path) if os.path.basename(s) not in CURRENTS]
         if current is not None and segs and not segs[-1].endswith(".gz"):
             # rotated between our open and our listing: the newest rotated one is our file
             try:
@@ -331,7 +357,8 @@ def _tail_lines_dir(path: str, n: int, current: tuple[int, int] | None = None) -
                 pass
         sources: list[Iterator[bytes]] = []
         if current is not None:
-            sources.append(_lines_backwards(*current))
+            fd, end, fmt = current
+            sources.append(fmt.envelopes(_lines_backwards(fd, end), _mtime_us(fd)))
         sources.extend(_segment_lines_backwards(s) for s in reversed(segs))
         out: list[bytes] = []
         for src in sources:
@@ -360,20 +387,22 @@ def tail(root: str | os.PathLike[str], topic: str, n: int = 6) -> list[Record]:
 
 def _first_ts(path: str) -> int | None:
     """ts of a segment's first record: one line read (a .gz one: only its first blocks)."""
+    fmt = formats.of_name(path)
+    if not fmt.has_ts:
+        return None  # payload-only: no ts stored, never skipped
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
-            line = f.readline(1 << 20)
+            head = [f.readline(1 << 20) for _ in range(1 + fmt.extra_lines)]
     except FileNotFoundError:
         if path.endswith(".gz") or not parse_segment(os.path.basename(path)):
             return None
         return _first_ts(path + ".gz")
     except (OSError, EOFError):
         return None
-    if not line.endswith(b"\n"):
-        return None
+    head = [h for h in head if h.endswith(b"\n")]
     try:
-        return _ts_of(line)
+        return fmt.first_ts(head) if fmt is not formats.JSONL else (_ts_of(head[0]) if head else None)
     except Exception:  # noqa: BLE001 - a damaged first line: do not skip on it
         return None
 
@@ -420,8 +449,9 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
     descriptor, so a rotation during the read does not lose it."""
     names = _safe_listdir(path)
     rotated = rotated_segments(names)
-    cur = os.path.join(path, CURRENT)
-    paths = [os.path.join(path, s.name) for s in rotated] + ([cur] if CURRENT in names else [])
+    cur_name = _current_name(names)
+    cur = os.path.join(path, cur_name or formats.JSONL.current)
+    paths = [os.path.join(path, s.name) for s in rotated] + ([cur] if cur_name else [])
     chosen = set(_segments_in_range(paths, since, until))
     done_seq = -1
     for seg in rotated:
@@ -429,13 +459,17 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
         p = os.path.join(path, seg.name)
         if p in chosen:
             yield from _filter(_segment_file_lines(p, since), since, until)
-    if CURRENT in names and cur not in chosen:
+    if cur_name and cur not in chosen:
         return  # the current segment starts at or after ``until``
     while True:
         try:
             f = open(cur, "rb")
         except FileNotFoundError:
             f = None
+            now = _current_name(_safe_listdir(path))
+            if now is not None and os.path.join(path, now) != cur:  # the format changed
+                cur = os.path.join(path, now)
+                continue
         newer = [s for s in rotated_segments(_safe_listdir(path)) if s.seq > done_seq]
         if newer:  # rotated since we listed: read those first, then the current one again
             if f is not None:
@@ -447,8 +481,9 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
         if f is None:
             return
         with f:
-            _skip_to(f, since)
-            yield from _filter(_lines_forward(f), since, until)
+            fmt = formats.of_name(cur)
+            _skip_to(f, since, fmt)
+            yield from _filter(fmt.envelopes(_lines_forward(f), _mtime_us(f.fileno())), since, until)
         return
 
 
@@ -472,14 +507,17 @@ def _segment_file_lines(path: str, since: int | None = None) -> Iterator[bytes]:
         f = _open_segment(path)
     except FileNotFoundError:
         return  # deleted by retention meanwhile
+    fmt = formats.of_name(path)
     with f:
-        _skip_to(f, since)
-        yield from _lines_forward(f)
+        _skip_to(f, since, fmt)
+        mtime = os.fstat(f.fileno()).st_mtime_ns // 1000 if not fmt.has_ts else 0
+        yield from fmt.envelopes(_lines_forward(f), mtime)
 
 
-def _skip_to(f, since: int | None) -> None:
-    """Position a plain segment near its first record with ``ts >= since``."""
-    if since is None or isinstance(f, gzip.GzipFile):
+def _skip_to(f, since: int | None, fmt: Format = formats.JSONL) -> None:
+    """Position a plain segment near its first record with ``ts >= since`` (formats whose
+    lines start with ``{"ts":``; the others are read from their start)."""
+    if since is None or isinstance(f, gzip.GzipFile) or fmt.key not in ("jsonl", "json"):
         return
     fd = f.fileno()
     f.seek(_seek_since(fd, os.fstat(fd).st_size, since))
@@ -631,7 +669,8 @@ def _complete_end(fd: int, end: int) -> int:
 
 
 class _Follower:
-    """Reads ``+log.jsonl`` of one topic as it grows. When the name points to another
+    """Reads the current segment of one topic as it grows (any format: a json array's
+    closing bracket is never consumed, so an append over it reads on cleanly). When the name points to another
     file (its inode changed) or the file shrank, it drains the old file, reads whole
     any segments rotated in between (several rotations between two polls), then goes
     on with the new current file from its start. ``at_end``: skip what the file holds
@@ -639,7 +678,8 @@ class _Follower:
 
     def __init__(self, path: str, at_end: bool = True) -> None:
         self.dir = path
-        self.file = os.path.join(path, CURRENT)
+        self.file = os.path.join(path, formats.JSONL.current)  # open() finds another format's
+        self.fmt = formats.of_name(self.file)
         self.fd: int | None = None
         self.ino = -1
         self.offset = 0
@@ -648,7 +688,7 @@ class _Follower:
         self.done: int | None = None  # segments after this seq not yet read (after a rotation)
         if at_end and self.open():
             assert self.fd is not None
-            self.offset = _complete_end(self.fd, os.fstat(self.fd).st_size)
+            self.offset = self.settle(_complete_end(self.fd, os.fstat(self.fd).st_size))
         elif at_end:
             self.done = self._newest_seq()
 
@@ -656,11 +696,24 @@ class _Follower:
         rot = rotated_segments(_safe_listdir(self.dir))
         return rot[-1].seq if rot else 0
 
+    def settle(self, offset: int) -> int:
+        """``offset`` moved back before a json array's closing ``]`` line."""
+        if self.fmt.closer and self.fd is not None and offset >= 3 and \
+                _pread(self.fd, 3, offset - 3) == b"\n]\n":
+            return offset - 2
+        return offset
+
     def open(self) -> bool:
-        try:
-            fd = os.open(self.file, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
+        while True:
+            try:
+                fd = os.open(self.file, os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                now = _current_name(_safe_listdir(self.dir))
+                if now is None or os.path.join(self.dir, now) == self.file:
+                    return False
+                self.file = os.path.join(self.dir, now)  # the shard's format changed
+                self.fmt = formats.of_name(now)
         ino = os.fstat(fd).st_ino
         rot = rotated_segments(_safe_listdir(self.dir))
         self.fd, self.ino, self.buf, self.offset = fd, ino, b"", 0
@@ -704,22 +757,29 @@ class _Follower:
                 continue
             out.extend(x + b"\n" for x in data[:j].split(b"\n"))
             self.buf = data[j + 1:]
-        return out
+        if self.fmt.closer and out and out[-1] == b"]\n" and not self.buf:
+            out.pop()  # the closing bracket: the next append overwrites it
+            self.offset -= 2
+        if self.fmt is formats.JSONL:
+            return out
+        return list(self.fmt.envelopes(out, _mtime_us(self.fd)))
 
     def poll(self) -> list[bytes]:
         if self.fd is None:
             return self._reopen()
         lines = self._drain()
         try:
-            st = os.stat(self.file)
+            st: os.stat_result | None = os.stat(self.file)
         except FileNotFoundError:
-            return lines  # rotated, the new one not created yet: keep the old one
-        if st.st_ino == self.ino and st.st_size < self.offset and st.st_size >= self.offset - len(self.buf):
+            if _current_name(_safe_listdir(self.dir)) is None:
+                return lines  # rotated, the new one not created yet: keep the old one
+            st = None  # the format changed: the old current segment was rotated away
+        if st is not None and st.st_ino == self.ino and st.st_size < self.offset and st.st_size >= self.offset - len(self.buf):
             # a torn tail (a crash mid-write) cut back by the restarted recorder
             self.offset -= len(self.buf)
             self.buf = b""
             return lines + self._drain()
-        if st.st_ino != self.ino or st.st_size < self.offset:
+        if st is None or st.st_ino != self.ino or st.st_size < self.offset:
             lines.extend(self._drain())  # the last records written before the rotation
             self.close()
             self.done = self.base + 1  # the number our file got
@@ -778,8 +838,8 @@ def _tail_and_follow(root: str | os.PathLike[str], topic: str, n: int, poll: flo
     if fo.open():
         assert fo.fd is not None
         end = os.fstat(fo.fd).st_size
-        lines = _tail_lines_dir(d, n, current=(fo.fd, end))
-        fo.offset = _complete_end(fo.fd, end)
+        lines = _tail_lines_dir(d, n, current=(fo.fd, end, fo.fmt))
+        fo.offset = fo.settle(_complete_end(fo.fd, end))
     else:
         lines = _tail_lines_dir(d, n)
         fo.done = fo._newest_seq()
