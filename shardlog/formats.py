@@ -74,9 +74,12 @@ def _valid_json(item: bytes) -> bool:
 
 
 def _strip(line: bytes) -> bytes:
-    """An array item line without its ``,\\n`` or ``\\n``."""
+    """An array item line without its ``,\n`` or ``\n`` (or ``,]\n``: a crash one byte
+    into an append, after the comma overwrote the newline before ``]``)."""
     if line.endswith(b",\n"):
         return line[:-2]
+    if line.endswith(b",]\n"):
+        return line[:-3]
     return line[:-1] if line.endswith(b"\n") else line
 
 
@@ -155,9 +158,8 @@ class JsonArray(Format):
     def finish(self, tail: bytes, keep: int, at_start: bool) -> tuple[int, bytes]:
         if keep == 0:
             return 0, b""  # not one whole record: an empty segment (the next write opens it)
-        end = keep - 1  # the last valid item ends before its newline (and its comma)
-        if tail[end - 1:end] == b",":
-            end -= 1
+        begin = tail.rfind(b"\n", 0, keep - 1) + 1
+        end = begin + len(_strip(tail[begin:keep]))  # the last valid item ends here
         if tail[end:] == _CLOSE:
             return len(tail), b""  # intact
         return end, _CLOSE

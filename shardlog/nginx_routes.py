@@ -72,8 +72,8 @@ def order(shards: list[Shard]) -> list[Shard]:
 # The same allow-list as deploy/nginx/shardlog.conf, under another variable name so that the front
 # may share an http {} with a backend on the same machine.
 _PRIVATE_MAP = r'''map $uri $shardlog_front_private {
-    "~/\+(?!(recent\.json|log\.jsonl|log\.[0-9]+\.jsonl(\.gz)?|topic)$)[^/]*$"  1;
-    default                                                                     0;
+    "~/\+(?!(recent\.json|log\.(payload\.)?(jsonl|json|csv)|log\.[0-9]+\.(payload\.)?(jsonl|json|csv)(\.gz)?|topic)$)[^/]*$"  1;
+    default                                                                                                       0;
 }'''
 
 
