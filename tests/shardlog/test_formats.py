@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -225,7 +226,6 @@ def test_nginx_and_apache_serve_every_format() -> None:
     conf = (REPO / "deploy" / "nginx" / "shardlog.conf").read_text()
     assert "text/csv" in conf and "application/x-ndjson" in conf
     from shardlog.nginx_routes import _PRIVATE_MAP
-    import re
     pattern = re.search(r'"~(.*)"\s+1;', _PRIVATE_MAP).group(1)  # type: ignore[union-attr]
     assert pattern in conf
     private = re.compile(pattern)
