@@ -338,6 +338,13 @@ def test_recorded_in_every_format_across_rotation_and_gzip(combo: str, tmp_path:
         assert {r.ts for r in got} <= mtimes and [r.qos for r in got] == [0] * len(sent)
     n = history.export_sqlite(root, "fmt", tmp_path / "out.sqlite")
     assert n == len(sent)
+    from tests.shardlog.test_history import run_cli
+    for verb in (("cat", str(root), "fmt"), ("tail", str(root), "fmt/t", "-n", "1000")):
+        r = run_cli(*verb)
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.splitlines(keepends=True)
+        assert {json.loads(x)["topic"] for x in out} == {"fmt/t"}
+        assert [decode_record(b"{" + x.split(b",", 1)[1]).payload for x in out] == sent
     info = next(history.topics(root, "fmt", long=True))
     assert info.records == len(sent)
     # +recent.json stays a JSON array of the last 5 records (payloads, for payload-only)
@@ -504,3 +511,96 @@ def test_payload_only_store_quarantines_a_non_json_payload(tmp_path: Path) -> No
     assert {(x["ts"], x["qos"], x["retain"], x["reason"]) for x in q} == {
         (T0 + 1, 1, True, "payload is not JSON (payload_only shard)"),
         (T0 + 2, 1, True, "payload is not JSON (payload_only shard)")}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_follower_reads_every_format_across_appends_and_rotation(key: str, tmp_path: Path) -> None:
+    """The follower never consumes a json array's closing bracket, so an append written
+    over it reads on cleanly; a rotation is followed into the new current segment."""
+    fmt = FORMATS[key]
+    d = tmp_path / "f"
+    d.mkdir()
+    cur = d / fmt.current
+    lines = envelope_lines([(1, False, b'{"n":%d}' % i) for i in range(12)])
+    fo = history._Follower(str(d), at_end=False)
+    got: list[bytes] = []
+    states = segment_after_flushes(fmt, [lines[:2], lines[2:3], lines[3:6]])
+    for state, have in zip(states, (2, 3, 6), strict=True):
+        fd = os.open(cur, os.O_WRONLY | os.O_CREAT)  # written in place, like the store's pwrite
+        os.pwrite(fd, state, 0)
+        os.close(fd)
+        got += fo.poll()
+        assert len(got) == have, got
+    os.rename(cur, d / f"+log.00000001.{key}")
+    for state in segment_after_flushes(fmt, [lines[6:9], lines[9:]]):
+        fd = os.open(cur, os.O_WRONLY | os.O_CREAT)
+        os.pwrite(fd, state, 0)
+        os.close(fd)
+        got += fo.poll()
+    fo.close()
+    assert [decode_record(x).payload for x in got] == [b'{"n":%d}' % i for i in range(12)]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_store_rotation_and_retention_in_every_format(key: str, tmp_path: Path) -> None:
+    from shardlog.stats import Counters
+    from shardlog.store import Store
+    fmt = FORMATS[key]
+    fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
+    shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(tmp_path), "format": fmt_name,
+                                   "payload_only": payload_only, "rotate": {"max_bytes": "1KiB"},
+                                   "retention": {"max_segments": 2}}]}).shards[0]
+    counters = Counters()
+    store = Store(shard, str(tmp_path), str(tmp_path), counters)
+    st_ = store.new_state("r")
+    for i in range(200):
+        store.add(st_, encode_record(T0 + i, 1, False, b'{"n":%d,"pad":"%s"}' % (i, b"x" * 30)), 0)
+        if i % 7 == 0:
+            store.flush(T0 + i, float(i))
+    store.flush(T0 + 200, 200.0)
+    store.close()
+    names = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name.startswith("+log"))
+    assert len(names) == 3 and fmt.current in names, names
+    rotated = [n for n in names if n != fmt.current]
+    assert all(n.endswith("." + key) for n in rotated) and counters.deleted_segments == counters.rotations - 2
+    for n in names:
+        check_valid(fmt, (tmp_path / "r" / n).read_bytes())
+    tail = history.tail(tmp_path, "r", 1000)
+    assert [json.loads(r.payload)["n"] for r in tail] == list(range(200 - len(tail), 200))
+
+
+@pytest.mark.parametrize("combo", ["json", "csv", "payload.json"])
+def test_tail_then_follow_a_live_recording_across_rotations(combo: str, tmp_path: Path, broker: Mosquitto,
+                                                            publisher: Publisher,
+                                                            recorders: list[RecorderProc]) -> None:
+    rec = start_recorder(tmp_path, broker, recorders, combo, compress="gzip",
+                         rotate={"max_bytes": "1KiB", "max_age": None})
+    root = tmp_path / "data"
+
+    def msgs(start: int, n: int) -> list[tuple[str, bytes, int]]:
+        return [("live/x", json.dumps({"seq": i, "pad": "x" * 20}).encode(), 1) for i in range(start, start + n)]
+    publisher.publish_many(msgs(0, 20))
+    wait_acked(rec, 20)
+    d = root / "live" / "x"
+    before = len(segment_files(d))
+    stop = threading.Event()
+    seen: list[int] = []
+    gen = history._tail_and_follow(root, "live/x", 5, poll=0.02, stop=stop)
+
+    def consume() -> None:
+        for line in gen:
+            seen.append(json.loads(decode_record(line).payload)["seq"])
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    try:
+        for start in range(20, 120, 20):  # in steps, so following runs across several rotations
+            publisher.publish_many(msgs(start, 20))
+            wait_for(lambda s=start: len(seen) >= s - 15 + 20, 20, f"follow to see records up to {start + 20}")
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+    assert seen == list(range(15, 120))
+    assert len(segment_files(d)) >= before + 3, "no rotation happened while following"
+    assert rec.stop() == 0
