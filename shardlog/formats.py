@@ -179,12 +179,8 @@ class Csv(Format):
     extra_lines = 1
 
     def pack(self, lines: list[bytes], size: int) -> bytes:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\r\n")
-        for line in lines:
-            rec = decode_record(line)
-            w.writerow(csv_row(rec.ts, rec.qos, rec.retain, rec.payload))
-        data = buf.getvalue().encode("utf-8")
+        rows = [_csv_row_of_line(line) for line in lines]
+        data = b"".join(rows)
         return data if size else _CSV_HEADER + data
 
     def valid_line(self, line: bytes) -> bool:
@@ -288,6 +284,33 @@ def csv_row(ts: int, qos: int, retain: bool, payload: bytes) -> list[object]:
     if text is not None and _CONTROL.search(text) is None:
         return [ts, qos, "true" if retain else "false", text, ""]
     return [ts, qos, "true" if retain else "false", base64.b64encode(payload).decode("ascii"), "base64"]
+
+
+def _csv_quote(field: bytes) -> bytes:
+    """RFC 4180 quoting of a field without line breaks (quoted only when needed)."""
+    if b'"' in field or b"," in field:
+        return b'"' + field.replace(b'"', b'""') + b'"'
+    return field
+
+
+def _csv_row_of_line(line: bytes) -> bytes:
+    """The CSV row (CRLF included) of an envelope line. A JSON payload (strict, on one
+    line: valid UTF-8 with no control character but a tab) is cut out of the line as is;
+    the others go through csv_row and the csv module."""
+    if line.startswith(b'{"ts":'):
+        a = line.find(b',"qos":', 6)
+        b = line.find(b',"retain":', a)
+        if a > 0 and b == a + 8:
+            flag = line[b + 10:b + 15]
+            retain = flag == b"true,"
+            rest = b + (15 if retain else 16)
+            if (retain or flag == b"false") and line.startswith(b'"payload":', rest):
+                return b"%s,%c,%s,%s,\r\n" % (line[6:a], line[a + 7], b"true" if retain else b"false",
+                                              _csv_quote(line[rest + 10:line.rindex(b"}")]))
+    rec = decode_record(line)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(csv_row(rec.ts, rec.qos, rec.retain, rec.payload))
+    return buf.getvalue().encode("utf-8")
 
 
 def parse_csv_line(line: bytes) -> tuple[int, int, bool, bytes] | None:
