@@ -616,3 +616,42 @@ def test_tail_then_follow_a_live_recording_across_rotations(combo: str, tmp_path
     assert seen == list(range(15, 120))
     assert len(segment_files(d)) >= before + 3, "no rotation happened while following"
     assert rec.stop() == 0
+
+
+def test_nginx_serves_every_format_with_its_type(tmp_path: Path) -> None:
+    """The shipped NGINX config, for real: segments of every format, current and rotated
+    (plain or gzipped, asked for by their plain name), with their types and caching."""
+    from tests.test_nginx import NGINX, shipped_nginx
+    if NGINX is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/run installs it, so CI runs this)")
+    from shardlog.stats import Counters
+    from shardlog.store import Compressor, Store
+    data = tmp_path / "data"
+    data.mkdir()
+    for key in KEYS:
+        fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
+        shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(data), "format": fmt_name,
+                                       "payload_only": payload_only}]}).shards[0]
+        store = Store(shard, str(data), str(data), Counters())
+        st_ = store.new_state(f"f/{key}")
+        for i in range(3):
+            store.add(st_, encode_record(T0 + i, 1, False, b'{"n":%d}' % i), 0)
+            store.flush(T0 + i, float(i))
+            if i < 2:
+                store._rotate(st_, T0 + i)
+        store.close()
+        Compressor.compress(str(data / "f" / key / f"+log.00000001.{key}"))
+    types = {"jsonl": "application/x-ndjson", "json": "application/json", "csv": "text/csv"}
+    with shipped_nginx(tmp_path, {"root /srv/shardlog/data;": f"root {data};"}) as http:
+        for key in KEYS:
+            want = types[key.rsplit(".", 1)[-1]]
+            for name, cache in ((f"+log.{key}", "no-cache"), (f"+log.00000002.{key}", "immutable"),
+                                (f"+log.00000001.{key}", "immutable")):  # 1: served from its .gz
+                status, h, body = http.get(f"/f/{key}/{name}", headers={"Accept-Encoding": "gzip"})
+                assert status == 200, (name, status)
+                assert h["content-type"].startswith(want) and cache in h["cache-control"], (name, h)
+                if name.startswith("+log.00000001"):
+                    assert h.get("content-encoding") == "gzip", name
+                    body = gzip.decompress(body)
+                check_valid(FORMATS[key], body)
+        assert http.get("/+quarantine.jsonl")[0] == 404
