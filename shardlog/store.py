@@ -235,13 +235,14 @@ class Store:
                 view = view[n:]
                 pos += n
         except OSError:
-            try:
-                os.ftruncate(st.fd, offset)
-                if before and fmt.closer:
-                    os.pwrite(st.fd, fmt.closer, offset)
-            except OSError as exc2:  # pragma: no cover - the disk refuses even that
-                log.error("cannot put %s back after a failed write: %s", st.relpath, exc2)
-                st.loaded = False  # repaired when it is opened again
+            if pos > offset:  # part of it was written: put the segment back as it was
+                try:
+                    os.ftruncate(st.fd, offset)
+                    if before and fmt.closer:
+                        os.pwrite(st.fd, fmt.closer, offset)
+                except OSError as exc2:  # the disk refuses even that
+                    log.error("cannot put %s back after a failed write: %s", st.relpath, exc2)
+                    st.loaded = False  # repaired when it is opened again
             raise
         st.size = offset + len(out)
 
