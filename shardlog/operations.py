@@ -32,7 +32,8 @@ import msgspec
 
 from shardlog.atomic import rename_noreplace
 from shardlog.control import CommandError, check_topic, is_under
-from shardlog.segments import CURRENT, LOCK, QUARANTINE, TOPIC_FILE
+from shardlog.formats import CURRENTS
+from shardlog.segments import LOCK, QUARANTINE, TOPIC_FILE
 from shardlog.store import TopicState
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
 
@@ -231,12 +232,14 @@ class Operations:
             if self.rec.router.owner(topic) != self.rec.shard.name:
                 dirnames[:] = []  # a nested shard's branch
                 continue
-            if CURRENT in filenames:
-                try:
-                    if os.path.getsize(os.path.join(dirpath, CURRENT)) > 0:
-                        out.append(topic)
-                except OSError:
-                    pass
+            for current in CURRENTS:  # any write format's current segment (formats.py)
+                if current in filenames:
+                    try:
+                        if os.path.getsize(os.path.join(dirpath, current)) > 0:
+                            out.append(topic)
+                            break
+                    except OSError:
+                        pass
         return out
 
     @staticmethod

@@ -655,3 +655,32 @@ def test_nginx_serves_every_format_with_its_type(tmp_path: Path) -> None:
                     body = gzip.decompress(body)
                 check_valid(FORMATS[key], body)
         assert http.get("/+quarantine.jsonl")[0] == 404
+
+
+@pytest.mark.parametrize("fmt_name", ["json", "csv"])
+def test_rotate_operation_in_another_format(fmt_name: str, tmp_path: Path) -> None:
+    """The control operation `rotate` finds topics by any format's current segment and
+    versions it under its own extension, a complete file."""
+    import msgspec
+
+    from shardlog.operations import Operations
+    from shardlog.recorder import Recorder
+    smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
+                                  "format": fmt_name}]}, env={})
+    rec = Recorder(smap, smap.shards[0])
+    rec.open_store(*rec._prepare_root())
+    rec.ops = Operations(rec, None)
+    try:
+        for i in range(3):
+            rec.on_publish(b"a/x", b'{"i":%d}' % i, 1, i + 1, False, False)
+        rec.flush()
+        rec.states.clear()  # found on disk, by its +log.<format>
+        r = rec.ops.handle(msgspec.json.encode({"op": "rotate", "prefix": "a"}))
+        assert r["ok"] and r["rotated"] == 1, r
+    finally:
+        assert rec.store is not None
+        rec.store.close()
+    d = tmp_path / "data" / "a" / "x"
+    seg = d / f"+log.00000001.{fmt_name}"
+    check_valid(FORMATS[fmt_name], seg.read_bytes())
+    assert [json.loads(r.payload)["i"] for r in history.tail(tmp_path / "data", "a/x", 10)] == [0, 1, 2]
