@@ -6,6 +6,8 @@
     python bench/throughput.py --quick              # 50k messages, 1 run: a smoke test
     python bench/throughput.py --rss                # shard RSS with 100,000 topics (300k msgs)
     python bench/throughput.py --head               # measure the committed HEAD, not the work tree
+    python bench/throughput.py --qos 0,1 --mode drain,live   # both QoS, both modes, one run
+    python bench/throughput.py --before-src DIR --sides mosquitto_sub,shardlog,shardlog-before
 
 Every measurement gets a fresh broker (/usr/sbin/mosquitto on a free 127.0.0.1 port,
 persistence off, ``max_queued_messages 0``, ``max_inflight_messages 0``). Subscribers:
@@ -119,6 +121,7 @@ class Broker:
             "persistence false\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
+            "queue_qos0_messages true\n"  # so a QoS 0 backlog can be drained too
             "log_dest stderr\n"
             "log_type error\n"
             "connection_messages false\n"
@@ -288,6 +291,7 @@ class Result:
     check: str = ""
     ok: bool = True
     duplicates: int = 0
+    qos: int = 1
 
     @property
     def rate(self) -> float:
@@ -333,7 +337,8 @@ def count_seqs(paths: list[Path], expect: int) -> tuple[int, int, int, bool]:
 class MosquittoSub:
     name = "mosquitto_sub"
 
-    def __init__(self, workdir: Path, protocol: str) -> None:
+    def __init__(self, workdir: Path, protocol: str, qos: int = 1) -> None:
+        self.qos = qos
         self.dir = workdir
         self.out = workdir / "mosquitto_sub.out"
         self.version = "mqttv5" if protocol == "5" else "mqttv311"
@@ -341,7 +346,7 @@ class MosquittoSub:
 
     def _cmd(self, port: int) -> list[str]:
         return [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-V", self.version,
-                "-q", "1", "-v", "-t", "#", "-c", "-i", self.cid]
+                "-q", str(self.qos), "-v", "-t", "#", "-c", "-i", self.cid]
 
     def register(self, port: int) -> None:
         subprocess.run(self._cmd(port) + ["-E"], check=True, timeout=30,
@@ -410,11 +415,13 @@ def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
 VARIANTS: dict[str, dict[str, str]] = {
     "shardlog": {},
     "shardlog-stock": {"SHARDLOG_STOCK_PAHO": "1"},  # stock paho: no read buffer, fast path or batched acks
+    "shardlog-before": {},     # the shard from --before-src (e.g. a checkout of an older commit)
     "shardlog-2": {},          # `shardlog supervise`: two shards, bench/a and bench/b
     "shardlog-2-scraped": {},  # the same, /metrics and /status scraped once a second
 }
 LABELS = {"mosquitto_sub": "`mosquitto_sub -q 1 -v`", "shardlog": "shardlog (1 shard)",
-          "shardlog-stock": "shardlog, stock paho", "shardlog-2": "shardlog supervise, 2 shards",
+          "shardlog-stock": "shardlog, stock paho", "shardlog-before": "shardlog, --before-src",
+          "shardlog-2": "shardlog supervise, 2 shards",
           "shardlog-2-scraped": "2 shards, scraped 1/s"}
 
 
@@ -423,7 +430,8 @@ class Shardlog:
 
     def __init__(self, workdir: Path, protocol: str, src: Path, map_set: list[str],
                  python_args: list[str] | None = None, heartbeat: float = 0.2,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, qos: int = 1) -> None:
+        self.qos = qos
         self.dir = workdir
         self.env = env or {}
         self.root = workdir / "data"
@@ -441,7 +449,7 @@ class Shardlog:
             "broker": {"host": "127.0.0.1", "port": port,
                        "protocol": 5 if self.protocol == "5" else "3.1.1",
                        "client_id_prefix": self.cid_prefix},
-            "defaults": {"root": str(self.root)},
+            "defaults": {"root": str(self.root), "qos": self.qos},
             "shards": [{"name": "all", "prefix": "#"}],
             "supervisor": {"listen": f"127.0.0.1:{free_port()}"},
         }
@@ -496,11 +504,12 @@ class Shardlog:
         s = self.stats()
         if s is None:
             return False, 0, None
-        if s.acked >= n:
+        got = s.acked if self.qos else s.messages  # QoS 0: nothing to acknowledge
+        if got >= n:
             cpu = cpu_split(self.ps)
             self.final = s
-            return True, s.acked, cpu
-        return False, s.acked, None
+            return True, got, cpu
+        return False, got, None
 
     def rss(self) -> int:
         try:
@@ -526,8 +535,9 @@ class Shardlog:
         topics = sum(1 for p in files if p.name == "+log.jsonl")
         lines, distinct, missing, ordered = count_seqs(files, n)
         s = self.final
-        counters = f"messages={s.messages:,} acked={s.acked:,}" if s else "no stats"
-        ok = missing == 0 and s is not None and s.messages >= n and s.acked >= n
+        counters = (f"messages={s.messages:,} acked={s.acked:,} redelivered={s.redelivered:,}"
+                    if s else "no stats")
+        ok = missing == 0 and s is not None and s.messages >= n and (s.acked >= n or not self.qos)
         return ok, (f"{distinct:,} of {n:,} on disk in {topics:,} topics, {lines - distinct:,} duplicates, "
                     f"{'in order' if ordered else 'OUT OF ORDER'} ({counters})"), lines - distinct
 
@@ -622,20 +632,21 @@ class Supervised(Shardlog):
 
 
 def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.Namespace,
-            python_args: list[str] | None = None, keep: bool = False) -> Result:
+            python_args: list[str] | None = None, keep: bool = False, qos: int = 1) -> Result:
     base = Path(tempfile.mkdtemp(prefix=f"shardlog-bench-{side_name}-", dir=args.tmpdir))
     broker = Broker(base)
     side: MosquittoSub | Shardlog
     if side_name == "mosquitto_sub":
-        side = MosquittoSub(base, args.protocol)
+        side = MosquittoSub(base, args.protocol, qos)
     elif side_name.startswith("shardlog-2"):
         side = Supervised(base, args.protocol, args.src, args.map_set, python_args,
-                          scrape=1.0 if side_name.endswith("scraped") else None)
+                          scrape=1.0 if side_name.endswith("scraped") else None, qos=qos)
     else:
-        side = Shardlog(base, args.protocol, args.src, args.map_set, python_args,
-                        env=VARIANTS[side_name])
+        src = args.before_src if side_name == "shardlog-before" else args.src
+        side = Shardlog(base, args.protocol, src, args.map_set, python_args,
+                        env=VARIANTS[side_name], qos=qos)
     n = work.messages
-    tag = f"{mode} run {run}: {side_name}"
+    tag = f"{mode} QoS {qos} run {run}: {side_name}"
     try:
         side.register(broker.port)
         pub_seconds = 0.0
@@ -701,7 +712,7 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
             pub_seconds = pub_result[0] if pub_result else 0.0
         side.stop()
         res = Result(side_name, mode, run, n, t1 - t0, cpu[0] + cpu[1], cpu[1], broker_cpu, pub_seconds,
-                     max(0.0, others / (t1 - t0)), peak, samples)
+                     max(0.0, others / (t1 - t0)), peak, samples, qos=qos)
         res.ok, res.check, res.duplicates = side.verify(n)
         sys_share = 100 * res.cpu_sys / max(res.cpu, 1e-9)
         say(f"{tag}: {res.rate:,.0f} msg/s, {res.cpu_per_m:.1f} CPU s/1M ({sys_share:.0f}% system; "
@@ -733,8 +744,8 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def table(results: list[Result], mode: str) -> str:
-    rows = [r for r in results if r.mode == mode]
+def table(results: list[Result], mode: str, qos: int = 1) -> str:
+    rows = [r for r in results if r.mode == mode and r.qos == qos]
     sides = [s for s in ("mosquitto_sub", *VARIANTS) if any(r.side == s for r in rows)]
     base = _med([r.rate for r in rows if r.side == "mosquitto_sub"])
     out = [("| subscriber | msg/s (median) | min - max | CPU s per 1M msgs | broker CPU s per 1M | "
@@ -745,7 +756,7 @@ def table(results: list[Result], mode: str) -> str:
         rate = _med([r.rate for r in rs])
         ratio = "-" if math.isnan(base) else f"{rate / base:.2f}"
         out.append(
-            f"| {LABELS[s]} "
+            f"| {LABELS[s].replace('-q 1', f'-q {qos}')} "
             f"| {rate:,.0f} | {min(r.rate for r in rs):,.0f} - {max(r.rate for r in rs):,.0f} "
             f"| {_med([r.cpu_per_m for r in rs]):.1f} | {_med([r.broker_cpu_per_m for r in rs]):.1f} "
             f"| {ratio} | {_med([r.pub_rate for r in rs]):,.0f} | {_med([r.others_cores for r in rs]):.2f} |")
@@ -794,6 +805,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sides", default="mosquitto_sub,shardlog",
                    help="subscribers to measure: mosquitto_sub, shardlog, shardlog-stock, "
                         "shardlog-2 (supervise, two shards), shardlog-2-scraped")
+    p.add_argument("--qos", default="1", help="subscription QoS of both sides: 0, 1 or 0,1 (default 1); "
+                   "shardlog gets the map's defaults.qos, mosquitto_sub -q")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
                    help="MQTT version of both subscribers (default 5); the publisher uses 3.1.1")
     p.add_argument("--quick", action="store_true", help="smoke run: 50,000 messages, 1 run")
@@ -801,6 +814,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="memory run: shardlog only, drain, 100,000 topics, 300,000 messages")
     p.add_argument("--src", type=Path, default=REPO, help="directory holding the shardlog package")
     p.add_argument("--head", action="store_true", help="measure the committed HEAD (git archive)")
+    p.add_argument("--before-src", type=Path, default=None,
+                   help="directory holding another shardlog package, measured as side shardlog-before")
     p.add_argument("--set", dest="map_set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a shard-map key, e.g. defaults.batch.max_messages=2000 "
                         "or broker.receive_maximum=5000 (repeatable)")
@@ -814,7 +829,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.messages = a.messages or 300_000
         a.topics = a.topics or 100_000
         a.runs = a.runs or 1
-        a.sides = "shardlog"
+        if a.sides == "mosquitto_sub,shardlog":  # not given: the shard alone
+            a.sides = "shardlog"
         a.mode = "drain"
     if a.quick:
         a.messages = a.messages or 50_000
@@ -837,9 +853,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         if m not in ("drain", "live"):
             raise SystemExit(f"unknown mode {m!r}")
+    qoss = [int(q) for q in args.qos.split(",") if q.strip()]
+    if any(q not in (0, 1) for q in qoss):
+        raise SystemExit("--qos: 0, 1 or 0,1")
     for s in sides:
         if s not in ("mosquitto_sub", *VARIANTS):
             raise SystemExit(f"unknown subscriber {s!r}")
+        if s == "shardlog-before" and args.before_src is None:
+            raise SystemExit("side shardlog-before needs --before-src DIR")
     headdir = None
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, check=False).stdout.strip()
@@ -860,10 +881,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     try:
         for mode in modes:
-            for run in range(1, args.runs + 1):
-                order = sides if run % 2 else list(reversed(sides))
-                for side in order:
-                    results.append(measure(side, mode, run, work, args))
+            for qos in qoss:
+                for run in range(1, args.runs + 1):
+                    order = sides if run % 2 else list(reversed(sides))
+                    for side in order:
+                        results.append(measure(side, mode, run, work, args, qos=qos))
     finally:
         if headdir is not None:
             shutil.rmtree(headdir, ignore_errors=True)
@@ -872,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t_start
     lines = [
         (f"Workload: {args.messages:,} messages, {args.topics:,} topics, {work.payload_avg:.0f}-byte JSON "
-         f"payloads, QoS 1, MQTT {args.protocol} subscribers; medians of {args.runs} run(s) "
+         f"payloads, published at QoS 1, MQTT {args.protocol} subscribers at QoS {args.qos}; "
+         f"medians of {args.runs} run(s) "
          f"(alternating order); shardlog {src_desc}"
          + (f"; map overrides: {', '.join(args.map_set)}" if args.map_set else "") + "."),
         (f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['mosquitto']}, Python {info['python']}, "
@@ -880,10 +903,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for mode in modes:
-        lines += [f"**{mode}**", "", table(results, mode), ""]
+        for qos in qoss:
+            lines += [f"**{mode}, QoS {qos}**", "", table(results, mode, qos), ""]
     if args.rss or any(r.side in VARIANTS for r in results):
         for r in results:
-            lines.append(f"- {r.mode} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
+            lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
                          f"({100 * r.cpu_sys / max(r.cpu, 1e-9):.0f}% system), peak RSS "
                          f"{r.peak_rss / 2**20:.0f} MiB, others {r.others_cores:.2f} cores; {r.check}")
         if args.rss:

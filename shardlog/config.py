@@ -95,7 +95,8 @@ class Broker(Struct, **_STRICT):
     # messages) while a shard is down. 3.1.1 sessions never expire on their own.
     session_expiry: Duration = Duration(7 * 86400)
     # MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send.
-    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 2000
+    # Twice batch.max_messages, so a full batch never waits for the window.
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 10000
     reconnect_max: PositiveDuration = PositiveDuration(30.0)
     # embedded: true makes `shardlog supervise` start a broker itself (iotcore, a Rust
     # MQTT broker installed with pip) as a supervised child on host:port, before the
@@ -129,7 +130,8 @@ class Retention(Struct, **_STRICT):
 
 
 class Batch(Struct, **_STRICT):
-    max_messages: Annotated[int, Meta(ge=1, le=65535)] = 1000
+    # 5000: on a 1,000-topic stream that is ~5 records per write; docs/benchmarks.md
+    max_messages: Annotated[int, Meta(ge=1, le=65535)] = 5000
     max_delay: Duration = Duration(0.02)
 
 

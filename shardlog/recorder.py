@@ -7,6 +7,12 @@ batch is flushed when it holds ``batch.max_messages`` records or its oldest reco
 is ``batch.max_delay`` old. So a SIGKILL can cost duplicates (the broker redelivers
 what was not acknowledged) but never a message.
 
+New topics: a topic's first open (creating its directory and files costs up to
+milliseconds on some file systems) runs in the store's preparer thread. Its records
+wait in memory, unacknowledged, and a later flush (``max_delay`` on) writes them, so
+a burst of new topics does not hold up the topics already known. At most
+``max_waiting`` records wait; past that a flush waits for the preparer.
+
 Exit codes follow sysexits: 0 stopped cleanly, 64 usage, 70 internal error,
 73 the root cannot be created, 75 the branch is locked by another recorder,
 78 configuration error.
@@ -39,6 +45,8 @@ from shardlog.store import Compressor, Store, TopicState
 from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_relpath
 
 log = logging.getLogger(__name__)
+_time_ns = time.time_ns
+MAX_WAITING = 12_000
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 0, 70, 73, 75, 78
 
@@ -69,6 +77,13 @@ class Recorder:
         self.pending = 0                 # records received since the last successful flush
         self.batch_started = 0.0
         self.batch_max = 1 if shard.fsync == "always" else shard.batch.max_messages
+        #: flush by count when pending reaches this: batch_max more than the records that
+        #: wait for their topic's preparation (which a flush cannot write yet)
+        self.flush_at = self.batch_max
+        #: records waiting for the preparer beyond this: the next flush waits for it, so
+        #: memory stays bounded (~1.5 KB a waiting topic) when new topics arrive faster
+        #: than the disk creates them; a burst of up to ~10,000 new topics does not wait
+        self.max_waiting = max(MAX_WAITING, 2 * self.batch_max)
         self.max_delay = shard.batch.max_delay
         self.max_payload = shard.max_payload
         self.max_states = shard.max_open_files * _STATES_PER_FD
@@ -197,6 +212,24 @@ class Recorder:
     def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
         """One received message (the hot path): encode it, buffer it, maybe flush."""
         st = self.states.get(topic)
+        if st.__class__ is TopicState and len(payload) <= self.max_payload:
+            # the common case, straight through (the general path below does the same)
+            ts = _time_ns() // 1000
+            if qos:
+                self.acks.append(mid)
+            else:
+                mid = 0
+            c = self.counters
+            c.last_message_ts = ts
+            if dup:
+                c.redelivered += 1
+            self.store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type, union-attr]
+            self.pending += 1
+            if self.pending == 1:
+                self.batch_started = time.monotonic()
+            if self.pending >= self.flush_at and not self.counters.degraded:
+                self.flush()
+            return
         if st is None:
             st = self._resolve(topic)
         elif st is _BROKER_DROPPED:
@@ -229,7 +262,7 @@ class Recorder:
         self.pending += 1
         if self.pending == 1:
             self.batch_started = time.monotonic()
-        if self.pending >= self.batch_max and not c.degraded:
+        if self.pending >= self.flush_at and not c.degraded:
             self.flush()
 
     def _broker_dropped(self, payload: bytes) -> None:
@@ -266,11 +299,15 @@ class Recorder:
 
     # -- flushing and acknowledging -----------------------------------------------------
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Write the buffered records, then acknowledge what was written. Records of
+        topics still being prepared stay buffered (``wait``: prepare them first)."""
         store = self.store
         assert store is not None
+        if self.pending >= self.max_waiting:
+            wait = True
         now = time.monotonic()
-        held = store.flush(time.time_ns() // 1000, now)
+        held = store.flush(time.time_ns() // 1000, now, wait)
         if held:
             ack = [m for m in self.acks if m not in held]
             self.acks = [m for m in self.acks if m in held]
@@ -279,7 +316,9 @@ class Recorder:
             self.batch_started = now
         else:
             ack, self.acks = self.acks, []
-            self.pending = 0
+            self.pending = store.pending_records() if store.dirty else 0  # QoS 0 ones may wait
+            self.batch_started = now
+        self.flush_at = self.pending + self.batch_max
         if len(self.states) > self.max_states:
             self._trim_states()
         if ack and self.connected and self.client is not None:
@@ -352,6 +391,8 @@ class Recorder:
                           self.control_path, exc)
         self.ops = Operations(self, channel)
         self.ops.clean_leftovers()
+        assert self.store is not None
+        self.store.start_preparer()  # new topics' directories and files: off the hot path
         self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -434,7 +475,7 @@ class Recorder:
         client = self.client
         assert client is not None and self.store is not None
         if self.pending:
-            self.flush()
+            self.flush(wait=True)
         if self.counters.degraded:
             log.error("stopping with %d record(s) not written; the broker keeps them unacknowledged",
                       self.pending)

@@ -23,18 +23,20 @@ _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 _PAYLOAD_KEY = b',"payload":'
+_JSON_RECORD = b'{"ts":%d,"qos":%d,"retain":%s,"payload":%s}\n'
+_RETAIN = (b"false", b"true")  # indexed by retain (a bool or 0/1)
 
 
 def encode_record(ts_us: int, qos: int, retain: bool, payload: bytes) -> bytes:
     """The record line for one message, newline included. Hot path: keep it lean."""
-    head = b'{"ts":%d,"qos":%d,"retain":%s' % (ts_us, qos, b"true" if retain else b"false")
     if payload and b"\n" not in payload and b"\r" not in payload:
         try:
             _json_decode(payload)
         except _DECODE_ERRORS:
             pass
-        else:
-            return b"%s,\"payload\":%s}\n" % (head, payload)
+        else:  # one formatting operation: this is most of the records
+            return _JSON_RECORD % (ts_us, qos, _RETAIN[retain], payload)
+    head = b'{"ts":%d,"qos":%d,"retain":%s' % (ts_us, qos, _RETAIN[retain])
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:

@@ -5,6 +5,9 @@ The store never talks to the network. The recorder hands it record lines per top
 line with one ``write`` per topic and tells which lines could not be written (so
 their messages are not acknowledged). File descriptors are opened lazily and kept
 in a bounded LRU, so any number of topics fits in ``max_open_files`` descriptors.
+With :meth:`Store.start_preparer`, a topic's first open (mkdir, file creation,
+tail repair, the spare of +recent.json) happens in a :class:`Preparer` thread and
+:meth:`Store.flush` holds that topic's lines until it is ready.
 
 Errors: a topic that cannot be stored (its path is too long, a file stands where
 a directory should be, ...) has its records quarantined with the reason. A disk
@@ -24,6 +27,7 @@ import queue
 import shutil
 import threading
 import time
+import typing
 
 from shardlog import formats, segments
 from shardlog.atomic import swap_in
@@ -48,7 +52,7 @@ class TopicState:
     """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
 
     __slots__ = ("topic", "relpath", "path", "lines", "mids", "dirty", "fd", "size",
-                 "first_ts", "recent", "recent_dirty", "recent_at", "recent_versions", "loaded")
+                 "first_ts", "recent", "recent_dirty", "recent_at", "recent_versions", "loaded", "prep")
 
     def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
         self.topic = topic
@@ -65,6 +69,8 @@ class TopicState:
         self.recent_at = -1e18        # monotonic time of the last +recent.json write
         self.recent_versions: set[tuple[int, int]] = set()  # (mtime second, size) this second
         self.loaded = False           # tail repaired and recent loaded (once per state)
+        #: background preparation (Preparer): None, _QUEUED, or its Prepared result
+        self.prep: object = None
 
 
 class Store:
@@ -89,17 +95,27 @@ class Store:
         self.fmt = fmt = formats.get(shard.format, shard.payload_only)
         self.current = fmt.current
         self._flags = _OPEN_FLAGS if fmt.append else _PWRITE_FLAGS
+        self._plain = fmt is formats.JSONL
         if fmt is not formats.JSONL:
             self._emit = self._emit_format  # type: ignore[method-assign]
         if fmt.payload_only:
             self.add = self._add_payload  # type: ignore[method-assign]
+        self.preparer: Preparer | None = None
+
+    def start_preparer(self, threads: int = 1) -> None:
+        """From now on, a topic's first open in this process (directory creation, file
+        creation, tail repair: up to milliseconds) happens in background threads, and
+        its records wait in memory, unacknowledged, until a later flush writes them."""
+        if self.preparer is None:
+            self.preparer = Preparer(self, threads)
 
     # -- topics -------------------------------------------------------------------
 
     def new_state(self, topic: str) -> TopicState:
         """State for a topic; raises TopicError if it cannot be stored."""
         relpath = topic_to_relpath(topic)
-        path = safe_join(self.root, relpath)
+        # resolved on disk (symlinks) before its first open: _check_path, off the hot path
+        path = safe_join(self.root, relpath, resolve=False)
         if len(os.fsencode(path)) + 32 > 4095:
             raise TopicError("path too long for the file system")
         return TopicState(topic, relpath, path, self.shard.recent)
@@ -146,14 +162,23 @@ class Store:
 
     # -- flushing -----------------------------------------------------------------
 
-    def flush(self, now_us: int, now_mono: float) -> set[int]:
+    def flush(self, now_us: int, now_mono: float, wait: bool = False) -> set[int]:
         """Write every buffered line. Returns the message ids that could NOT be
-        written (they stay buffered; do not acknowledge them)."""
+        written (they stay buffered; do not acknowledge them): those the disk refused,
+        and those of topics the preparer has not prepared yet (unless ``wait``)."""
         held: set[int] = set()
         dirty, self.dirty = self.dirty, []
         problem: str | None = None
         written: list[TopicState] = []
+        preparer = self.preparer
+        if wait and preparer is not None:
+            preparer.wait_idle()
         for st in dirty:
+            if (preparer is not None and (st.prep is not None or (not st.loaded and st.fd < 0))
+                    and self._waits(st, preparer, wait)):
+                held.update(st.mids)
+                self.dirty.append(st)
+                continue
             try:
                 self._write(st, now_us)
             except TopicError as exc:
@@ -181,15 +206,50 @@ class Store:
         self._set_degraded(problem)
         return held
 
+    def _waits(self, st: TopicState, preparer: Preparer, wait: bool) -> bool:
+        """Must this never-opened topic wait for the preparer? Submits it if new;
+        applies a finished preparation (then the caller writes it)."""
+        prep = st.prep
+        if prep is None:
+            if wait:
+                return False  # prepared here, synchronously
+            st.prep = _QUEUED
+            preparer.submit(st)
+            return True
+        if prep is _QUEUED:
+            return True
+        st.prep = None
+        assert isinstance(prep, Prepared)
+        if prep.created and self.fsync:
+            self._dirs_to_sync.add(st.path)
+        if prep.torn is not None:
+            self._quarantine_torn(st, prep.torn)
+        # a failed preparation (st.loaded still False): _write retries it here, and
+        # reports its error as any first open does
+        return False
+
     def _write(self, st: TopicState, now_us: int) -> None:
         if st.fd < 0:
             self._open_fd(st)
         lines = st.lines
         data = b"".join(lines) if len(lines) > 1 else lines[0]
-        if segments.should_rotate(st.size, len(data), st.first_ts, now_us, self.max_bytes, self.max_age):
+        size = st.size
+        n = len(data)
+        if size and segments.should_rotate(size, n, st.first_ts, now_us, self.max_bytes, self.max_age):
             self._rotate(st, now_us)
-        if self.max_bytes is None or st.size + len(data) <= self.max_bytes:
-            self._emit(st, lines, data)
+            size = st.size
+        if self.max_bytes is None or size + n <= self.max_bytes:
+            if self._plain:  # jsonl: one append, without _append's bookkeeping
+                try:
+                    done = os.write(st.fd, data)
+                except OSError:
+                    done = 0
+                if done == n:  # nearly always
+                    st.size = size + n
+                else:  # a short or failed write: go on (or fail and cut back) the careful way
+                    self._append_rest(st, data, size, done)
+            else:
+                self._emit(st, lines, data)
         else:  # the batch itself crosses max_bytes: write line by line, rotating between
             chunk: list[bytes] = []
             chunk_len = 0
@@ -248,9 +308,13 @@ class Store:
 
     def _append(self, st: TopicState, data: bytes) -> None:
         """Append whole lines; on failure cut the file back so no partial line stays."""
-        before = st.size
-        view = memoryview(data)
+        self._append_rest(st, data, st.size, 0)
+
+    def _append_rest(self, st: TopicState, data: bytes, before: int, done: int) -> None:
+        """Append ``data[done:]`` (the first ``done`` bytes are in); on failure cut the
+        file back to ``before``, so no partial line stays."""
         try:
+            view = memoryview(data)[done:]
             while view:
                 n = os.write(st.fd, view)
                 view = view[n:]
@@ -266,6 +330,8 @@ class Store:
     def _open_fd(self, st: TopicState) -> None:
         if len(self.open) >= self.shard.max_open_files:
             self._evict_fds(max(1, self.shard.max_open_files // 8))
+        if not st.loaded:  # the first open in this process: nothing on disk may lead out
+            safe_join(self.root, st.relpath)
         created = not os.path.isdir(st.path)
         if created:
             self._make_dirs(st)
@@ -285,8 +351,10 @@ class Store:
         if created and self.fsync:
             self._dirs_to_sync.add(st.path)
         if not st.loaded:
-            self._load(st, path)
+            torn = self._load(st, path)
             st.loaded = True
+            if torn is not None:
+                self._quarantine_torn(st, torn)
 
     def _make_dirs(self, st: TopicState) -> None:
         try:
@@ -319,12 +387,22 @@ class Store:
                 if self.compressor is not None:
                     self.compressor.submit(os.path.join(st.path, new))
 
-    def _load(self, st: TopicState, path: str) -> None:
+    def _quarantine_torn(self, st: TopicState, garbage: bytes) -> None:
+        self.counters.repaired += 1
+        log.warning("%s: cut %d bytes of torn or invalid tail back to the last valid record "
+                    "(kept in %s)", st.relpath, len(garbage), QUARANTINE)
+        self.quarantine(time.time_ns() // 1000, "torn tail of " + st.relpath,
+                        st.topic.encode(), 0, False, garbage, 0)
+
+    def _load(self, st: TopicState, path: str) -> bytes | None:
         """First open of a topic in this process: cut a torn or garbage tail back to
-        the last valid record, then fill the recent buffer from the tail."""
+        the last valid record, then fill the recent buffer from the tail. Returns the
+        bytes cut off (for the quarantine), if any. Touches only ``st`` and the disk,
+        so the preparer may run it in its thread."""
         if st.size == 0:
-            return
+            return None
         fmt = self.fmt
+        garbage = None
         with open(path, "rb") as f:
             start, tail, keep = formats.valid_tail(f, st.size, fmt.valid_line, _TAIL_CHUNK)
             keep, suffix = fmt.finish(tail, keep, start == 0)
@@ -339,11 +417,6 @@ class Store:
             st.size = start + keep + len(suffix)
             tail = tail[:keep] + suffix
             keep = len(tail)
-            self.counters.repaired += 1
-            log.warning("%s: cut %d bytes of torn or invalid tail back to the last valid record "
-                        "(kept in %s)", st.relpath, len(garbage), QUARANTINE)
-            self.quarantine(time.time_ns() // 1000, "torn tail of " + st.relpath,
-                            st.topic.encode(), 0, False, garbage, 0)
         if st.size:
             st.first_ts = fmt.first_ts([h for h in head if h.endswith(b"\n")])
             if st.first_ts is None and not fmt.has_ts:
@@ -357,6 +430,7 @@ class Store:
             if start == 0 and len(recent) < n:
                 recent = self._previous_tail(st, n - len(recent)) + recent
             st.recent.extend(recent)
+        return garbage
 
     def _previous_tail(self, st: TopicState, n: int) -> list[bytes]:
         try:
@@ -568,12 +642,115 @@ class Store:
         self.counters.topics_open = len(self.open)
 
     def close(self) -> None:
+        if self.preparer is not None:
+            self.preparer.stop()
+            self.preparer = None
         self.sweep_recent(time.monotonic(), force=True)
         for st in list(self.open):
             self._close_fd(st)
 
 
 _valid_record = formats._valid_envelope
+
+
+_QUEUED = object()  # TopicState.prep while the preparer has it
+
+
+class Prepared(typing.NamedTuple):
+    created: bool         # the directory was created (fsync it, if the shard fsyncs)
+    torn: bytes | None    # a torn tail cut off the segment, for the quarantine
+    error: BaseException | None
+
+
+class Preparer:
+    """Prepares topics for their first write in background threads: creates the
+    directory and the current segment (on some file systems a millisecond each),
+    repairs a torn tail and loads the recent records. The recording thread then
+    opens the existing file, cheaply. A thread touches only the state it was given
+    (never while the recording thread does) and the disk; it sets ``st.prep`` last."""
+
+    def __init__(self, store: Store, threads: int = 1) -> None:
+        self.store = store
+        self.queue: queue.Queue[TopicState | None] = queue.Queue()
+        self.threads = [threading.Thread(target=self._run, name=f"preparer-{i}", daemon=True)
+                        for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, st: TopicState) -> None:
+        self.queue.put(st)
+
+    def _run(self) -> None:
+        while True:
+            st = self.queue.get()
+            try:
+                if st is None:
+                    return
+                st.prep = self.prepare(st)
+            finally:
+                self.queue.task_done()
+
+    def prepare(self, st: TopicState) -> Prepared:
+        store = self.store
+        try:
+            safe_join(store.root, st.relpath)
+            created = not os.path.isdir(st.path)
+            if created:
+                store._make_dirs(st)
+            path = os.path.join(st.path, store.current)
+            # jsonl: create the segment here (an empty JSON Lines file is valid); other
+            # formats: only if it exists (an empty +log.json is not JSON), the recording
+            # thread creates it together with its first records
+            flags = store._flags if store._plain else store._flags & ~os.O_CREAT
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileNotFoundError:
+                if store._plain:
+                    raise
+                st.size = 0
+            else:
+                try:
+                    st.size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+            if not created and st.size == 0:
+                store._retire_other_currents(st)  # as _open_fd does
+            torn = store._load(st, path)
+        except Exception as exc:  # noqa: BLE001 - reported by the recording thread's own open
+            return Prepared(False, None, exc)
+        if st.recent.maxlen:
+            self._recent_files(st)
+        st.loaded = True
+        return Prepared(created, torn, None)
+
+    @staticmethod
+    def _recent_files(st: TopicState) -> None:
+        """Create the spare of +recent.json if missing, so the recording thread's first
+        rewrite creates no inode; and, for a topic with records on disk, +recent.json
+        itself if missing (never an empty one: readers expect the last records)."""
+        recent = os.path.join(st.path, RECENT)
+        spare = os.path.join(st.path, RECENT_TMP)
+        try:
+            if st.recent:
+                body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
+                for _ in range(2):  # the first swap may only create +recent.json
+                    if os.path.exists(spare) and os.path.exists(recent):
+                        return
+                    swap_in(recent, spare, body)
+            elif not os.path.exists(spare):
+                os.close(os.open(spare, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644))
+        except OSError:
+            pass  # the recording thread's rewrite reports it
+
+    def wait_idle(self) -> None:
+        """Until every submitted topic is prepared."""
+        self.queue.join()
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(30)
 
 
 class Compressor:

@@ -278,7 +278,7 @@ def topic_from_bytes(raw: bytes) -> str:
     return topic
 
 
-def safe_join(root_real: str, relpath: str) -> str:
+def safe_join(root_real: str, relpath: str, resolve: bool = True) -> str:
     """Join ``relpath`` to ``root_real``, refusing anything that could escape it.
 
     ``root_real`` must be an absolute, already resolved path
@@ -286,6 +286,8 @@ def safe_join(root_real: str, relpath: str) -> str:
     component that is empty, ``.`` or ``..``; then checks that the joined
     path, with symlinks on disk resolved, is ``root_real`` or below it.
     Returns the joined, unresolved path.  Raises ``PathEscapeError``.
+    ``resolve=False`` skips the check on disk (no system calls): for a path that is
+    checked again, resolved, right before it is first used.
     """
     if not os.path.isabs(root_real):
         raise PathEscapeError(f"root is not an absolute path: {root_real!r}")
@@ -301,6 +303,8 @@ def safe_join(root_real: str, relpath: str) -> str:
         if part in ("", ".", ".."):
             raise PathEscapeError(f"path has an empty, '.' or '..' component: {relpath!r}")
     joined = os.path.join(root_real, relpath)
+    if not resolve:
+        return joined
     real = os.path.realpath(joined)
     root = root_real.rstrip(os.sep) or os.sep
     if real != root and not real.startswith(root if root == os.sep else root + os.sep):

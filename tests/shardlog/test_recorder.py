@@ -318,3 +318,25 @@ def test_disk_full_degrades_and_resumes_without_loss(tmp_path: Path, broker: Mos
                 rp.proc.kill()
                 rp.proc.wait(10)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_records_waiting_for_new_topics_are_bounded(tmp_path: Path) -> None:
+    """New topics' records wait (unacknowledged) for the preparer thread; past
+    max_waiting the next flush waits for it, so memory stays bounded."""
+    smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data"),
+                                  "batch": {"max_messages": 10}}]}, env={})
+    rec = Recorder(smap, smap.shards[0])
+    rec.open_store(*rec._prepare_root())
+    assert rec.store is not None
+    rec.store.start_preparer()
+    rec.max_waiting = 50
+    try:
+        for i in range(49):
+            rec.on_publish(b"new/%d" % i, b'{"i": %d}' % i, 1, i + 1, False, False)
+        assert rec.pending >= 10  # flushed by count, but the last ten at least were held
+        rec.on_publish(b"new/49", b'{"i": 49}', 1, 50, False, False)  # the 50th: this flush waits
+        assert rec.pending == 0 and rec.acks == [] and rec.counters.messages == 50
+        for i in range(50):
+            assert (tmp_path / "data" / "new" / str(i) / "+log.jsonl").read_bytes().count(b"\n") == 1
+    finally:
+        rec.store.close()

@@ -258,3 +258,58 @@ def test_fsync_modes_write_everything(tmp_path: Path, mode: str) -> None:
     written = put(store, states, "a/b", 50) + put(store, states, "a/b", 1, start=50)
     assert store.flush(T0, 0.0) == set()
     assert read_all(tmp_path / "a" / "b") == written and c.rotations > 0 and not c.degraded
+
+
+def test_preparer_holds_new_topics_until_prepared_and_keeps_order(tmp_path: Path) -> None:
+    """New topics are prepared in a background thread: their records wait (their ids
+    are held, so not acknowledged) while a known topic's records are written at once."""
+    store, c = make(tmp_path)
+    store.start_preparer()
+    states: dict[str, TopicState] = {}
+    old = put(store, states, "old", 3)
+    assert store.flush(T0, 0.0, wait=True) == set()  # wait: prepared in the flush
+    old += put(store, states, "old", 2, start=3)
+    new = {f"new/{i}": put(store, states, f"new/{i}", 2, start=10 * i + 100) for i in range(50)}
+    held = store.flush(T0, 1.0)
+    assert held == {i + 1 for i in range(100, 600) if i % 10 < 2}  # every new topic's ids
+    assert (tmp_path / "old" / "+log.jsonl").read_bytes().splitlines(keepends=True) == old
+    for i in range(50):  # more records while they wait: appended after the first ones
+        new[f"new/{i}"] += put(store, states, f"new/{i}", 1, start=10 * i + 102)
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    d = tmp_path / "new" / "0"
+    # prepared: the spare exists (the first rewrite creates no inode), +recent.json not yet:
+    # readers never see an empty one
+    assert (d / "+recent.json.spare").exists() and not (d / "+recent.json").exists()
+    assert store.flush(T0, 2.0) == set()
+    for topic, lines in new.items():
+        assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
+    assert json.loads((d / "+recent.json").read_bytes())[-1]["payload"]["i"] == 102
+    assert c.messages == 5 + 150 and not store.dirty
+    store.close()
+
+
+def test_preparer_repairs_and_quarantines_as_the_sync_path_does(tmp_path: Path) -> None:
+    store, _ = make(tmp_path)
+    good = put(store, {}, "t", 5)
+    store.flush(T0, 0.0)
+    store.close()
+    log = tmp_path / "t" / "+log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"ts":1,"qos":1,"retain":false,"payload":{"torn\x00\n{"ts":2,"q')
+    (tmp_path / "afile").write_text("a file where a directory should be")
+    store2, c = make(tmp_path)
+    store2.start_preparer()
+    states: dict[str, TopicState] = {}
+    more = put(store2, states, "t", 2, start=5)
+    put(store2, states, "afile/x", 2, start=7)
+    held = store2.flush(T0, 0.0)
+    assert held == {6, 7, 8, 9}
+    assert store2.preparer is not None
+    store2.preparer.wait_idle()
+    assert store2.flush(T0, 1.0) == set()  # quarantined records count as written
+    assert log.read_bytes().splitlines(keepends=True) == good + more
+    assert c.repaired == 1 and c.quarantined == 3 and c.messages == 2
+    q = [json.loads(x) for x in (tmp_path / "+quarantine.jsonl").read_bytes().splitlines()]
+    assert sorted(r["reason"].split(" ")[0] for r in q) == ["cannot", "cannot", "torn"]
+    store2.close()
