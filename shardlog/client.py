@@ -35,11 +35,15 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+
+if TYPE_CHECKING:
+    from shardlog.config import Broker
 
 log = logging.getLogger(__name__)
 
@@ -237,3 +241,13 @@ def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
                     getattr(mqtt, "__version__", "?"))
         return StockClient(*args, **kwargs)
     return client
+
+
+def apply_credentials(client: mqtt.Client, broker: Broker) -> None:
+    """Username/password and TLS from a map's ``broker`` section (recorder, replay, supervisor)."""
+    if broker.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls is not None:
+        client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file, keyfile=broker.tls.key_file,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(broker.tls.insecure)

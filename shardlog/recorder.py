@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import signal
-import ssl
 import time
 from types import FrameType
 
@@ -33,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shardlog.client import BufferedClient, StockClient, make_client
+from shardlog.client import BufferedClient, StockClient, apply_credentials, make_client
 from shardlog.config import Broker, Shard, ShardMap, client_id
 from shardlog.control import topic_filter_matches
 from shardlog.lock import LockBusy, ShardLock
@@ -121,12 +120,7 @@ class Recorder:
         else:
             client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
                                  protocol=mqtt.MQTTv311, manual_ack=True)
-        if b.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
-            client.username_pw_set(b.username, b.password)
-        if b.tls is not None:
-            client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(b.tls.insecure)
+        apply_credentials(client, b)
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_message = self.on_message

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from shardlog.client import apply_credentials
 from shardlog.config import Broker
 from shardlog.records import Record
 from shardlog.topics import TopicError, topic_from_bytes
@@ -258,12 +258,7 @@ class Publisher:
         # unacknowledged message on each PUBACK (O(window) per ack)
         c.max_inflight_messages_set(0)
         c.max_queued_messages_set(0)
-        if broker.username:
-            c.username_pw_set(broker.username, broker.password)
-        if broker.tls is not None:
-            c.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file, keyfile=broker.tls.key_file,
-                      cert_reqs=ssl.CERT_REQUIRED)
-            c.tls_insecure_set(broker.tls.insecure)
+        apply_credentials(c, broker)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish

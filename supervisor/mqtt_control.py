@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from shardlog.client import apply_credentials
 from shardlog.config import ShardMap
 from shardlog.control import control_topics
 from supervisor.control import Controller, _loose_id
@@ -51,12 +51,7 @@ class MqttControl:
         cid = f"{b.client_id_prefix}supervisor-{host}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
                                   protocol=mqtt.MQTTv5 if b.mqtt5 else mqtt.MQTTv311)
-        if b.username:
-            self.client.username_pw_set(b.username, b.password)
-        if b.tls is not None:
-            self.client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED)
-            self.client.tls_insecure_set(b.tls.insecure)
+        apply_credentials(self.client, b)
         self.client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
