@@ -19,6 +19,7 @@ from tests.helpers import (  # noqa: F401 - re-exported for older imports
     wait_for,
     write_map,
 )
+from tests.supervisor.helpers import SupervisorProc
 
 
 @pytest.fixture
@@ -48,3 +49,12 @@ def recorders() -> Iterator[list[RecorderProc]]:
         if r.proc is not None and r.proc.poll() is None:
             r.proc.kill()
             r.proc.wait(10)
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[SupervisorProc]]:
+    """``shardlog supervise`` processes a test started; each is killed with its children."""
+    started: list[SupervisorProc] = []
+    yield started
+    for s in started:
+        s.kill_all()

@@ -202,14 +202,6 @@ def daemonset_readiness_argv(status_url: str) -> list[str]:
     return [sys.executable, *argv[1:-1], argv[-1].replace("http://127.0.0.1:8470/status", status_url)]
 
 
-@pytest.fixture
-def supervisors() -> Iterator[list[SupervisorProc]]:
-    started: list[SupervisorProc] = []
-    yield started
-    for s in started:
-        s.kill_all()
-
-
 def test_healthchecks_against_a_real_supervisor(broker, supervisors, tmp_path: Path) -> None:
     """The Dockerfile's HEALTHCHECK and the DaemonSet's readiness probe, run as written (python
     from PATH replaced by this interpreter, the URL by the test supervisor's)."""
