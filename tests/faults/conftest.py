@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.supervisor.conftest import supervisors  # noqa: F401 - the fixture, shared
+# the supervisors fixture comes from tests/conftest.py (visible here without an import)
 
 
 def pytest_configure(config: pytest.Config) -> None:
