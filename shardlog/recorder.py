@@ -72,7 +72,7 @@ class Recorder:
         self.router = Router((s.branch, s.name) for s in smap.shards
                              if smap.broker_of(s) == self.broker)
         self.states: dict[bytes, TopicState | str] = {}
-        self.acks: list[int] = []        # QoS 1 message ids received, in arrival order
+        self.acks: list[int] = []        # QoS 1 message ids received since the last flush, in order
         self.pending = 0                 # records received since the last successful flush
         self.batch_started = 0.0
         self.batch_max = 1 if shard.fsync == "always" else shard.batch.max_messages
@@ -301,17 +301,19 @@ class Recorder:
         if self.pending >= self.max_waiting:
             wait = True
         now = time.monotonic()
+        # held: ids received since the last flush and not written; from now on the store
+        # keeps them (with their records) and lists them in store.released once written.
+        # So this costs the new ids only, however many records wait for the preparer.
         held = store.flush(time.time_ns() // 1000, now, wait)
-        if held:
-            ack = [m for m in self.acks if m not in held]
-            self.acks = [m for m in self.acks if m in held]
-            self.pending = store.pending_records()
+        ack = [m for m in self.acks if m not in held] if held else self.acks
+        if store.released:
+            ack += store.released
+            store.released = []
+        self.acks = []
+        self.pending = store.pending_records()  # QoS 0 ones may wait too
+        if self.pending:
             self.next_retry = now + 1.0
-            self.batch_started = now
-        else:
-            ack, self.acks = self.acks, []
-            self.pending = store.pending_records() if store.dirty else 0  # QoS 0 ones may wait
-            self.batch_started = now
+        self.batch_started = now
         self.flush_at = self.pending + self.batch_max
         if len(self.states) > self.max_states:
             self._trim_states()

@@ -7,7 +7,8 @@ their messages are not acknowledged). File descriptors are opened lazily and kep
 in a bounded LRU, so any number of topics fits in ``max_open_files`` descriptors.
 With :meth:`Store.start_preparer`, a topic's first open (mkdir, file creation,
 tail repair, the spare of +recent.json) happens in a :class:`Preparer` thread and
-:meth:`Store.flush` holds that topic's lines until it is ready.
+:meth:`Store.flush` holds that topic's lines until it is ready: a waiting topic costs a
+flush nothing until new records arrive for it or the preparer hands it back.
 
 Errors: a topic that cannot be stored (its path is too long, a file stands where
 a directory should be, ...) has its records quarantined with the reason. A disk
@@ -51,7 +52,7 @@ _PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: 
 class TopicState:
     """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
 
-    __slots__ = ("topic", "relpath", "path", "lines", "mids", "dirty", "fd", "size",
+    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size",
                  "first_ts", "recent", "recent_dirty", "recent_at", "recent_versions", "loaded", "prep")
 
     def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
@@ -60,7 +61,10 @@ class TopicState:
         self.path = path              # the topic's directory
         self.lines: list[bytes] = []
         self.mids: list[int] = []     # QoS 1 message ids of the buffered lines
-        self.dirty = False
+        #: how many of ``mids`` (the oldest) an earlier flush returned as held: the store
+        #: reports them in ``Store.released`` once they are written
+        self.held = 0
+        self.dirty = False            # in Store.dirty: the next flush looks at it
         self.fd = -1
         self.size = 0                 # bytes in the current segment
         self.first_ts: int | None = None  # ts of the current segment's first record
@@ -81,10 +85,20 @@ class Store:
         self.branch_root = branch_root
         self.counters = counters
         self.dirty: list[TopicState] = []
+        #: topics the preparer has (their lines wait): state -> lines counted in waiting_lines.
+        #: A flush does not look at them until they get new records (add() puts them in
+        #: dirty again) or the preparer hands them back through ``_ready``.
+        self.waiting: dict[TopicState, int] = {}
+        self.waiting_lines = 0
+        self._ready: collections.deque[TopicState] = collections.deque()  # filled by Preparer threads
+        #: message ids held by earlier flushes and written (or quarantined) by the last one:
+        #: acknowledge them too (flush's result lists only the ids it newly holds)
+        self.released: list[int] = []
         self.open: dict[TopicState, None] = {}   # LRU of states holding an fd, oldest first
         self.stale_recent: set[TopicState] = set()
         self.quarantine_lines: list[bytes] = []
         self.quarantine_mids: list[int] = []
+        self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
         self.compressor = compressor
         self.fsync = shard.fsync != "never"
         self.max_bytes = shard.rotate.max_bytes
@@ -154,51 +168,87 @@ class Store:
         """The connection is gone: its message ids mean nothing any more. The
         buffered lines stay and are written; the broker redelivers the messages."""
         for st in self.dirty:
-            st.mids = []
-        self.quarantine_mids = []
+            st.mids, st.held = [], 0
+        for st in self.waiting:
+            st.mids, st.held = [], 0
+        self.quarantine_mids, self.quarantine_held, self.released = [], [], []
 
     def pending_records(self) -> int:
-        return sum(len(st.lines) for st in self.dirty) + len(self.quarantine_lines)
+        """Records buffered: those waiting for the preparer are counted as they wait."""
+        return (self.waiting_lines + sum(len(st.lines) for st in self.dirty)
+                + len(self.quarantine_lines))
 
     # -- flushing -----------------------------------------------------------------
 
     def flush(self, now_us: int, now_mono: float, wait: bool = False) -> set[int]:
-        """Write every buffered line. Returns the message ids that could NOT be
-        written (they stay buffered; do not acknowledge them): those the disk refused,
-        and those of topics the preparer has not prepared yet (unless ``wait``)."""
+        """Write every buffered line. Returns the message ids added since the last flush
+        that could NOT be written (they stay buffered; do not acknowledge them): those
+        the disk refused, and those of topics the preparer has not prepared yet (unless
+        ``wait``). Ids returned by an earlier flush are the store's from then on: once
+        written they are listed in ``self.released`` (acknowledge them then).
+
+        Cost: the topics with new records, and those the preparer handed back; topics
+        that only wait are not looked at."""
         held: set[int] = set()
-        dirty, self.dirty = self.dirty, []
-        problem: str | None = None
-        written: list[TopicState] = []
+        released: list[int] = []
+        self.released = released
         preparer = self.preparer
         if wait and preparer is not None:
             preparer.wait_idle()
+        ready = self._ready
+        while ready:  # prepared: back to dirty (a stale entry, already handled, is skipped)
+            st = ready.popleft()
+            n = self.waiting.pop(st, None)
+            if n is not None:
+                self.waiting_lines -= n
+                if not st.dirty:
+                    st.dirty = True
+                    self.dirty.append(st)
+        dirty, self.dirty = self.dirty, []
+        problem: str | None = None
+        written: list[TopicState] = []
         for st in dirty:
             if (preparer is not None and (st.prep is not None or (not st.loaded and st.fd < 0))
                     and self._waits(st, preparer, wait)):
-                held.update(st.mids)
-                self.dirty.append(st)
+                # it waits: out of dirty until add() or the preparer brings it back
+                st.dirty = False
+                if len(st.mids) > st.held:
+                    held.update(st.mids[st.held:])
+                    st.held = len(st.mids)
+                n = len(st.lines)
+                self.waiting_lines += n - self.waiting.get(st, 0)
+                self.waiting[st] = n
                 continue
             try:
+                n_held, mids = st.held, st.mids
                 self._write(st, now_us)
             except TopicError as exc:
                 self._quarantine_state(st, now_us, str(exc))
             except OSError as exc:
                 if exc.errno in TRANSIENT:
                     problem = problem or f"{st.relpath}: {exc.strerror or exc}"
-                    held.update(st.mids)
+                    if len(st.mids) > st.held:
+                        held.update(st.mids[st.held:])
+                        st.held = len(st.mids)
                     self.dirty.append(st)
                     self._close_fd(st)
                 else:
                     self._quarantine_state(st, now_us, f"cannot write: {exc.strerror or exc}")
             else:
+                if n_held:
+                    released.extend(mids[:n_held])
                 written.append(st)
         if self.quarantine_lines:
             try:
+                q_held = self.quarantine_held
                 self._write_quarantine()
             except OSError as exc:
                 problem = problem or f"{QUARANTINE}: {exc.strerror or exc}"
                 held.update(self.quarantine_mids)
+                self.quarantine_held.extend(self.quarantine_mids)
+                self.quarantine_mids = []
+            else:
+                released.extend(q_held)
         if self.fsync:
             problem = self._sync(written) or problem
         for st in written:
@@ -219,6 +269,9 @@ class Store:
         if prep is _QUEUED:
             return True
         st.prep = None
+        n = self.waiting.pop(st, None)  # handed back before its _ready entry was drained
+        if n is not None:
+            self.waiting_lines -= n
         assert isinstance(prep, Prepared)
         if prep.created and self.fsync:
             self._dirs_to_sync.add(st.path)
@@ -274,6 +327,7 @@ class Store:
             st.recent_dirty = True
         st.lines = []
         st.mids = []
+        st.held = 0
         st.dirty = False
 
     def _emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
@@ -510,8 +564,9 @@ class Store:
         for line in st.lines:
             self.quarantine_lines.append(
                 encode_quarantine(now_us, self.shard.name, reason, st.topic.encode(), 0, False, line))
-        self.quarantine_mids.extend(st.mids)
-        st.lines, st.mids, st.dirty = [], [], False
+        self.quarantine_held.extend(st.mids[:st.held])  # ids the recorder no longer has
+        self.quarantine_mids.extend(st.mids[st.held:])
+        st.lines, st.mids, st.held, st.dirty = [], [], 0, False
         self._close_fd(st)  # the quarantine file is written at the end of flush
 
     def _write_quarantine(self) -> None:
@@ -534,7 +589,7 @@ class Store:
         finally:
             os.close(fd)
         self.counters.quarantined += len(self.quarantine_lines)
-        self.quarantine_lines, self.quarantine_mids = [], []
+        self.quarantine_lines, self.quarantine_mids, self.quarantine_held = [], [], []
 
     def _sync(self, written: list[TopicState]) -> str | None:
         try:
@@ -618,6 +673,9 @@ class Store:
         if st.dirty:  # pragma: no cover - callers flush first and refuse while degraded
             self.dirty = [d for d in self.dirty if d is not st]
             st.dirty = False
+        n = self.waiting.pop(st, None)
+        if n is not None:  # pragma: no cover - callers flush(wait=True) first
+            self.waiting_lines -= n
 
     def write_recent_now(self, st: TopicState) -> None:
         """Write a held-back +recent.json now (before its directory moves)."""
@@ -625,7 +683,8 @@ class Store:
             self._write_recent(st, time.monotonic())
 
     def evictable(self, st: TopicState) -> bool:
-        return not st.dirty and st.fd < 0 and st not in self.stale_recent
+        # a topic waiting for the preparer is out of dirty but has lines (and st.prep set)
+        return not st.dirty and st.fd < 0 and st.prep is None and not st.lines and st not in self.stale_recent
 
     def _evict_fds(self, n: int) -> None:
         for st in list(self.open)[:n]:
@@ -687,6 +746,7 @@ class Preparer:
                 if st is None:
                     return
                 st.prep = self.prepare(st)
+                self.store._ready.append(st)  # after st.prep: the next flush writes it
             finally:
                 self.queue.task_done()
 

@@ -340,3 +340,64 @@ def test_records_waiting_for_new_topics_are_bounded(tmp_path: Path) -> None:
             assert (tmp_path / "data" / "new" / str(i) / "+log.jsonl").read_bytes().count(b"\n") == 1
     finally:
         rec.store.close()
+
+
+def test_ids_of_waiting_topics_are_acked_once_after_their_write(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real client on a socketpair (no broker): the PUBACKs sent. A known topic's ids are
+    acked at once; a new topic's only after its records are written, each id exactly once."""
+    import socket
+
+    from shardlog.store import Preparer
+
+    smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data")}]}, env={})
+    rec = Recorder(smap, smap.shards[0])
+    rec.open_store(*rec._prepare_root())
+    assert rec.store is not None
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
+    client = rec._make_client()
+    a, b = socket.socketpair()
+    b.settimeout(10)
+    client._sock = a
+    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    rec.client, rec.connected = client, True
+
+    def pubacks() -> list[int]:
+        client.loop_write()
+        b.setblocking(False)
+        data = b""
+        try:
+            while chunk := b.recv(1 << 16):
+                data += chunk
+        except BlockingIOError:
+            pass
+        assert len(data) % 4 == 0 and all(data[i:i + 2] == b"\x40\x02" for i in range(0, len(data), 4))
+        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
+
+    try:
+        rec.on_publish(b"known", b"{}", 1, 1, False, False)
+        rec.flush(wait=True)  # known: prepared in this flush
+        assert pubacks() == [1]
+        rec.store.start_preparer()
+        for i in range(100):  # 100 new topics, two records each, and the known topic
+            rec.on_publish(b"new/%d" % i, b"{}", 1, 2 + 2 * i, False, False)
+            rec.on_publish(b"new/%d" % i, b"{}", 1, 3 + 2 * i, False, False)
+            rec.on_publish(b"known", b"{}", 1, 1000 + i, False, False)
+        rec.flush()
+        assert pubacks() == list(range(1000, 1100))  # not one id of a waiting topic
+        assert rec.pending == 200 and rec.acks == []
+        rec.on_publish(b"new/0", b"{}", 1, 5000, False, False)
+        rec.flush()
+        assert pubacks() == [] and rec.pending == 201
+        gate.set()
+        rec.flush(wait=True)
+        assert sorted(pubacks()) == list(range(2, 202)) + [5000]  # each once, after the write
+        assert rec.pending == 0 and rec.counters.messages == 302
+        assert (tmp_path / "data" / "new" / "0" / "+log.jsonl").read_bytes().count(b"\n") == 3
+    finally:
+        gate.set()
+        rec.store.close()
+        a.close()
+        b.close()

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from shardlog.config import Shard, parse_map
 from shardlog.records import encode_record
 from shardlog.stats import Counters
-from shardlog.store import Compressor, Store, TopicState
+from shardlog.store import Compressor, Preparer, Store, TopicState
 from tests.helpers import wait_for
 
 T0 = 1_763_815_800_000_000  # µs
@@ -308,8 +309,66 @@ def test_preparer_repairs_and_quarantines_as_the_sync_path_does(tmp_path: Path) 
     assert store2.preparer is not None
     store2.preparer.wait_idle()
     assert store2.flush(T0, 1.0) == set()  # quarantined records count as written
+    assert store2.released == [6, 7, 8, 9]  # held before, written or quarantined now: ack them
     assert log.read_bytes().splitlines(keepends=True) == good + more
     assert c.repaired == 1 and c.quarantined == 3 and c.messages == 2
     q = [json.loads(x) for x in (tmp_path / "+quarantine.jsonl").read_bytes().splitlines()]
     assert sorted(r["reason"].split(" ")[0] for r in q) == ["cannot", "cannot", "torn"]
     store2.close()
+
+
+def stalled_preparer(store: Store, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Start the store's preparer with its thread held until the returned event is set."""
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
+    store.start_preparer()
+    return gate
+
+
+def test_waiting_topics_cost_a_flush_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Topics that wait for the preparer are out of the flush's list: a flush looks only
+    at topics with new records (or handed back), and returns only ids it newly holds;
+    the held ids come back in ``released`` once written, each exactly once."""
+    store, c = make(tmp_path)
+    gate = stalled_preparer(store, monkeypatch)
+    looked: list[str] = []
+    waits = Store._waits
+    monkeypatch.setattr(Store, "_waits", lambda self, st, p, w: (looked.append(st.topic), waits(self, st, p, w))[1])
+    states: dict[str, TopicState] = {}
+    lines = {f"n/{i}": put(store, states, f"n/{i}", 2, start=2 * i) for i in range(1000)}
+    assert store.flush(T0, 0.0) == set(range(1, 2001))
+    assert len(looked) == 1000 and store.pending_records() == 2000 and not store.dirty
+    looked.clear()
+    for k in range(20):  # many flushes while 1,000 topics wait: none of them is looked at
+        assert store.flush(T0, 1.0 + k) == set() and store.released == []
+    assert looked == [] and store.pending_records() == 2000
+    lines["n/7"] += put(store, states, "n/7", 1, start=5000)  # a waiting topic gets a record
+    assert store.flush(T0, 30.0) == {5001}  # only the new id; n/7 alone is looked at
+    assert looked == ["n/7"] and store.pending_records() == 2001
+    gate.set()
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    assert store.flush(T0, 40.0) == set()
+    assert sorted(store.released) == list(range(1, 2001)) + [5001]  # every held id, once
+    assert store.pending_records() == 0 and not store.waiting and c.messages == 2001
+    for topic, want in lines.items():
+        assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    assert store.flush(T0, 50.0) == set() and store.released == []
+    store.close()
+
+
+def test_waiting_topic_is_not_evictable_and_forget_mids_clears_held(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = make(tmp_path)
+    gate = stalled_preparer(store, monkeypatch)
+    states: dict[str, TopicState] = {}
+    want = put(store, states, "w", 3)
+    assert store.flush(T0, 0.0) == {1, 2, 3}
+    assert not store.evictable(states["w"])  # out of dirty, but its records wait
+    store.forget_mids()  # the connection is gone: the broker redelivers, the lines stay
+    gate.set()
+    assert store.flush(T0, 1.0, wait=True) == set() and store.released == []
+    assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    assert store.evictable(states["w"]) is False  # open fd: kept in the LRU
+    store.close()
