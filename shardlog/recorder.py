@@ -307,7 +307,9 @@ class Recorder:
         held = store.flush(time.time_ns() // 1000, now, wait)
         ack = [m for m in self.acks if m not in held] if held else self.acks
         if store.released:
-            ack += store.released
+            # released ids arrived before every id of self.acks: PUBACK them first (MQTT
+            # asks for PUBACKs in the order of the PUBLISHes; some brokers hang up otherwise)
+            ack = store.released + ack
             store.released = []
         self.acks = []
         self.pending = store.pending_records()  # QoS 0 ones may wait too

@@ -185,7 +185,9 @@ class Store:
         that could NOT be written (they stay buffered; do not acknowledge them): those
         the disk refused, and those of topics the preparer has not prepared yet (unless
         ``wait``). Ids returned by an earlier flush are the store's from then on: once
-        written they are listed in ``self.released`` (acknowledge them then).
+        written they are listed in ``self.released`` (acknowledge them then, before the
+        newer ids; in the order they arrived within a topic, topics in the order the
+        preparer finished them).
 
         Cost: the topics with new records, and those the preparer handed back; topics
         that only wait are not looked at."""
