@@ -304,7 +304,13 @@ class Recorder:
         # held: ids received since the last flush and not written; from now on the store
         # keeps them (with their records) and lists them in store.released once written.
         # So this costs the new ids only, however many records wait for the preparer.
-        held = store.flush(time.time_ns() // 1000, now, wait)
+        try:
+            held = store.flush(time.time_ns() // 1000, now, wait)
+        except BaseException:
+            # the store may hold some of these ids now: never acknowledge them before their
+            # write (unacknowledged, the broker redelivers them: duplicates, never losses)
+            self.acks = []
+            raise
         ack = [m for m in self.acks if m not in held] if held else self.acks
         if store.released:
             # released ids arrived before every id of self.acks: PUBACK them first (MQTT

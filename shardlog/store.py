@@ -91,8 +91,8 @@ class Store:
         self.waiting: dict[TopicState, int] = {}
         self.waiting_lines = 0
         self._ready: collections.deque[TopicState] = collections.deque()  # filled by Preparer threads
-        #: message ids held by earlier flushes and written (or quarantined) by the last one:
-        #: acknowledge them too (flush's result lists only the ids it newly holds)
+        #: message ids held by earlier flushes and written (or quarantined) since: acknowledge
+        #: them too, then empty the list (flush's result lists only the ids it newly holds)
         self.released: list[int] = []
         self.open: dict[TopicState, None] = {}   # LRU of states holding an fd, oldest first
         self.stale_recent: set[TopicState] = set()
@@ -192,8 +192,7 @@ class Store:
         Cost: the topics with new records, and those the preparer handed back; topics
         that only wait are not looked at."""
         held: set[int] = set()
-        released: list[int] = []
-        self.released = released
+        released = self.released  # the caller empties it (kept if a flush raised before)
         preparer = self.preparer
         if wait and preparer is not None:
             preparer.wait_idle()

@@ -354,6 +354,7 @@ def test_waiting_topics_cost_a_flush_nothing(tmp_path: Path, monkeypatch: pytest
     assert store.pending_records() == 0 and not store.waiting and c.messages == 2001
     for topic, want in lines.items():
         assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    store.released = []  # taken (acknowledged) by the caller
     assert store.flush(T0, 50.0) == set() and store.released == []
     store.close()
 
@@ -371,4 +372,23 @@ def test_waiting_topic_is_not_evictable_and_forget_mids_clears_held(tmp_path: Pa
     assert store.flush(T0, 1.0, wait=True) == set() and store.released == []
     assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
     assert store.evictable(states["w"]) is False  # open fd: kept in the LRU
+    store.close()
+
+
+def test_released_ids_survive_a_flush_that_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync failure raises out of flush: ids released before it are kept for the caller."""
+    store, _ = make(tmp_path, fsync="batch")
+    gate = stalled_preparer(store, monkeypatch)
+    states: dict[str, TopicState] = {}
+    put(store, states, "w", 2)
+    assert store.flush(T0, 0.0) == {1, 2}
+    gate.set()
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    monkeypatch.setattr(Store, "_sync", lambda self, written: (_ for _ in ()).throw(OSError(5, "fsync failed")))
+    with pytest.raises(OSError):
+        store.flush(T0, 1.0)
+    monkeypatch.undo()
+    put(store, states, "w", 1, start=2)
+    assert store.flush(T0, 2.0) == set() and store.released == [1, 2]  # not lost, not repeated
     store.close()
