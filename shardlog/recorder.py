@@ -25,6 +25,7 @@ import os
 import resource
 import signal
 import time
+from collections import deque
 from types import FrameType
 
 import paho.mqtt.client as mqtt
@@ -73,6 +74,11 @@ class Recorder:
                              if smap.broker_of(s) == self.broker)
         self.states: dict[bytes, TopicState | str] = {}
         self.acks: list[int] = []        # QoS 1 message ids received since the last flush, in order
+        #: PUBACKs go out in the order the PUBLISHes came (MQTT 5 4.6.0-2; iotcore hangs up
+        #: otherwise): while the store holds an id (its topic being prepared, or refused by
+        #: the disk), it and every later id wait here, in arrival order
+        self.unacked: deque[int] = deque()
+        self.blocked: set[int] = set()   # the ids of self.unacked the store still holds
         self.pending = 0                 # records received since the last successful flush
         self.batch_started = 0.0
         self.batch_max = 1 if shard.fsync == "always" else shard.batch.max_messages
@@ -195,6 +201,8 @@ class Recorder:
         # messages after we reconnect, so their buffered records are still written (the
         # redelivered copies become duplicates, never losses).
         self.acks = []
+        self.unacked.clear()
+        self.blocked.clear()
         if self.store is not None:
             self.store.forget_mids()
 
@@ -311,12 +319,11 @@ class Recorder:
             # write (unacknowledged, the broker redelivers them: duplicates, never losses)
             self.acks = []
             raise
-        ack = [m for m in self.acks if m not in held] if held else self.acks
-        if store.released:
-            # released ids arrived before every id of self.acks: PUBACK them first (MQTT
-            # asks for PUBACKs in the order of the PUBLISHes; some brokers hang up otherwise)
-            ack = store.released + ack
+        if held or self.unacked:
+            ack = self._in_order(held, store.released)
             store.released = []
+        else:
+            ack = self.acks  # the common case: every id written, none waiting before them
         self.acks = []
         self.pending = store.pending_records()  # QoS 0 ones may wait too
         if self.pending:
@@ -328,6 +335,19 @@ class Recorder:
         if ack and self.connected and self.client is not None:
             self.client.ack_many(ack)  # one write; sent by the loop if inside a callback
             self.counters.acked += len(ack)
+
+    def _in_order(self, held: set[int], released: list[int]) -> list[int]:
+        """The ids that may be acknowledged now: the written ones up to the first id the
+        store still holds, in arrival order (the rest wait in self.unacked)."""
+        blocked = self.blocked
+        blocked.update(held)
+        blocked.difference_update(released)
+        unacked = self.unacked
+        unacked.extend(self.acks)
+        ack: list[int] = []
+        while unacked and unacked[0] not in blocked:
+            ack.append(unacked.popleft())
+        return ack
 
     def _flush_deadline(self) -> float | None:
         """When the buffered records must be flushed: the batch's max_delay, or, while
