@@ -3,7 +3,7 @@
 Verbs of the recorder package live here (record, check, init). Verbs of other
 packages (``supervise`` and ``status`` from ``supervisor``) are added through the
 ``shardlog.commands`` entry point group, so this package never imports them.
-Exit codes follow sysexits: 0 ok, 64 usage, 65 data error (replay skipped records), 66 no input
+Exit codes follow sysexits: 0 ok, 64 usage, 65 data error (replay skipped records, a bad SQL query), 66 no input
 (history verbs), 69 broker unavailable (replay), 70 internal error, 73 cannot create (export),
 78 configuration.
 """
@@ -306,8 +306,9 @@ def _add_cat(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from shardlog import history
 
-    if not args.to.endswith((".sqlite", ".sqlite3", ".db")):
-        print("shardlog: export: only SQLite is supported (--to FILE.sqlite|.sqlite3|.db)", file=sys.stderr)
+    parquet = args.to.endswith(".parquet")
+    if not parquet and not args.to.endswith((".sqlite", ".sqlite3", ".db")):
+        print("shardlog: export: --to FILE.parquet, or FILE.sqlite|.sqlite3|.db", file=sys.stderr)
         return EX_USAGE
     if os.path.exists(args.to):
         if not args.force:
@@ -322,7 +323,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     try:
-        n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
+        if parquet:
+            n = _export_parquet(args, tty)
+        else:
+            n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
     except BaseException:
         if os.path.exists(args.to):
             os.unlink(args.to)  # never leave half an export behind
@@ -333,11 +337,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parquet(args: argparse.Namespace, tty: bool) -> int:
+    """The Parquet export (DuckDB), with a progress bar on a terminal."""
+    import time
+
+    from shardlog.parquet import export_parquet
+    from shardlog.replay import format_progress
+
+    start = time.monotonic()
+
+    def bar(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        eta = (total - done) * elapsed / done if done else None
+        sys.stderr.write("\r" + format_progress(done, total, elapsed, eta) + "\x1b[K")
+        sys.stderr.flush()
+
+    return export_parquet(args.root, args.prefix, args.to, args.since, args.until, progress=bar if tty else None)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a branch to SQLite (one table, JSON members as columns)")
+    p = sub.add_parser("export", help="export a branch to Parquet or SQLite (one table, JSON members as columns)")
     p.add_argument("root")
     p.add_argument("prefix", help="a topic; the topics below it are included ('' for all)")
-    p.add_argument("--to", required=True, help="the SQLite file to create")
+    p.add_argument("--to", required=True, help="the file to create: .parquet (DuckDB) or .sqlite/.sqlite3/.db")
     p.add_argument("--since", type=_time_arg)
     p.add_argument("--until", type=_time_arg)
     p.add_argument("--force", action="store_true", help="replace an existing file")
@@ -496,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlog", description="Record an MQTT topic tree as a directory tree.")
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export,
+    from shardlog.sql_cli import add_sql
+
+    for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export, add_sql,
                 _add_replay, _add_nginx_routes, *_plugin_verbs()):
         add(sub)
     return parser
