@@ -203,6 +203,18 @@ class _Safe:
 
 def _install(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix: str,
              since: int | None, until: int | None) -> None:
+    """List the files and (re)create the view; DuckDB checks the files exist when the view
+    is created, so a segment compressed right after the listing makes it list again, once."""
+    import duckdb
+
+    try:
+        _create(con, root, prefix, since, until)
+    except duckdb.IOException:
+        _create(con, root, prefix, since, until)
+
+
+def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix: str,
+            since: int | None, until: int | None) -> None:
     files = segment_files(root, prefix, since, until)
     safe = _Safe()
     names = [safe.name(f.path) for f in files]
