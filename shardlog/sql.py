@@ -70,6 +70,7 @@ class SegmentFile(NamedTuple):
     topic: str      # decoded by shardlog.topics (history's walk)
     key: str        # its format (formats.KEYS), from its name
     mtime_us: int   # the ts of payload-only records
+    size: int       # bytes of its content (a .gz one: decompressed, from its trailer)
 
 
 def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object = None,
@@ -95,8 +96,27 @@ def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object 
                     st = os.stat(p)
                 except FileNotFoundError:
                     continue  # removed by retention
-            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000))
+            size = _gz_size(p, st.st_size) if p.endswith(".gz") else st.st_size
+            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size))
     return out
+
+
+def _gz_size(path: str, size: int) -> int:
+    """The decompressed size of a gzip file from its trailer (ISIZE: modulo 4 GiB; a larger
+    or unreadable one counts as MAX_OBJECT)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 4))
+            isize = int.from_bytes(f.read(4), "little")
+    except OSError:
+        return MAX_OBJECT
+    return isize if isize >= size // 2 else MAX_OBJECT  # deflate does not expand: wrapped past 4 GiB
+
+
+def longest_line(sizes: list[int]) -> int:
+    """The line size to allow DuckDB's readers: the largest file (no line is longer),
+    at least DuckDB's default; a larger limit makes DuckDB allocate larger buffers."""
+    return max(16 * 1024 * 1024, min(MAX_OBJECT, max(sizes, default=0) + 1))
 
 
 # -- SQL text -------------------------------------------------------------------------------
@@ -114,33 +134,33 @@ _CSV = "{'ts': 'VARCHAR', 'qos': 'VARCHAR', 'retain': 'VARCHAR', 'payload': 'VAR
 _JOIN = "JOIN shardlog_files f ON f.filename = r.filename"
 
 
-def _lines(paths: list[str]) -> str:
+def _lines(paths: list[str], longest: int) -> str:
     """Every line of the files as ``s`` (without a trailing ``,`` or ``,]``), with ``filename``."""
     return (f"(SELECT filename, regexp_replace(line, ',\\]?$', '') AS s FROM read_csv({_list(paths)}, "
             "columns={'line': 'VARCHAR'}, delim=chr(1), quote='', escape='', header=false, "
-            f"auto_detect=false, max_line_size={MAX_OBJECT}, filename=true))")
+            f"auto_detect=false, max_line_size={longest}, filename=true))")
 
 
-def _select(key: str, paths: list[str]) -> str:
+def _select(key: str, paths: list[str], longest: int) -> str:
     cols = "f.topic, r.ts_us, r.qos, r.retain, r.enc, r.payload"
     if key == "jsonl":
         return (f"SELECT {cols} FROM (SELECT filename, ts AS ts_us, qos, retain, enc, "
                 f"coalesce(payload, 'null'::JSON) AS payload FROM read_json({_list(paths)}, "
                 f"format='newline_delimited', columns={_ENVELOPE}, ignore_errors=true, filename=true, "
-                f"maximum_object_size={MAX_OBJECT}) WHERE ts IS NOT NULL AND qos IS NOT NULL "
+                f"maximum_object_size={longest}) WHERE ts IS NOT NULL AND qos IS NOT NULL "
                 f"AND retain IS NOT NULL) r {_JOIN}")
     if key == "json":
         return (f"SELECT {cols} FROM (SELECT filename, TRY_CAST(j->>'ts' AS BIGINT) AS ts_us, "
                 "TRY_CAST(j->>'qos' AS UTINYINT) AS qos, TRY_CAST(j->'retain' AS BOOLEAN) AS retain, "
                 "j->>'enc' AS enc, j->'payload' AS payload "
-                f"FROM (SELECT filename, TRY_CAST(s AS JSON) AS j FROM {_lines(paths)} "
+                f"FROM (SELECT filename, TRY_CAST(s AS JSON) AS j FROM {_lines(paths, longest)} "
                 "WHERE s NOT IN ('[', ']', ''))) r "
                 f"{_JOIN} WHERE r.ts_us IS NOT NULL AND r.qos IS NOT NULL AND r.retain IS NOT NULL "
                 "AND r.payload IS NOT NULL")
     if key in ("payload.jsonl", "payload.json"):
         return ("SELECT f.topic, f.mtime_us AS ts_us, 0::UTINYINT AS qos, false AS retain, "
                 "NULL::VARCHAR AS enc, r.s::JSON AS payload "
-                f"FROM {_lines(paths)} r {_JOIN} WHERE r.s NOT IN ('[', ']', '') AND json_valid(r.s)")
+                f"FROM {_lines(paths, longest)} r {_JOIN} WHERE r.s NOT IN ('[', ']', '') AND json_valid(r.s)")
     assert key == "csv", key
     return (f"SELECT {cols} FROM (SELECT filename, TRY_CAST(ts AS BIGINT) AS ts_us, "
             "TRY_CAST(qos AS UTINYINT) AS qos, "
@@ -149,13 +169,14 @@ def _select(key: str, paths: list[str]) -> str:
             "FROM (SELECT *, shardlog_csv_envelope(payload, enc)::JSON AS e "
             f"FROM read_csv({_list(paths)}, columns={_CSV}, header=true, auto_detect=false, "
             "ignore_errors=true, force_not_null=['payload', 'enc'], filename=true, "
-            f"max_line_size={MAX_OBJECT}))) r {_JOIN} "
+            f"max_line_size={longest}))) r {_JOIN} "
             "WHERE r.ts_us IS NOT NULL AND r.qos IS NOT NULL AND r.retain IS NOT NULL AND r.payload IS NOT NULL")
 
 
-def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None) -> str:
-    """The ``records`` view over files grouped by format key (pure)."""
-    parts = [_select(key, paths) for key, paths in sorted(groups.items()) if paths]
+def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None, longest: int = MAX_OBJECT) -> str:
+    """The ``records`` view over files grouped by format key (pure); ``longest``: the
+    longest line to accept."""
+    parts = [_select(key, paths, longest) for key, paths in sorted(groups.items()) if paths]
     if not parts:
         parts = ["SELECT NULL::VARCHAR AS topic, NULL::BIGINT AS ts_us, NULL::UTINYINT AS qos, "
                  "NULL::BOOLEAN AS retain, NULL::VARCHAR AS enc, NULL::JSON AS payload WHERE false"]
@@ -227,7 +248,7 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
     groups: dict[str, list[str]] = {}
     for f, name in zip(files, names):
         groups.setdefault(f.key, []).append(name)
-    con.execute(view_sql(groups, since, until))
+    con.execute(view_sql(groups, since, until, longest_line([f.size for f in files])))
 
 
 def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None,
