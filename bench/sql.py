@@ -125,11 +125,13 @@ def main() -> int:
         cases = {
             "full scan": (
                 [py, "-m", "shardlog", "sql", str(root), FULL, "--format", "csv"],
-                [py, "-c", f"import duckdb, sys; c = duckdb.connect(); c.execute({plain_view!r}); "
+                [py, "-c", f"import duckdb; c = duckdb.connect(); c.execute('SET enable_progress_bar_print = false'); "
+                           f"c.execute({plain_view!r}); "
                            f"rows = c.execute({FULL!r}).fetchall(); print(len(rows))"]),
             "last minute": (
                 [py, "-m", "shardlog", "sql", str(root), window, "--format", "csv", "--since", str(lo), "--until", str(hi)],
-                [py, "-c", f"import duckdb, sys; c = duckdb.connect(); c.execute({plain_view!r}); "
+                [py, "-c", f"import duckdb; c = duckdb.connect(); c.execute('SET enable_progress_bar_print = false'); "
+                           f"c.execute({plain_view!r}); "
                            f"rows = c.execute({window!r}).fetchall(); print(len(rows))"]),
         }
         results = []

@@ -260,6 +260,9 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
     lo, hi = history.parse_time(since), history.parse_time(until)  # type: ignore[arg-type]
     if con is None:
         con = duckdb.connect()
+    # DuckDB draws its own progress bar on stdout for long queries: never into a result
+    # (query_progress() still works, for the Parquet export's bar on stderr)
+    con.execute("SET enable_progress_bar_print = false")
     try:
         con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",
                             null_handling="special", side_effects=False)
