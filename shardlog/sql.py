@@ -147,8 +147,7 @@ def _select(key: str, paths: list[str], longest: int) -> str:
         return (f"SELECT {cols} FROM (SELECT filename, ts AS ts_us, qos, retain, enc, "
                 f"coalesce(payload, 'null'::JSON) AS payload FROM read_json({_list(paths)}, "
                 f"format='newline_delimited', columns={_ENVELOPE}, ignore_errors=true, filename=true, "
-                f"maximum_object_size={longest}) WHERE ts IS NOT NULL AND qos IS NOT NULL "
-                f"AND retain IS NOT NULL) r {_JOIN}")
+                f"maximum_object_size={longest}) WHERE ts IS NOT NULL) r {_JOIN}")  # NULL: a torn line
     if key == "json":
         return (f"SELECT {cols} FROM (SELECT filename, TRY_CAST(j->>'ts' AS BIGINT) AS ts_us, "
                 "TRY_CAST(j->>'qos' AS UTINYINT) AS qos, TRY_CAST(j->'retain' AS BOOLEAN) AS retain, "
