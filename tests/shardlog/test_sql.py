@@ -241,3 +241,36 @@ def test_a_segment_compressed_after_the_listing_is_read_again(tmp_path: Path, ke
     monkeypatch.setattr(sql, "segment_files", compress_after_listing)
     cur = sql.query(tmp_path, "SELECT count(*) FROM records")
     assert cur.fetchone() == (6,) and len(calls) == 2
+
+
+def run_on_terminal(*args: str) -> tuple[int, str]:
+    """The CLI with stdout and stderr on a terminal (a pty), its output as the terminal shows it."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "shardlog", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                                stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return proc.wait(60), b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        os.close(master)
+
+
+def test_on_a_terminal_sql_prints_a_table_and_export_a_progress_bar(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_segment(root, "t/a", "jsonl", None, [(T0 + i, 1, False, b'{"i": %d}' % i) for i in range(2000)])
+    code, out = run_on_terminal("sql", str(root), "SELECT topic, count(*) AS n FROM records GROUP BY ALL")
+    assert code == 0 and out.split() == ["topic", "n", "t/a", "2000", "(1", "row)"], out
+    code, out = run_on_terminal("export", str(root), "t", "--to", str(tmp_path / "t.parquet"))
+    assert code == 0 and "2,000/2,000 100%" in out and "exported 2000 records" in out, out
+    assert len(pd.read_parquet(tmp_path / "t.parquet")) == 2000
