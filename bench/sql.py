@@ -4,6 +4,7 @@
     python bench/sql.py                                  # 10,000,000 records over 1,000 topics, 5 runs each
     python bench/sql.py --records 200000 --topics 100 --runs 1   # a smoke test
     python bench/sql.py --root /var/tmp/sqlbench --keep  # reuse a generated tree next time
+    python bench/sql.py --in-process                     # also both inside one process (no start-up)
 
 The tree is written straight to disk in the recorder's format (``encode_record`` lines,
 ``site/bNN/devNNNN`` topics, one record every millisecond round-robin over the topics):
@@ -20,6 +21,8 @@ Each query runs as a whole process, alternating the two contenders run by run:
 
 Queries: a full scan (count and average per topic) and a one-minute window near the end
 (``--since``/``--until`` for shardlog, which prunes segments; a WHERE on ts for plain DuckDB).
+``--in-process`` adds the same two queries run inside the script (``history.connect``,
+listing and view included, against a plain DuckDB connection), without Python start-up.
 Reported: medians (and min/max) of wall time and the ratio; progress on stderr, a markdown
 table on stdout.
 """
@@ -95,6 +98,37 @@ def run(argv: list[str]) -> tuple[float, bytes]:
     return took, r.stdout
 
 
+def in_process(root: Path, queries: dict[str, str], lo: int, hi: int,
+               args: argparse.Namespace) -> list[tuple[str, dict[str, list[float]]]]:
+    """The same queries in this process: ``history.connect`` (listing and view included in
+    each run) against a DuckDB connection with the plain view, interleaved."""
+    import duckdb
+
+    from shardlog import history
+
+    out = []
+    for name, q in queries.items():
+        times: dict[str, list[float]] = {"shardlog": [], "duckdb": []}
+        window = name != "full scan"
+        for i in range(args.runs):
+            for who in ("shardlog", "duckdb") if i % 2 == 0 else ("duckdb", "shardlog"):
+                t = time.perf_counter()
+                if who == "shardlog":
+                    con = history.connect(root, "", lo if window else None, hi if window else None)
+                else:
+                    con = duckdb.connect()
+                    con.execute("SET enable_progress_bar_print = false")
+                    con.execute(PLAIN_VIEW.format(root=str(root)))
+                rows = con.execute(q).fetchall()
+                times[who].append(time.perf_counter() - t)
+                con.close()
+                if len(rows) != args.topics:
+                    raise SystemExit(f"{who} {name} (in process): {len(rows)} rows, expected {args.topics}")
+                say(f"{name} in process, run {i + 1}/{args.runs}: {who} {times[who][-1]:.2f} s")
+        out.append((f"{name} (in process)", times))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=10_000_000)
@@ -102,6 +136,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--root", type=Path, help="where to write the tree (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the tree (and reuse one that is there)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also time history.connect against plain DuckDB inside this process (no start-up)")
     args = ap.parse_args()
     root = (args.root or Path(tempfile.mkdtemp(prefix="shardlog-sqlbench-"))).resolve()
     marker = root / f"+bench-{args.records}-{args.topics}"
@@ -135,6 +171,8 @@ def main() -> int:
                            f"rows = c.execute({window!r}).fetchall(); print(len(rows))"]),
         }
         results = []
+        if args.in_process:
+            results.extend(in_process(root, {"full scan": FULL, "last minute": window}, lo, hi, args))
         for name, (ours, plain) in cases.items():
             times: dict[str, list[float]] = {"shardlog": [], "duckdb": []}
             for i in range(args.runs):
