@@ -110,7 +110,11 @@ def _gz_size(path: str, size: int) -> int:
             isize = int.from_bytes(f.read(4), "little")
     except OSError:
         return MAX_OBJECT
-    return isize if isize >= size // 2 else MAX_OBJECT  # deflate does not expand: wrapped past 4 GiB
+    if size < 4 * 1024 * 1024 or isize >= size // 2:
+        # deflate packs at most ~1032:1, so under 4 MiB ISIZE has not wrapped; above, a value
+        # smaller than half the file has (deflate barely expands)
+        return isize
+    return MAX_OBJECT
 
 
 def longest_line(sizes: list[int]) -> int:

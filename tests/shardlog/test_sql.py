@@ -274,3 +274,16 @@ def test_on_a_terminal_sql_prints_a_table_and_export_a_progress_bar(tmp_path: Pa
     code, out = run_on_terminal("export", str(root), "t", "--to", str(tmp_path / "t.parquet"))
     assert code == 0 and "2,000/2,000 100%" in out and "exported 2000 records" in out, out
     assert len(pd.read_parquet(tmp_path / "t.parquet")) == 2000
+
+
+def test_line_limit_from_file_sizes(tmp_path: Path) -> None:
+    """DuckDB is told the largest file's content size (a .gz one's from its trailer), at least its 16 MiB."""
+    big = tmp_path / "big.gz"
+    big.write_bytes(gzip.compress(b"x" * 40_000_000))  # 40 MB in about 40 kB
+    empty = tmp_path / "empty.gz"
+    empty.write_bytes(gzip.compress(b""))
+    assert sql._gz_size(str(big), big.stat().st_size) == 40_000_000
+    assert sql._gz_size(str(empty), empty.stat().st_size) == 0
+    assert sql.longest_line([0, 100]) == 16 * 1024 * 1024
+    assert sql.longest_line([40_000_000]) == 40_000_001
+    assert sql.longest_line([10 ** 12]) == sql.MAX_OBJECT
