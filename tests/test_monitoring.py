@@ -22,7 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Mosquitto, Publisher, free_port, wait_for
+from tests.helpers import Mosquitto, Publisher, free_port, http_get, wait_for
 from tests.supervisor.helpers import SupervisorProc, make_map
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -105,11 +105,7 @@ class Prometheus:
         return True
 
     def get(self, path: str) -> bytes | None:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-                return resp.read()
-        except (urllib.error.URLError, OSError):
-            return None
+        return http_get(self.url + path, timeout=10)
 
     def query(self, expr: str) -> dict[str, Any]:
         """/api/v1/query: the parsed answer, a parse error included (HTTP 400, errorType bad_data)."""

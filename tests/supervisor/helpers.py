@@ -16,8 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from paho.mqtt.properties import Properties
 
 from shardlog.stats import Counters, write_stats
 from shardlog.topics import topic_to_relpath
-from tests.helpers import fallback_broker_settings, free_port, wait_for  # noqa: F401 - re-exported to the supervisor tests
+from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
 
 # -- fakes for the arbiter ---------------------------------------------------------------------
@@ -176,11 +174,7 @@ class SupervisorProc:
         return True
 
     def get(self, path: str) -> bytes | None:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
-                return resp.read()
-        except (urllib.error.URLError, OSError):
-            return None
+        return http_get(self.url + path)
 
     def status(self) -> dict[str, Any] | None:
         body = self.get("/status")
