@@ -23,6 +23,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from shardlog import yamlsafe
 from shardlog.units import format_duration, format_size, parse_duration, parse_size
 
 
@@ -47,6 +48,7 @@ class Duration(float):
     """Seconds, written as ``30s``, ``1d``, ``250ms`` or a number."""
 
     minimum: ClassVar[float] = 0.0
+    maximum: ClassVar[float] = 100 * 365 * 86400.0  # a century: below threading.TIMEOUT_MAX; no NaN, no inf
 
 
 class PositiveDuration(Duration):
@@ -61,8 +63,10 @@ def _dec_hook(tp: type, obj: Any) -> Any:
         return tp(n)
     if isinstance(tp, type) and issubclass(tp, Duration):
         s = parse_duration(obj)
-        if s < tp.minimum:
+        if not s >= tp.minimum:
             raise ValueError(f"expected >= {format_duration(tp.minimum)}, got {obj!r}")
+        if not s <= tp.maximum:
+            raise ValueError(f"expected at most {format_duration(tp.maximum)}, got {obj!r}")
         return tp(s)
     raise NotImplementedError(f"no decoder for {tp!r}")
 
@@ -391,6 +395,8 @@ def _check_shards(smap: ShardMap) -> None:
                               "(a shard without one would run on every host)")
         if s.broker is not None:
             _check_broker(s.broker, f"{where}.broker", False)
+        if "\x00" in s.root:
+            raise ConfigError(f"{where}.root: contains NUL")
         if s.payload_only and s.format == "csv":
             raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
                               "always holds ts, qos, retain and payload)")
@@ -401,19 +407,23 @@ def _check_shards(smap: ShardMap) -> None:
 def load_map(path: str, env: Mapping[str, str] | None = None) -> ShardMap:
     """Read, expand and validate a shard map file. Raises ConfigError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(yamlsafe.MAX_BYTES + 1)  # never the whole of /dev/zero
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the shard map: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+    try:
+        raw = yamlsafe.load(text)
+    except yamlsafe.YamlLimit as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}") from None
     try:
         return parse_map(raw, base_dir=os.path.dirname(os.path.abspath(path)), env=env)
     except ConfigError as exc:
