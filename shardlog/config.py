@@ -411,6 +411,8 @@ def load_map(path: str, env: Mapping[str, str] | None = None) -> ShardMap:
             data = f.read(yamlsafe.MAX_BYTES + 1)  # never the whole of /dev/zero
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the shard map: {exc.strerror or exc}") from None
+    if len(data) > yamlsafe.MAX_BYTES:
+        raise ConfigError(f"{path}: larger than {yamlsafe.MAX_BYTES // (1024 * 1024)} MiB: refused")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -100,11 +100,14 @@ def check_graph(root: Node, loader: yaml.SafeLoader) -> None:
         size, height = 1, 0
         active.add(id(node))
         if isinstance(node, ScalarNode):
-            try:
-                loader.construct_object(node)
-            except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
-                raise YamlLimit(f"{where}: cannot read {node.value[:40]!r} as {node.tag.rsplit(':', 1)[-1]} "
-                                f"({_where(node)}): {str(exc)[:100]}") from None
+            if node.tag.endswith(":merge"):
+                pass  # `<<`: SafeLoader folds the merged mappings in while constructing
+            else:
+                try:
+                    loader.construct_object(node)
+                except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+                    raise YamlLimit(f"{where}: cannot read {node.value[:40]!r} as {node.tag.rsplit(':', 1)[-1]} "
+                                    f"({_where(node)}): {str(exc)[:100]}") from None
         elif isinstance(node, SequenceNode):
             for i, child in enumerate(node.value):
                 s, h = visit(child, f"{path}[{i}]")
