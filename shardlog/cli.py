@@ -20,6 +20,7 @@ from collections.abc import Callable
 from importlib import resources
 
 from shardlog import __version__
+from shardlog.argtypes import integer, seconds
 from shardlog.config import ConfigError, ShardMap, load_map
 
 EX_USAGE, EX_SOFTWARE, EX_CONFIG = 64, 70, 78
@@ -62,7 +63,10 @@ def load_or_exit(path: str) -> ShardMap:
 def _cmd_record(args: argparse.Namespace) -> int:
     from shardlog.recorder import Recorder
 
-    faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
+    try:
+        faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
+    except (RuntimeError, ValueError):  # stderr closed (2>&-) or not a file: record without it
+        pass
     setup_logging(args.log_level, args.shard)
     smap = load_or_exit(args.map)
     try:
@@ -80,8 +84,8 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("map", help="the shard map (YAML)")
     p.add_argument("--shard", required=True, help="the shard to record")
     p.add_argument("--stats-file", help="rewrite this JSON stats file every heartbeat")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between stats writes")
-    p.add_argument("--parent-pid", type=int, help="stop when this process is no longer the parent")
+    p.add_argument("--heartbeat", type=seconds(), default=1.0, help="seconds between stats writes")
+    p.add_argument("--parent-pid", type=integer(1), help="stop when this process is no longer the parent")
     p.add_argument("--control", metavar="PATH", help="accept control commands (rotate, delete, move) on "
                                                      "a Unix datagram socket created at PATH (the supervisor's)")
     add_log_level(p)
@@ -233,9 +237,6 @@ def _add_topics(sub: argparse._SubParsersAction) -> None:
 def _cmd_tail(args: argparse.Namespace) -> int:
     from shardlog import history
 
-    if args.n < 0:
-        print("shardlog: tail: -n must be >= 0", file=sys.stderr)
-        return EX_USAGE
     out = sys.stdout.buffer
     if args.follow:
         for line in history._tail_and_follow(args.root, args.topic, args.n, poll=args.poll):
@@ -253,9 +254,9 @@ def _add_tail(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tail", help="the last records of a topic (JSON lines with a topic member)")
     p.add_argument("root")
     p.add_argument("topic")
-    p.add_argument("-n", type=int, default=6, help="how many records (default 6)")
+    p.add_argument("-n", type=integer(0), default=6, help="how many records (default 6)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing records as they arrive")
-    p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=seconds(), default=0.2, help=argparse.SUPPRESS)
     p.set_defaults(func=_history_errors(_cmd_tail))
 
 
@@ -308,8 +309,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     parquet = args.to.endswith(".parquet")
     if not parquet and not args.to.endswith((".sqlite", ".sqlite3", ".db")):
-        print("shardlog: export: --to FILE.parquet, or FILE.sqlite|.sqlite3|.db", file=sys.stderr)
-        return EX_USAGE
+        args.parser.error("--to FILE.parquet, or FILE.sqlite|.sqlite3|.db")
     if os.path.exists(args.to):
         if not args.force:
             print(f"shardlog: {args.to} exists; use --force to replace it", file=sys.stderr)
@@ -363,7 +363,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", type=_time_arg)
     p.add_argument("--until", type=_time_arg)
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    p.set_defaults(func=_history_errors(_cmd_export))
+    p.set_defaults(func=_history_errors(_cmd_export), parser=p)
 
 
 # -- replay (shardlog.replay) ---------------------------------------------------------------
@@ -419,11 +419,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                                         cert_file=args.cert_file, key_file=args.key_file,
                                         insecure=args.insecure, keepalive=args.keepalive)
     except ValueError as exc:
-        print(f"shardlog: replay: {exc}", file=sys.stderr)
-        return EX_USAGE
-    if args.window < 1:
-        print("shardlog: replay: --window must be >= 1", file=sys.stderr)
-        return EX_USAGE
+        args.parser.error(str(exc))
     records = history.read(args.root, args.prefix, args.since, args.until)  # TopicNotFound -> 66
     tty = sys.stderr.isatty()
     progress = None
@@ -476,14 +472,14 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cert-file", help="TLS: client certificate")
     p.add_argument("--key-file", help="TLS: client key")
     p.add_argument("--insecure", action="store_true", help="TLS: skip host name verification")
-    p.add_argument("--keepalive", type=int, default=60, help="seconds (default 60)")
-    p.add_argument("--window", type=int, default=1000,
+    p.add_argument("--keepalive", type=integer(0, 65535), default=60, help="seconds (default 60)")
+    p.add_argument("--window", type=integer(1, 65535), default=1000,
                    help="QoS 1/2 publishes unacknowledged at a time (default 1000; never above the broker's "
                         "Receive Maximum)")
-    p.add_argument("--ack-timeout", type=float, default=30.0,
+    p.add_argument("--ack-timeout", type=seconds(), default=30.0,
                    help="give up when the broker acknowledges nothing for this long (s, default 30)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="s (default 10)")
-    p.set_defaults(func=_history_errors(_cmd_replay))
+    p.add_argument("--connect-timeout", type=seconds(), default=10.0, help="s (default 10)")
+    p.set_defaults(func=_history_errors(_cmd_replay), parser=p)
 
 
 # -- nginx-routes (shardlog.nginx_routes) -------------------------------------------------
@@ -496,8 +492,7 @@ def _cmd_nginx_routes(args: argparse.Namespace) -> int:
         text = render(smap, parse_upstreams(args.upstream or []), listen=args.listen,
                       source=os.path.basename(args.map))
     except (MissingUpstream, ValueError) as exc:
-        print(f"shardlog: nginx-routes: {exc}", file=sys.stderr)
-        return EX_USAGE
+        args.parser.error(str(exc))
     sys.stdout.write(text)
     return 0
 
@@ -509,7 +504,7 @@ def _add_nginx_routes(sub: argparse._SubParsersAction) -> None:
                    help="where HOST's nginx (deploy/nginx/shardlog.conf) listens, e.g. web1=10.0.0.1:80; "
                         "once per host ('all' for a map without hosts)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="the front's listen (default 127.0.0.1:8080)")
-    p.set_defaults(func=_cmd_nginx_routes)
+    p.set_defaults(func=_cmd_nginx_routes, parser=p)
 
 
 # -- main -----------------------------------------------------------------------------------

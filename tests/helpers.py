@@ -370,10 +370,18 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
     from shardlog.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
+    import logging
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)  # verbs write to .buffer
+    err = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # daemon verbs call setup_logging
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = main(argv)
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return rc, out.getvalue(), err.getvalue()
+        finally:
+            root.handlers[:], root.level = handlers, level
+    out.flush()
+    return rc, out.buffer.getvalue().decode("utf-8", "replace"), err.getvalue()
