@@ -20,6 +20,7 @@ BAD_REQUESTS: list[tuple[str, bytes, tuple[int, ...]]] = [
     ("NUL and 0xff", b"\x00\xff\xfe\r\n\r\n", (400,)),
     ("an HTTP/0.9 request", b"GET /status\r\n\r\n", (400,)),
     ("a bare newline", b"\r\n\r\n", (400,)),
+    ("a TLS client hello", bytes.fromhex("160301020001000001fc0303") + os.urandom(64), (400,)),
     ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (400,)),
     ("a 1 MB header", b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n", (431,)),
     ("10,000 small headers", b"GET /status HTTP/1.1\r\n" + b"X: y\r\n" * 10000 + b"\r\n", (431,)),
@@ -41,6 +42,8 @@ BAD_REQUESTS: list[tuple[str, bytes, tuple[int, ...]]] = [
                     b'Content-Length: 15\r\n\r\n{"prefix": [1]}', (400,)),
     ("an oversized body (1 MB)", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 1048576\r\n\r\n" + b"{" * (1 << 20), (413,)),
+    ("a deeply nested JSON body", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Content-Length: 10000\r\n\r\n" + b"[" * 5000 + b"]" * 5000, (400,)),
     ("a body without length", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n{}",
      (411,)),
     ("chunked", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
