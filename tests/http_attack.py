@@ -14,6 +14,13 @@ import time
 
 Addr = tuple[str, int]
 
+
+def _post(body: bytes, path: bytes = b"/control/rotate", ctype: bytes = b"application/json", length: bool = True,
+          extra: bytes = b"") -> bytes:
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n%s" % (path, ctype, extra)
+    return head + (b"Content-Length: %d\r\n" % len(body) if length else b"") + b"\r\n" + body
+
+
 #: (what, raw request, acceptable statuses)
 BAD_REQUESTS: list[tuple[str, bytes, tuple[int, ...]]] = [
     ("garbage bytes", random.Random(17).randbytes(4096), (400,)),
@@ -31,30 +38,19 @@ BAD_REQUESTS: list[tuple[str, bytes, tuple[int, ...]]] = [
     ("a path with ..", b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", (404,)),
     ("a path with .. to /status", b"GET /x/../status HTTP/1.1\r\nHost: x\r\n\r\n", (404,)),
     ("an encoded ..", b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", (404,)),
-    ("a control op with ..", b"POST /control/../../status HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 2\r\n\r\n{}", (404,)),
+    ("a control op with ..", _post(b"{}", path=b"/control/../../status"), (404,)),
     ("an absolute URL", b"GET http://evil/status/../x HTTP/1.1\r\nHost: x\r\n\r\n", (404,)),
-    ("non-JSON control body", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                              b"Content-Length: 9\r\n\r\nnot json!", (400,)),
-    ("a JSON array body", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 2\r\n\r\n[]", (400,)),
-    ("wrong types", b'POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
-                    b'Content-Length: 15\r\n\r\n{"prefix": [1]}', (400,)),
-    ("an oversized body (1 MB)", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 1048576\r\n\r\n" + b"{" * (1 << 20), (413,)),
-    ("a deeply nested JSON body", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                  b"Content-Length: 10000\r\n\r\n" + b"[" * 5000 + b"]" * 5000, (400,)),
-    ("a body without length", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n{}",
-     (411,)),
-    ("chunked", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-     (411,)),
-    ("two Content-Lengths", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
-                            b"\r\n{}", (400,)),
-    ("a negative Content-Length", b"POST /control/rotate HTTP/1.1\r\nContent-Length: -1\r\n\r\n", (400,)),
-    ("a form post", b"POST /control/rotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                    b"Content-Length: 3\r\n\r\na=b", (415,)),
-    ("a browser's cross-origin post", b"POST /control/delete HTTP/1.1\r\nHost: x\r\nOrigin: http://evil\r\n"
-                                      b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", (403,)),
+    ("non-JSON control body", _post(b"not json!"), (400,)),
+    ("a JSON array body", _post(b"[]"), (400,)),
+    ("wrong types", _post(b'{"prefix": [1]}'), (400,)),
+    ("an oversized body (1 MB)", _post(b"{" * (1 << 20)), (413,)),
+    ("a deeply nested JSON body", _post(b"[" * 5000 + b"]" * 5000), (400,)),
+    ("a body without length", _post(b"{}", length=False), (411,)),
+    ("chunked", _post(b"2\r\n{}\r\n0\r\n\r\n", length=False, extra=b"Transfer-Encoding: chunked\r\n"), (411,)),
+    ("two Content-Lengths", _post(b"{}", extra=b"Content-Length: 3\r\n"), (400,)),
+    ("a negative Content-Length", _post(b"", length=False, extra=b"Content-Length: -1\r\n"), (400,)),
+    ("a form post", _post(b"a=b", ctype=b"application/x-www-form-urlencoded"), (415,)),
+    ("a browser's cross-origin post", _post(b"{}", path=b"/control/delete", extra=b"Origin: http://evil\r\n"), (403,)),
     ("a header without a colon", b"GET /status HTTP/1.1\r\nnonsense\r\n\r\n", (200, 400)),
     ("a bad version", b"GET /status HTTP/9.9\r\n\r\n", (400,)),
 ]
