@@ -56,7 +56,10 @@ class Disk(msgspec.Struct, **_CLOSED):
 
 
 class ShardCounters(msgspec.Struct, kw_only=True):
-    """The recorder's own counters (shardlog.stats.Counters) as its stats file last said. The fields listed are guaranteed; the recorder may add more (they are passed through)."""  # noqa: E501 - one line: msgspec 0.22 and 0.23 dedent a docstring differently, and the schema in docs/supervisor.md must match both
+    """The recorder's own counters (shardlog.stats.Counters) as its stats file last said.
+
+    The fields listed are guaranteed; the recorder may add more (they are passed through).
+    """
 
     messages: int              # records written to topic files
     bytes: int                 # bytes appended to topic files
