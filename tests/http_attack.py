@@ -196,6 +196,21 @@ class Slowloris:
                 pass
         return alive
 
+    def waiting(self) -> int:
+        """How many connections the server still holds open without an answer (nothing to read)."""
+        n = 0
+        for s in self.socks:
+            s.setblocking(False)
+            try:
+                s.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                n += 1
+            except OSError:
+                pass
+            finally:
+                s.setblocking(True)
+        return n
+
     def answers(self, timeout: float) -> dict[int, int]:
         """Wait for what the server says to each (its timeout): a count of statuses."""
         counts: dict[int, int] = {}

@@ -22,7 +22,7 @@ from supervisor.http import StatusServer
 from supervisor.http_front import Frame, Limits, frame
 from supervisor.snapshot import EMPTY
 from supervisor.status import Sample, build_status
-from tests.http_attack import BAD_REQUESTS, Slowloris, concurrent_gets, exchange, latencies, summary
+from tests.http_attack import BAD_REQUESTS, Slowloris, concurrent_gets, exchange, latencies, read_response, summary
 from tests.supervisor.helpers import Flow, SupervisorProc, make_map, payload_ids, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,18 +83,14 @@ def test_connection_cap_slow_requests_idle_connections_and_pipelining(server: St
     slow.close()
     with socket.create_connection(addr, timeout=5) as s:  # an idle keep-alive connection is closed
         s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while not data.endswith(b"}\n") and b"\r\n\r\n" not in data:
-            data += s.recv(65536)
-        assert s.recv(65536) is not None
-        wait_for(lambda: s.recv(65536) == b"", 5, "the idle connection to be closed")
+        assert read_response(s, bytearray())[0] == 200
+        t0 = time.monotonic()
+        assert s.recv(65536) == b"", "the server answered more than asked"
+        assert time.monotonic() - t0 < 3, "the idle connection was not closed after idle_timeout"
     with socket.create_connection(addr, timeout=5) as s:  # two pipelined requests, answered in order
         s.sendall(b"GET /status HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-        assert data.startswith(b"HTTP/1.1 200") and b"\r\n\r\nHTTP/1.1 404" in data.split(b"}", 1)[1] or \
-            data.count(b"HTTP/1.1 ") == 2, data[:300]
+        buf = bytearray()
+        assert read_response(s, buf)[0] == 200 and read_response(s, buf)[0] == 404
 
 
 def test_a_slow_control_command_does_not_hold_up_status() -> None:
@@ -131,20 +127,22 @@ def test_status_answers_and_recording_goes_on_under_attack(broker, supervisors, 
     flow = Flow(broker.port, ["a/x"], count=1500, batch=50, pause=0.02)
     flow.start()
     slow = Slowloris(addr, 200)
+    slow_since = time.monotonic()
     during: list[float] = []
     probe = threading.Thread(target=lambda: during.extend(latencies(addr, 60, pause=0.05)), daemon=True)
     probe.start()
     crowd = concurrent_gets(addr, 300, rounds=3)
     bad = {what: exchange(addr, data) for what, data, _ in BAD_REQUESTS}
     alive = slow.trickle()
+    held = slow.waiting() if time.monotonic() - slow_since < 9 else None  # 10 s: their timeout
     probe.join(60)
     flow.finish(90)
     print(f"\n[bad input] /status before: {summary(before)}; during 300 clients x 3 + 200 slowloris + "
-          f"{len(BAD_REQUESTS)} bad requests: {summary(during)}; crowd statuses {crowd}; slowloris open {alive}/200")
+          f"{len(BAD_REQUESTS)} bad requests: {summary(during)}; crowd statuses {crowd}; slowloris held open {held}/200")
     assert crowd == {200: 900}, crowd
     wrong = {w: s for w, s in bad.items() if s not in next(e for x, _, e in BAD_REQUESTS if x == w)}
     assert not wrong, wrong
-    assert alive == 200, "slowloris connections were dropped before their timeout"
+    assert alive == 200 and held in (200, None), f"slowloris connections answered or closed early: {held}"
     assert len(during) == 60 and max(during) < 3, summary(during)  # a sanity bound; the figures are printed
     ids = wait_for(lambda: (x := payload_ids(root, flow.topics("a/x"))) and len(set(x)) == 1500 and x, 30,
                    "every message recorded")
