@@ -20,7 +20,7 @@ import pytest
 from shardlog.cli import build_parser
 from tests.helpers import free_port, run_cli, write_map
 
-BUILTIN = {"record", "check", "init", "topics", "tail", "cat", "export", "replay", "nginx-routes"}
+BUILTIN = {"record", "check", "init", "topics", "tail", "cat", "export", "sql", "replay", "nginx-routes"}
 NUMBER_BAD = ["abc", "", "nan", "inf", "-1", "1e999", "0x10", "1.5.5"]
 TIME_BAD = ["abc", "", "2026-13-45T99:00", "yesterday"]
 #: options whose value is a free string checked by the verb itself
@@ -30,7 +30,7 @@ STRING_BAD = {
     "--rename": ["noequals", "=x", "a=", "a/#=b", ""],
     "--url": ["nope", "ftp://127.0.0.1:1", "http://", "http://127.0.0.1:99999", "", "http://[::1"],
     "--upstream": ["bad", "=1.2.3.4:80", "all=", "all=:80x"],
-    "--to": ["out.txt", ""],
+    "--to": ["out.txt", "", "out.parquet.bak"],
 }
 
 
@@ -55,6 +55,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         "tail": [root, "chat/a"],                            # 66
         "cat": [root, "chat"],                               # 66
         "export": [root, "chat", "--to", str(tmp / "out.sqlite")],   # 66
+        "sql": [root, "SELECT 1"],                           # 66
         "replay": [root, "chat", "--broker", "mqtt://127.0.0.1:1"],  # 66
         "nginx-routes": [m, "--upstream", "all=127.0.0.1:80"],      # 0
         "supervise": [str(tmp / "missing.yaml")],            # 78
