@@ -148,7 +148,9 @@ class Front:
 
     def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits()) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.listener = socket.create_server(address, family=family, backlog=1024)
+        # "[::]:PORT" takes IPv4 too, as the stdlib server's socket did (create_server sets V6ONLY)
+        dual = family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
+        self.listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dual)
         self.listener.setblocking(False)
         self.handle = handle
         self.limits = limits

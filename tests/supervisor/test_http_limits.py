@@ -150,3 +150,12 @@ def test_status_answers_and_recording_goes_on_under_attack(broker, supervisors, 
     assert sup.shard("a")["pid"] == pid and sup.shard("a")["restarts"] == 0
     assert slow.answers(15) == {408: 200}  # request_timeout: 10 s from the first byte
     slow.close()
+
+
+def test_listen_on_every_ipv6_address_takes_ipv4_too() -> None:
+    """``listen: "[::]:PORT"`` answers IPv4 clients, as the stdlib server's socket did."""
+    s = StatusServer("[::]:0", lambda: build_status(EMPTY, Sample(), time.monotonic())).start()
+    try:
+        assert exchange(("127.0.0.1", s.address[1]), b"GET /status HTTP/1.1\r\n\r\n") == 200
+    finally:
+        s.stop()
