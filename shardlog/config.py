@@ -139,6 +139,19 @@ class Batch(Struct, **_STRICT):
     max_delay: Duration = Duration(0.02)
 
 
+#: ``package.module:attribute``, or a built-in's name alone (shardlog/builtin_hooks.py)
+HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                                       r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$")]
+
+
+class HookSpec(Struct, **_STRICT):
+    """A hook with arguments: ``use`` names a factory, called once at start with ``args``
+    as keyword arguments; it returns the hook (docs/hooks.md)."""
+
+    use: HookName
+    args: dict[str, Any] = {}
+
+
 class Settings(Struct, **_STRICT):
     """Per-shard settings; ``defaults`` holds them for every shard."""
 
@@ -157,6 +170,11 @@ class Settings(Struct, **_STRICT):
     # how segments are written (shardlog/formats.py, docs/history.md "Write formats")
     format: Literal["jsonl", "json", "csv"] = "jsonl"
     payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
+    # Python callables applied in order to each message before it is stored (docs/hooks.md);
+    # a shard's list replaces the defaults' one. Imported by `shardlog check` and at start.
+    hooks: list[HookName | HookSpec] = []
+    hooks_path: str | list[str] = []  # directories searched first for the hooks' modules
+    hook_timeout: PositiveDuration = PositiveDuration(1.0)  # per message, all hooks together
 
 
 class Shard(Settings, **_STRICT):
@@ -320,10 +338,29 @@ def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = Non
         merged.append(deep_merge(defaults_raw, s))
     smap: ShardMap = _convert({**raw, "shards": merged}, ShardMap)
     _check_shards(smap)
-    for shard in smap.shards:
-        shard.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(shard.root)))
-    smap.defaults.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(smap.defaults.root)))
+    for settings in (*smap.shards, smap.defaults):
+        settings.root = _resolve_path(base_dir, settings.root)
+        paths = [settings.hooks_path] if isinstance(settings.hooks_path, str) else settings.hooks_path
+        settings.hooks_path = [_resolve_path(base_dir, p) for p in paths]
     return smap
+
+
+def _resolve_path(base_dir: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def hook_specs(settings: Settings) -> list[HookSpec]:
+    """A shard's ``hooks`` list, every entry as a HookSpec (a bare name has no args)."""
+    return [h if isinstance(h, HookSpec) else msgspec.convert({"use": h}, HookSpec)
+            for h in settings.hooks]
+
+
+def hook_key(smap: ShardMap, shard: Shard, j: int) -> str:
+    """The key of a shard's ``j``-th hook, for error messages: ``shards[2].hooks[0]``, or
+    ``defaults.hooks[0] (shard chat)`` when the shard inherits the defaults' list."""
+    if shard.hooks == smap.defaults.hooks:
+        return f"defaults.hooks[{j}] (shard {shard.name})"
+    return f"shards[{smap.shards.index(shard)}].hooks[{j}]"
 
 
 LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost", "ip6-loopback")

@@ -124,6 +124,8 @@ COUNTERS = [
     ("compressed", "compressed", "Rotated segments compressed"),
     ("deleted_segments", "deleted_segments", "Segments removed by retention"),
     ("quarantined", "quarantined", "Records written to the quarantine file"),
+    ("hook_errors", "hook_errors", "Messages quarantined because a hook raised, returned garbage or timed out"),
+    ("hook_dropped", "hook_dropped", "Messages a hook dropped (acknowledged, not written)"),
     ("repaired", "repaired", "Torn segment tails cut back on reopen"),
     ("errors", "errors", "I/O errors"),
     ("connects", "connects", "Connections made to the broker"),
