@@ -111,8 +111,16 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from shardlog.hooks import check_hooks
+
     smap = load_or_exit(args.map)
-    print(f"{args.map}: OK, {len(smap.shards)} shard(s)")
+    try:
+        n_hooks = check_hooks(smap)  # imports them, as `shardlog record` will
+    except ConfigError as exc:
+        print(f"shardlog: configuration error: {args.map}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    hooks = f", {n_hooks} hook(s) imported" if n_hooks else ""
+    print(f"{args.map}: OK, {len(smap.shards)} shard(s){hooks}")
     print(format_table(("PREFIX", "SHARD", "ROOT", "HOST", "BROKER"), routing_table(smap)))
     return 0
 

@@ -75,6 +75,10 @@ class HookTimeout(BaseException):
     own ``except Exception`` does not swallow it."""
 
 
+class BadOutput(TypeError):
+    """A hook returned something that is not a message (its reason says what)."""
+
+
 class HookFailure(NamedTuple):
     """The chain could not handle a message: quarantine it with ``reason``."""
 
@@ -153,33 +157,33 @@ def check_hooks(smap: ShardMap) -> int:
 
 
 def checked(m: Any) -> Message:
-    """A hook's output as a valid Message (a str payload becomes UTF-8), or TypeError."""
+    """A hook's output as a valid Message (a str payload becomes UTF-8), or BadOutput."""
     if m.__class__ is not Message:
-        raise TypeError(f"returned {type(m).__name__} {_short(m)}, expected a Message, a list of "
+        raise BadOutput(f"returned {type(m).__name__} {_short(m)}, expected a Message, a list of "
                         "them or None")
     topic, payload, ts, qos, retain = m
     if topic.__class__ is not str or not topic:
-        raise TypeError(f"returned a message whose topic is {_short(topic)}, expected a non-empty str")
+        raise BadOutput(f"returned a message whose topic is {_short(topic)}, expected a non-empty str")
     if payload.__class__ is not bytes:
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         elif isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
         else:
-            raise TypeError(f"returned a message whose payload is a {type(payload).__name__}, "
+            raise BadOutput(f"returned a message whose payload is a {type(payload).__name__}, "
                             "expected bytes or str")
     if ts.__class__ is not int or ts < 0:
-        raise TypeError(f"returned a message whose ts is {_short(ts)}, expected microseconds (int)")
+        raise BadOutput(f"returned a message whose ts is {_short(ts)}, expected microseconds (int)")
     if qos not in (0, 1, 2) or qos.__class__ is not int:
-        raise TypeError(f"returned a message whose qos is {_short(qos)}, expected 0, 1 or 2")
+        raise BadOutput(f"returned a message whose qos is {_short(qos)}, expected 0, 1 or 2")
     if retain.__class__ is not bool:
-        raise TypeError(f"returned a message whose retain is {_short(retain)}, expected a bool")
+        raise BadOutput(f"returned a message whose retain is {_short(retain)}, expected a bool")
     try:
         topic.encode("utf-8")
     except UnicodeEncodeError:
-        raise TypeError(f"returned a message whose topic {topic!r} is not valid UTF-8") from None
+        raise BadOutput(f"returned a message whose topic {topic!r} is not valid UTF-8") from None
     if "+" in topic or "#" in topic or "\x00" in topic:
-        raise TypeError(f"returned a message whose topic {topic!r} holds a wildcard or NUL "
+        raise BadOutput(f"returned a message whose topic {topic!r} holds a wildcard or NUL "
                         "(not a topic name)")
     return m if payload is m.payload else m._replace(payload=payload)
 
@@ -217,7 +221,8 @@ class Chain:
                 wd.busy = False
             except Exception as exc:  # noqa: BLE001 - the hook's error, isolated
                 wd.busy = False
-                return self._failed(self.current, _error_text(exc), started)
+                text = str(exc) if exc.__class__ is BadOutput else _error_text(exc)
+                return self._failed(self.current, text, started)
         except HookTimeout:  # raised once per call at most (the handler clears busy first)
             wd.busy = False
             return self._timed_out(started)

@@ -288,3 +288,69 @@ def test_fanout_holds_the_real_id_until_its_last_record_is_written() -> None:
     fan.split(9, 2)
     fan.clear()
     assert not fan.live
+
+
+def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real Recorder and store, a real client on a socketpair (no broker): a message that
+    a hook turns into a record of a known topic and one of a new topic (held by the preparer)
+    is acknowledged only once both are written, and once."""
+    import socket
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from shardlog.recorder import Recorder
+    from shardlog.store import Preparer
+
+    (tmp_path / "hk").mkdir()
+    (tmp_path / "hk" / "fan_hooks_mod.py").write_text(
+        "def fan(m):\n    return [m, m._replace(topic='new/' + m.payload.decode())]\n")
+    smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data"),
+                                  "hooks": ["fan_hooks_mod:fan"], "hooks_path": str(tmp_path / "hk")}]})
+    rec = Recorder(smap, smap.shards[0])
+    rec.install_hooks()
+    assert rec.fan is not None
+    rec.open_store(*rec._prepare_root())
+    assert rec.store is not None
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
+    client = rec._make_client()
+    a, b = socket.socketpair()
+    client._sock = a
+    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    rec.client, rec.connected = client, True
+
+    def pubacks() -> list[int]:
+        client.loop_write()
+        b.setblocking(False)
+        data = b""
+        try:
+            while chunk := b.recv(1 << 16):
+                data += chunk
+        except BlockingIOError:
+            pass
+        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
+
+    try:
+        rec.on_publish(b"known", b"0", 1, 1, False, False)
+        rec.flush(wait=True)  # known and new/0 prepared in this flush
+        assert pubacks() == [1]
+        rec.store.start_preparer()
+        rec.on_publish(b"known", b"1", 1, 2, False, False)  # new/1: waits for the gated preparer
+        rec.flush()
+        assert (tmp_path / "data" / "known" / "+log.jsonl").read_bytes().count(b"\n") == 2
+        assert pubacks() == [], "acked while one of its records was still in memory"
+        gate.set()
+        rec.flush(wait=True)
+        assert pubacks() == [2]
+        assert (tmp_path / "data" / "new" / "1" / "+log.jsonl").read_bytes().count(b"\n") == 1
+        assert not rec.fan.live and rec.counters.messages == 4
+    finally:
+        gate.set()
+        rec.store.close()
+        a.close()
+        b.close()
+        sys.path.remove(str(tmp_path / "hk"))
+        sys.modules.pop("fan_hooks_mod", None)
