@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
 _monotonic = time.monotonic
+_new = tuple.__new__  # Message(...) without the Python-level __new__ of a NamedTuple
 
 #: stand-in ids start above every MQTT packet id (1..65535)
 FIRST_STANDIN = 1 << 32
@@ -111,7 +112,8 @@ class HookedPath:
             self.plain(topic, payload, qos, mid, dup, retain)  # hooks see only what this shard stores
             return
         ts = _time_ns() // 1000
-        result = self.chain.run(Message(st.topic, payload, ts, qos, retain))  # type: ignore[union-attr]
+        msg = _new(Message, (st.topic, payload, ts, qos, retain))  # type: ignore[union-attr]
+        result = self.chain.run(msg)
         if qos:
             rec.acks.append(mid)
         else:
@@ -128,7 +130,10 @@ class HookedPath:
         elif not result:
             c.hook_dropped += 1  # acknowledged by the next flush, as a discarded message
         elif len(result) == 1:  # type: ignore[arg-type]
-            self._store(result[0], mid)  # type: ignore[index]
+            if result[0] is msg:  # type: ignore[index]  # unchanged: as without hooks
+                store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type]
+            else:
+                self._store(result[0], mid)  # type: ignore[index]
         else:
             ids = self.fan.split(mid, len(result)) if mid else [0] * len(result)  # type: ignore[arg-type]
             for m, i in zip(result, ids):  # type: ignore[arg-type]

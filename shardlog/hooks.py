@@ -207,6 +207,7 @@ class Chain:
         self.owns = owns
         self.watchdog = watchdog or Watchdog(timeout)
         self.current = 0  # index of the hook running (the one a timeout blames)
+        self.strikes = 0  # timeouts since a message last went through (for the suspension)
 
     def run(self, msg: Message) -> list[Message] | HookFailure:
         """The messages ``msg`` becomes (empty: dropped), or why it must be quarantined."""
@@ -227,18 +228,23 @@ class Chain:
             wd.busy = False
             return self._timed_out(started)
         if out.__class__ is HookFailure:
-            return out  # type: ignore[return-value]
+            return out
         if _monotonic() - started > self.timeout:  # interrupted too late, or no watchdog
             return self._timed_out(started)
+        if self.strikes:
+            self._clear_strikes()
+        topic = msg.topic
         for m in out:  # type: ignore[union-attr]
-            problem = self.owns(m.topic)
-            if problem is not None:
-                return self._failed(self.current, f"produced topic {m.topic!r}: {problem}", started)
-        return out  # type: ignore[return-value]
+            if m.topic is not topic and m.topic != topic:
+                problem = self.owns(m.topic)
+                if problem is not None:
+                    return self._failed(self.current, f"produced topic {m.topic!r}: {problem}", started)
+        return out
 
     def _apply(self, msg: Message, now: float) -> list[Message] | HookFailure:
         batch = [msg]
-        for i, hook in enumerate(self.hooks):
+        i = 0
+        for hook in self.hooks:
             self.current = i
             if hook.suspended_until > now:
                 return HookFailure(f"hook {hook.name}: suspended after {TIMEOUTS_TO_SUSPEND} timeouts "
@@ -247,27 +253,33 @@ class Chain:
             out: list[Message] = []
             for m in batch:
                 r = fn(m)
-                if r is None:
-                    continue
                 if r is m:
                     out.append(m)
+                elif r is None:
+                    continue
                 elif r.__class__ is Message:
                     out.append(checked(r))
                 elif isinstance(r, (list, tuple)) or (hasattr(r, "__next__") and hasattr(r, "__iter__")):
                     out.extend(checked(x) for x in r)  # a generator runs here, timed too
                 else:
-                    checked(r)  # raises TypeError naming what it got
+                    checked(r)  # raises BadOutput naming what it got
             batch = out
             if not batch:
                 break
-        for hook in self.hooks[:self.current + 1]:
-            hook.timeouts_in_a_row = 0
+            i += 1
         return batch
+
+    def _clear_strikes(self) -> None:
+        """A message went through: every hook's run of timeouts is broken."""
+        for hook in self.hooks:
+            hook.timeouts_in_a_row = 0
+        self.strikes = 0
 
     def _timed_out(self, started: float) -> HookFailure:
         i = self.current
         hook = self.hooks[i]
         hook.timeouts_in_a_row += 1
+        self.strikes += 1
         elapsed = _monotonic() - started
         failure = self._failed(i, f"timed out: ran {elapsed:.3f}s, over hook_timeout "
                                   f"{self.timeout:g}s", started)
