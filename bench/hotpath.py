@@ -20,8 +20,9 @@ hot path; use bench/throughput.py for the end-to-end figures.
 ``--sides`` compares, interleaved in one run: ``plain`` (the shard map as given),
 ``hook`` (the same with one trivial hook, bench_hooks.py's ``same``: what the hook
 machinery costs per message) and ``before`` (the map as given, run by the source tree
-``--before-src`` in a child process: e.g. main, to see that a shard without hooks did
-not slow down).
+``--before-src`` in a child process: e.g. main) and ``after`` (the same in a child
+process, but run by ``--src``: compare it with ``before``, to see that a shard without
+hooks did not slow down; both start afresh, with their own warm-up).
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
     smap = parse_map(raw, env={})
     rec = Recorder(smap, smap.shards[0])
     install = getattr(rec, "install_hooks", None)  # absent in trees older than hooks
-    if install is not None:
-        install()
+    chain = install() if install is not None else None
     rec.open_store(*rec._prepare_root())
     client = rec._make_client()
     a, b = socket.socketpair()
@@ -134,6 +134,8 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
     c1 = os.times()
     wall = time.monotonic() - t0
     rec.store.close()  # type: ignore[union-attr]
+    if chain is not None:
+        chain.watchdog.stop()  # its thread and SIGALRM would tax the next side in this process
     a.close()
     b.close()
     if acked_bytes != 4 * n or rec.counters.messages != n:
@@ -150,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="map_set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--src", type=Path, default=tp.REPO)
     p.add_argument("--tmpdir", default=None)
-    p.add_argument("--sides", default="plain", help="comma-separated: plain, hook, before")
+    p.add_argument("--sides", default="plain", help="comma-separated: plain, hook, before, after")
     p.add_argument("--before-src", type=Path, default=None, help="the source tree of side 'before'")
     args = p.parse_args(argv)
     sides = args.sides.split(",")
-    if unknown := set(sides) - {"plain", "hook", "before"}:
+    if unknown := set(sides) - {"plain", "hook", "before", "after"}:
         raise SystemExit(f"unknown side(s): {', '.join(sorted(unknown))}")
     if "before" in sides and args.before_src is None:
         raise SystemExit("side 'before' needs --before-src DIR")
@@ -169,14 +171,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"defaults.hooks_path={Path(__file__).resolve().parent}"]
         sets = {"plain": args.map_set, "hook": hook_set}
         for side in sides:
-            if side != "before":
+            if side in sets:
                 run_once(stream, args.messages, args.protocol, root, sets[side])
         cpus: dict[str, list[float]] = {side: [] for side in sides}
         rates: dict[str, list[float]] = {side: [] for side in sides}
         for i in range(args.repeats):
             for side in sides:
-                if side == "before":
-                    cpu_per_m, rate = _before(args)
+                if side not in sets:
+                    cpu_per_m, rate = _child(args, args.before_src if side == "before" else args.src)
                 else:
                     cpu, wall = run_once(stream, args.messages, args.protocol, root, sets[side])
                     cpu_per_m, rate = cpu * 1e6 / args.messages, args.messages / wall
@@ -195,20 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _before(args: argparse.Namespace) -> tuple[float, float]:
-    """One measured run of the --before-src tree, in a child (its own warm-up first)."""
+def _child(args: argparse.Namespace, src: Path) -> tuple[float, float]:
+    """One measured run of the source tree ``src``, in a child (its own warm-up first)."""
     import re
     import subprocess
 
-    cmd = [sys.executable, __file__, "--src", str(args.before_src), "--repeats", "1",
+    cmd = [sys.executable, __file__, "--src", str(src), "--repeats", "1",
            "--messages", str(args.messages), "--topics", str(args.topics), "--protocol", args.protocol]
     for item in args.map_set:
         cmd += ["--set", item]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=str(args.before_src))).stdout
+                         env=dict(os.environ, PYTHONPATH=str(src))).stdout
     m = re.search(r"median ([0-9.]+) CPU s per 1M msgs .*?; ([0-9,]+) msg/s", out)
     if m is None:
-        raise SystemExit(f"side before: no figure in its output:\n{out}")
+        raise SystemExit(f"{src}: no figure in its output:\n{out}")
     return float(m.group(1)), float(m.group(2).replace(",", ""))
 
 

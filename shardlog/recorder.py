@@ -47,6 +47,7 @@ from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_re
 
 if TYPE_CHECKING:
     from shardlog.hook_path import FanOut
+    from shardlog.hooks import Chain
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -111,12 +112,13 @@ class Recorder:
         #: with hooks (hook_path.install): the stand-in ids of messages that became several records
         self.fan: FanOut | None = None
 
-    def install_hooks(self) -> None:
+    def install_hooks(self) -> Chain | None:
         """A shard with hooks records through hook_path.HookedPath.on_publish (bound once,
         here: a shard without hooks keeps the plain path). Raises ConfigError."""
-        if self.shard.hooks:
-            from shardlog import hook_path
-            hook_path.install(self)
+        if not self.shard.hooks:
+            return None
+        from shardlog import hook_path
+        return hook_path.install(self)
 
     # -- setup ----------------------------------------------------------------------
 
