@@ -354,3 +354,43 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
         b.close()
         sys.path.remove(str(tmp_path / "hk"))
         sys.modules.pop("fan_hooks_mod", None)
+
+
+def test_the_worked_examples_of_docs_hooks_md_do_what_it_says(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "hooks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    (tmp_path / "doc_chatfilter.py").write_text(next(b for b in blocks if "_RUDE" in b))
+    (tmp_path / "doc_sensor_units.py").write_text(next(b for b in blocks if "def add_units" in b))
+    smap = parse_map({"shards": [
+        {"name": "chat", "prefix": "chat", "hooks_path": str(tmp_path),
+         "hooks": ["doc_chatfilter:clean", {"use": "redact", "args": {"keys": ["email", "phone"]}}]},
+        {"name": "sensors", "prefix": "sensors", "hooks_path": str(tmp_path),
+         "hooks": [{"use": "keep", "args": {"topics": ["sensors/+"]}}, "cbor_to_json",
+                   "doc_sensor_units:add_units"]}]})
+    try:
+        chat = Chain(load_hooks(smap, smap.shards[0]), 1.0, lambda t: None)
+        sensors = Chain(load_hooks(smap, smap.shards[1]), 1.0, lambda t: None)
+        room = MSG._replace(topic="chat/room42")
+        out = chat.run(room._replace(payload=b'{"user":"bob","text":"what the heck"}'))
+        assert [json.loads(m.payload) for m in out] == [  # type: ignore[union-attr]
+            {"user": "bob", "text": "what the h***", "filtered": True}]
+        assert chat.run(room._replace(payload=b'{"text":"HECK"}')) == []
+        polite = room._replace(payload=b'{"user":"ann","text":"hi"}')
+        assert chat.run(polite) == [polite]
+        bad = chat.run(room._replace(payload=b'[1, 2]'))
+        assert bad == [room._replace(payload=b'[1, 2]')]  # a list: not a chat message, kept
+        k1 = MSG._replace(topic="sensors/k1", payload=bytes.fromhex(
+            "a3 61 74 18 d7 61 68 18 30 61 62 fb 40 08 cc cc cc cc cc cd"))
+        out = sensors.run(k1)
+        assert [json.loads(m.payload) for m in out] == [{  # type: ignore[union-attr]
+            "temperature": {"value": 21.5, "unit": "°C"}, "humidity": {"value": 48, "unit": "%"},
+            "battery": {"value": 3.1, "unit": "V"}}]
+        assert sensors.run(k1._replace(topic="sensors/k1/raw")) == []
+        failure = sensors.run(k1._replace(payload=cbor2.dumps({"x": 1})))
+        assert isinstance(failure, HookFailure) and failure.reason == "hook doc_sensor_units:add_units: KeyError: 'x'"
+        failure = sensors.run(k1._replace(payload=b"\xa3\x61"))
+        assert isinstance(failure, HookFailure) and failure.reason.startswith("hook cbor_to_json: CBORDecodeEOF")
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("doc_chatfilter", "doc_sensor_units"):
+            sys.modules.pop(name, None)
