@@ -38,6 +38,7 @@ TIMEOUTS_TO_SUSPEND = 3
 SUSPEND_FOR = 60.0
 #: a hook's errors are logged at most once per this many seconds (with the count since)
 LOG_EVERY = 60.0
+MAX_REASON = 2000  # characters of a hook's error kept in the quarantine record
 
 
 class Message(NamedTuple):
@@ -294,6 +295,8 @@ class Chain:
         hook = self.hooks[i] if i < len(self.hooks) else self.hooks[-1]
         hook.errors += 1
         hook.unlogged += 1
+        if len(text) > MAX_REASON:  # an exception's text can be anything
+            text = text[:MAX_REASON] + f"... ({len(text)} characters)"
         reason = f"hook {hook.name}: {text}"
         if log_due(hook.logged_at, now, LOG_EVERY):
             log.error("%s (%d error(s) from this hook since its last report; the messages are "

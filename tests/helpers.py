@@ -210,6 +210,45 @@ class RecorderProc:
         return rc
 
 
+def gate_preparer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every new topic's preparation (shardlog.store.Preparer) until the event is set."""
+    from shardlog.store import Preparer
+
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
+    return gate
+
+
+class SocketpairClient:
+    """A recorder's own client on one end of a socketpair (no broker, no network): what it
+    acknowledges. ``rec`` is a shardlog.recorder.Recorder with its store open."""
+
+    def __init__(self, rec: Any) -> None:
+        self.client = rec._make_client()
+        self.a, self.b = socket.socketpair()
+        self.client._sock = self.a
+        self.client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        rec.client, rec.connected = self.client, True
+
+    def pubacks(self) -> list[int]:
+        """The packet ids of the PUBACKs sent since the last call, in order."""
+        self.client.loop_write()
+        self.b.setblocking(False)
+        data = b""
+        try:
+            while chunk := self.b.recv(1 << 16):
+                data += chunk
+        except BlockingIOError:
+            pass
+        assert len(data) % 4 == 0 and all(data[i:i + 2] == b"\x40\x02" for i in range(0, len(data), 4))
+        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
 def _mqtt_str(b: bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 

@@ -20,6 +20,7 @@ from shardlog import builtin_hooks
 from shardlog.config import ConfigError, HookSpec, parse_map
 from shardlog.hook_path import FIRST_STANDIN, FanOut
 from shardlog.hooks import Chain, HookFailure, LoadedHook, Message, Watchdog, checked, load_hooks, log_due
+from tests.helpers import SocketpairClient, gate_preparer
 
 MSG = Message("s/a", b'{"v": 1}', 1_700_000_000_000_000, 1, False)
 
@@ -295,13 +296,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     """A real Recorder and store, a real client on a socketpair (no broker): a message that
     a hook turns into a record of a known topic and one of a new topic (held by the preparer)
     is acknowledged only once both are written, and once."""
-    import socket
-    import threading
-
-    import paho.mqtt.client as mqtt
-
     from shardlog.recorder import Recorder
-    from shardlog.store import Preparer
 
     (tmp_path / "hk").mkdir()
     (tmp_path / "hk" / "fan_hooks_mod.py").write_text(
@@ -313,26 +308,9 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     assert rec.fan is not None
     rec.open_store(*rec._prepare_root())
     assert rec.store is not None
-    gate = threading.Event()
-    prepare = Preparer.prepare
-    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
-    client = rec._make_client()
-    a, b = socket.socketpair()
-    client._sock = a
-    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-    rec.client, rec.connected = client, True
-
-    def pubacks() -> list[int]:
-        client.loop_write()
-        b.setblocking(False)
-        data = b""
-        try:
-            while chunk := b.recv(1 << 16):
-                data += chunk
-        except BlockingIOError:
-            pass
-        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
-
+    gate = gate_preparer(monkeypatch)
+    pair = SocketpairClient(rec)
+    pubacks = pair.pubacks
     try:
         rec.on_publish(b"known", b"0", 1, 1, False, False)
         rec.flush(wait=True)  # known and new/0 prepared in this flush
@@ -350,8 +328,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     finally:
         gate.set()
         rec.store.close()
-        a.close()
-        b.close()
+        pair.close()
         sys.path.remove(str(tmp_path / "hk"))
         sys.modules.pop("fan_hooks_mod", None)
 
