@@ -304,8 +304,8 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data"),
                                   "hooks": ["fan_hooks_mod:fan"], "hooks_path": str(tmp_path / "hk")}]})
     rec = Recorder(smap, smap.shards[0])
-    rec.install_hooks()
-    assert rec.fan is not None
+    chain = rec.install_hooks()
+    assert rec.fan is not None and chain is not None
     rec.open_store(*rec._prepare_root())
     assert rec.store is not None
     gate = gate_preparer(monkeypatch)
@@ -329,6 +329,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
         gate.set()
         rec.store.close()
         pair.close()
+        chain.watchdog.stop()
         sys.path.remove(str(tmp_path / "hk"))
         sys.modules.pop("fan_hooks_mod", None)
 
