@@ -20,7 +20,12 @@ HOOKS = '''
 import time
 
 def tag(m):
-    """Transform: plain messages become JSON; s/split/K becomes two records, K/a and K/b."""
+    """Transform: plain messages become JSON; s/split/K becomes two records, K/a and K/b.
+    0.5 ms of CPU a message (not a sleep: a loaded machine oversleeps), so that the SIGKILL
+    of the test lands mid-stream."""
+    until = time.perf_counter() + 0.0005
+    while time.perf_counter() < until:
+        pass
     if m.topic.startswith("s/split/"):
         return [m._replace(topic=m.topic + "/a"),
                 m._replace(topic=m.topic + "/b", payload=b'"b' + m.payload + b'"')]
@@ -71,21 +76,6 @@ def test_sigkill_mid_stream_with_transforming_and_dropping_hooks_loses_nothing(
     m = write_map(tmp_path / "m.yaml", broker.port, [{"name": "s", "prefix": "s"}],
                   hooks=[{"use": "drop", "args": {"topics": ["s/noise/#"]}}, "e2e_hooks:tag"],
                   hooks_path=str(hooks_dir(tmp_path)), batch={"max_messages": 200})
-    rec = RecorderProc(m, "s", tmp_path).start()
-    recorders.append(rec)
-    kinds = ["s/t{}", "s/noise/{}", "s/split/{}"]  # i % 3: plain, dropped, fanned out
-    msgs = [(kinds[i % 3].format(i % 30), str(i).encode(), 1) for i in range(n)]
-    pub = Publisher(broker.port)
-    sender = threading.Thread(target=pub.publish_many, args=(msgs,), daemon=True)
-    sender.start()
-    wait_for(lambda: (s := rec.stats()) is not None and s.messages >= 600, 30, "600 records before the kill")
-    rec.kill()
-    first = rec.stats()
-    rec2 = RecorderProc(m, "s", tmp_path).start()
-    recorders.append(rec2)
-    sender.join(120)
-    pub.close()
-    assert not sender.is_alive(), "the publisher did not finish"
     root = tmp_path / "data"
     plain = {json.dumps({"n": i, "hooked": True}, separators=(",", ":")).encode()
              for i in range(0, n, 3)}
@@ -97,6 +87,23 @@ def test_sigkill_mid_stream_with_transforming_and_dropping_hooks_loses_nothing(
         got_a = {int(p) for t, ps in recs.items() if t.endswith("/a") for p in ps}
         got_b = {int(p[2:-1]) for t, ps in recs.items() if t.endswith("/b") for p in ps}
         return plain <= got_plain and split <= got_a and split <= got_b
+
+    rec = RecorderProc(m, "s", tmp_path).start()
+    recorders.append(rec)
+    kinds = ["s/t{}", "s/noise/{}", "s/split/{}"]  # i % 3: plain, dropped, fanned out
+    msgs = [(kinds[i % 3].format(i % 30), str(i).encode(), 1) for i in range(n)]
+    pub = Publisher(broker.port)
+    sender = threading.Thread(target=pub.publish_many, args=(msgs,), daemon=True)
+    sender.start()
+    wait_for(lambda: (s := rec.stats()) is not None and s.messages >= 300, 30, "300 records before the kill")
+    rec.kill()
+    first = rec.stats()
+    assert not complete(), "the kill came after the whole stream was written: not mid-stream"
+    rec2 = RecorderProc(m, "s", tmp_path).start()
+    recorders.append(rec2)
+    sender.join(120)
+    pub.close()
+    assert not sender.is_alive(), "the publisher did not finish"
     wait_for(complete, 60, f"every hooked message on disk (log: {rec2.stderr_path})")
     assert rec2.stop() == 0
     recs = records(root)
@@ -115,7 +122,7 @@ def test_sigkill_mid_stream_with_transforming_and_dropping_hooks_loses_nothing(
 def test_failing_hooks_are_quarantined_counted_and_reported_by_the_supervisor(
         tmp_path: Path, broker: Mosquitto, publisher: Publisher, supervisors: list[SupervisorProc]) -> None:
     m = make_map(tmp_path / "shards.yaml", broker.port,
-                 [{"name": "s", "prefix": "s", "hook_timeout": "300ms",
+                 [{"name": "s", "prefix": "s", "hook_timeout": "500ms",
                    "hooks": ["e2e_hooks:picky", "e2e_hooks:slow", {"use": "drop", "args": {"topics": ["s/drop"]}}],
                    "hooks_path": str(hooks_dir(tmp_path))},
                   {"name": "elsewhere", "prefix": "elsewhere", "root": str(tmp_path / "other")}])
