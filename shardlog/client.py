@@ -232,6 +232,23 @@ class StockClient(mqtt.Client):
             self.ack(mid, 1)
 
 
+class PahoErrors:
+    """Stands in for paho's logger below DEBUG: keeps its last error (why a socket died, e.g.
+    ``failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]``) for the
+    recorder's own log line, and drops the rest (paho's per-packet debug lines)."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if level >= logging.ERROR:
+            self.last = fmt % args if args else fmt
+
+    def take(self) -> str | None:
+        last, self.last = self.last, None
+        return last
+
+
 def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
     if os.environ.get("SHARDLOG_STOCK_PAHO") == "1":
         return StockClient(*args, **kwargs)

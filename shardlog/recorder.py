@@ -34,7 +34,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shardlog.client import BufferedClient, StockClient, apply_credentials, make_client
+from shardlog.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
+from shardlog.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
 from shardlog.config import Broker, ConfigError, Shard, ShardMap, client_id
 from shardlog.control import topic_filter_matches
 from shardlog.lock import LockBusy, ShardLock
@@ -109,6 +110,14 @@ class Recorder:
         #: never recorded: the control topic (commands may carry a token) and its replies
         self.unrecorded = [ctl.topic] + ([ctl.reply_topic] if ctl.reply_topic else []) if ctl.mqtt else []
         self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
+        # how this broker differs (shardlog/brokercheck.py): notes logged once, kept in the stats
+        self.expect_session = False  # the broker should have this client id's session
+        self._sys_mid = -1           # the $SYS watch's SUBACK, while it is outstanding
+        self.watch_sys = self.broker.sys_topics and not self.broker.embedded
+        self.probe = InflightProbe(self.batch_max, self.max_delay)
+        self.batch_step = self.batch_max  # flush every this many records (the broker's cap, if lower)
+        self.paho_errors = PahoErrors()
+        self.backoff = 0.5  # seconds before the next connection attempt; reset by a CONNACK
         #: with hooks (hook_path.install): the stand-in ids of messages that became several records
         self.fan: FanOut | None = None
 
@@ -128,6 +137,7 @@ class Recorder:
         branch = self.shard.branch
         branch_root = safe_join(root_real, topic_to_relpath(branch)) if branch else root_real
         os.makedirs(branch_root, exist_ok=True)
+        self.expect_session = recorded_before(branch_root)
         if not os.access(branch_root, os.W_OK):
             raise PermissionError(13, "not writable", branch_root)
         return root_real, branch_root
@@ -151,8 +161,8 @@ class Recorder:
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
         if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        if log.isEnabledFor(logging.DEBUG):
-            client.enable_logger(logging.getLogger("paho"))
+        # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
+        client.enable_logger(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else self.paho_errors)
         return client
 
     def _connect(self) -> None:
@@ -174,38 +184,73 @@ class Recorder:
             log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
             return
         self.connected = True
-        self.counters.connected = True
-        self.counters.connects += 1
+        self.backoff = 0.5
+        c = self.counters
+        c.connected = True
+        c.connects += 1
         topic = subscription(self.shard.branch)
         log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
                  self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
+        if self.expect_session and not flags.session_present:
+            c.sessions_lost += 1
+        for note in connack_notes(session_present=flags.session_present, expect_session=self.expect_session,
+                                  first=c.connects == 1, mqtt5=self.broker.mqtt5,
+                                  props=properties.json() if properties is not None else {},
+                                  asked_expiry=int(self.broker.session_expiry),
+                                  client_id=client_id(self.smap, self.shard)):
+            self.note(note)
+        c.session_present = flags.session_present
+        self.expect_session = True
         self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
-        if (self.router.owner(SYS_DROPPED) != self.shard.name and self.broker.sys_topics
-                and not self.broker.embedded):
+        if self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys:
             self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
-            client.subscribe(SYS_DROPPED, 0)  # harmless where the broker has no such topic
+            self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
+
+    def note(self, text: str) -> None:
+        """A way this broker differs: one WARNING line, once, and listed in the stats."""
+        if text not in self.counters.broker_notes:
+            log.warning("%s", text)
+            self.counters.broker_notes.append(text)
 
     def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                      reasons: list, properties: Properties | None) -> None:
-        if mid != self._subscribe_mid:
-            return  # the $SYS watch: its refusal or grant says nothing about recording
         failed = [r for r in reasons if getattr(r, "is_failure", False) or r == 128]
+        if mid == self._sys_mid:  # the $SYS watch: its refusal or grant says nothing about recording
+            self._sys_mid = -1
+            if failed:
+                self.note(f"the broker refuses the subscription to {SYS_DROPPED} ({failed[0]}): messages it "
+                          "drops go uncounted (broker_dropped); broker.sys_topics: false skips asking")
+        if mid != self._subscribe_mid:
+            return
         if failed:
             log.error("the broker refused the subscription to %s: %s",
                       subscription(self.shard.branch), failed)
             self.counters.errors += 1
             return
+        for r in reasons:
+            if (note := suback_note(self.shard.qos, getattr(r, "value", r), subscription(self.shard.branch))):
+                self.note(note)
         self.counters.subscribed = True
         self._write_stats()
 
     def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                       reason: object, properties: Properties | None) -> None:
-        if self.connected and not self.stop_requested:
-            log.warning("disconnected from the broker: %s", reason)
+        error = self.paho_errors.take()
+        if self.connected and self._sys_mid != -1 and not self.stop_requested:
+            self.watch_sys = False  # iotcore (rumqttd) does this: never ask again in this process
+            self.note(f"the broker closed the connection on the subscription to {SYS_DROPPED} instead of "
+                      "answering it; not asking again (set broker.sys_topics: false for this broker)")
+        elif self.connected and not self.stop_requested:
+            log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
+        elif not self.stop_requested:
+            log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
+                        "certificate, credentials, or the broker's limits?)", self.broker.host,
+                        self.broker.port, error or reason)
+        self._sys_mid = -1
         self._lost_connection()
 
     def _lost_connection(self) -> None:
@@ -348,7 +393,7 @@ class Recorder:
         if self.pending:
             self.next_retry = now + 1.0
         self.batch_started = now
-        self.flush_at = self.pending + self.batch_max
+        self.flush_at = self.pending + self.batch_step
         if len(self.states) > self.max_states:
             self._trim_states()
         if ack and self.connected and self.client is not None:
@@ -367,6 +412,23 @@ class Recorder:
         while unacked and unacked[0] not in blocked:
             ack.append(unacked.popleft())
         return ack
+
+    def _deadline_flush(self, now: float) -> None:
+        """A flush because the batch's time is up; watches for a broker in-flight cap."""
+        first, acked = self.batch_started, self.counters.acked
+        self.flush()
+        last = self.counters.last_message_ts
+        if last is None or self.counters.degraded:
+            return
+        offset = time.time() - now  # wall clock minus monotonic
+        cap = self.probe.on_deadline_flush(now, self.counters.acked - acked, first, last / 1e6 - offset)
+        if cap is not None:
+            self.batch_step = min(self.batch_max, cap)
+            self.flush_at = self.pending + self.batch_step
+            self.counters.inflight_cap = cap
+            self.note(f"the broker sends at most {cap} unacknowledged messages (its in-flight cap, below "
+                      f"batch.max_messages {self.batch_max}): flushing every {cap} messages instead of "
+                      f"waiting batch.max_delay; raise the cap on the broker for throughput (docs/brokers.md)")
 
     def _flush_deadline(self) -> float | None:
         """When the buffered records must be flushed: the batch's max_delay, or, while
@@ -468,19 +530,19 @@ class Recorder:
         client = self.client
         assert client is not None
         next_connect = 0.0
-        backoff = 0.5
         next_tick = 0.0
         while not self.stop_requested:
             now = time.monotonic()
             if client.socket() is None and now >= next_connect:
+                # the next attempt if this one fails, even after the TCP connect (a TLS or login
+                # refusal ends the connection inside connect()): only a CONNACK resets the backoff
+                next_connect = now + self.backoff
+                self.backoff = min(self.backoff * 2, self.broker.reconnect_max)
                 try:
                     self._connect()
-                    backoff = 0.5
                 except (OSError, ValueError) as exc:
                     log.warning("cannot reach broker %s:%s: %s; retrying in %.1fs",
-                                self.broker.host, self.broker.port, exc, backoff)
-                    next_connect = now + backoff
-                    backoff = min(backoff * 2, self.broker.reconnect_max)
+                                self.broker.host, self.broker.port, exc, next_connect - now)
             if client.socket() is not None:
                 timeout = min(0.1, max(0.0, self.ops.next_poll - now))  # inf without a control socket
                 deadline = self._flush_deadline()
@@ -491,15 +553,14 @@ class Recorder:
                     rc = client.read_buffered()
                     if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.want_write():
                         client.loop_write()  # the acks queued by flushes inside callbacks
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is None:
+                if client.socket() is None:  # ended, whatever rc says (paho may close it itself)
                     self._lost_connection()
-                    next_connect = time.monotonic() + backoff
-                    backoff = min(backoff * 2, self.broker.reconnect_max)
+                    next_connect = max(next_connect, time.monotonic() + 0.5)
             else:
                 time.sleep(min(0.1, max(0.0, next_connect - now)))  # waiting to reconnect
             now = time.monotonic()
             if self._due(now):
-                self.flush()
+                self._deadline_flush(now)
             if now >= self.ops.next_poll:
                 self.ops.poll(now)  # control commands, between batches
             if now >= next_tick:

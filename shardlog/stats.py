@@ -38,6 +38,10 @@ class Counters(msgspec.Struct, kw_only=True):
     degraded: bool = False
     degraded_reason: str | None = None
     broker_dropped: int | None = None   # mosquitto's $SYS/broker/publish/messages/dropped, if it tells
+    session_present: bool | None = None  # the last CONNACK's flag (None: not connected yet)
+    sessions_lost: int = 0     # CONNACKs without the session this client id should have had
+    inflight_cap: int | None = None  # the broker's cap on unacknowledged messages, if detected
+    broker_notes: list[str] = msgspec.field(default_factory=list)  # what this broker does differently
     last_message_ts: int | None = None  # reception time (us) of the newest message
     started_ts: int = 0
     updated_ts: int = 0

@@ -8,6 +8,7 @@ import shutil
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -149,10 +150,12 @@ def fallback_broker_settings(port: int) -> dict[str, Any]:
     return {"sys_topics": False} if port in PORTS else {}
 
 
-def write_map(path: Path, port: int, shards: list[dict[str, Any]], **defaults: Any) -> Path:
+def write_map(path: Path, port: int, shards: list[dict[str, Any]], broker_keys: dict[str, Any] | None = None,
+              **defaults: Any) -> Path:
+    """A shard map for the broker on ``port`` (``broker_keys``: more of its ``broker`` section)."""
     doc = {
         "broker": {"host": "127.0.0.1", "port": port, "client_id_prefix": f"t{os.getpid()}-{path.parent.name}-",
-                   **fallback_broker_settings(port)},
+                   **fallback_broker_settings(port), **(broker_keys or {})},
         "defaults": {"root": str(path.parent / "data"), **defaults},
         "shards": shards,
         "supervisor": {"listen": f"127.0.0.1:{free_port()}"},
@@ -268,13 +271,20 @@ class FastPublisher:
     on a loaded 2-core machine; this one is limited by the broker. Single-threaded; use it
     from one thread (e.g. a :class:`FastFlow`)."""
 
-    def __init__(self, port: int, client_id: str = "fast-publisher", window: int = 2000) -> None:
+    def __init__(self, port: int, client_id: str = "fast-publisher", window: int = 2000,
+                 tls: ssl.SSLContext | None = None, username: str | None = None,
+                 password: str | None = None) -> None:
         self.window = window
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        #: over TLS, decrypted bytes can wait inside the SSL object where select() cannot see them
+        self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         # CONNECT: protocol MQTT v4, clean session, keepalive 0 (no pings needed)
-        self.sock.sendall(_mqtt_packet(0x10, _mqtt_str(b"MQTT") + b"\x04\x02\x00\x00"
-                                       + _mqtt_str(client_id.encode())))
+        flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        payload = _mqtt_str(client_id.encode())
+        payload += _mqtt_str(username.encode()) if username is not None else b""
+        payload += _mqtt_str(password.encode()) if password is not None else b""
+        self.sock.sendall(_mqtt_packet(0x10, _mqtt_str(b"MQTT") + bytes([4, flags, 0, 0]) + payload))
         connack = self._read_exact(4)
         assert connack[0] == 0x20 and connack[3] == 0, f"broker refused the connection: {connack!r}"
         self.sock.setblocking(False)
@@ -293,10 +303,15 @@ class FastPublisher:
         return data
 
     def _read_acks(self, wait: float) -> None:
-        ready, _, _ = select.select([self.sock], [], [], max(0.0, wait))  # a caller's deadline may have passed
-        if not ready:
-            return
-        chunk = self.sock.recv(1 << 16)
+        pending = getattr(self.sock, "pending", None)
+        if not (pending and pending()):  # a caller's deadline may have passed: max(0, wait)
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, wait))
+            if not ready:
+                return
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # a TLS record not complete yet
         if not chunk:
             raise ConnectionError("the broker closed the connection")
         self.buf += chunk
@@ -313,12 +328,13 @@ class FastPublisher:
         while view:
             try:
                 view = view[self.sock.send(view):]
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 select.select([self.sock], [self.sock], [], 1.0)
                 self._read_acks(0)
 
-    def publish_many(self, messages: list[tuple[str | bytes, bytes]]) -> None:
+    def publish_many(self, messages: list[tuple[str | bytes, bytes]], retain: bool = False) -> None:
         """Send QoS 1 PUBLISHes (pipelined; returns once they are written, not acknowledged)."""
+        first = 0x33 if retain else 0x32
         out = bytearray()
         for topic, payload in messages:
             while len(self.inflight) >= self.window:
@@ -331,7 +347,7 @@ class FastPublisher:
             assert pid not in self.inflight, "packet id wrapped onto an unacknowledged publish"
             self.inflight.add(pid)
             t = topic.encode() if isinstance(topic, str) else topic
-            out += _mqtt_packet(0x32, _mqtt_str(t) + pid.to_bytes(2, "big") + payload)
+            out += _mqtt_packet(first, _mqtt_str(t) + pid.to_bytes(2, "big") + payload)
         if out:
             self._send(bytes(out))
         self._read_acks(0)

@@ -1,0 +1,109 @@
+"""What a broker does differently from what the delivery promise needs, read from its answers.
+
+Pure decisions, no I/O: the recorder feeds them CONNACK flags and properties, SUBACK codes and
+its flushes, logs each finding once (a WARNING, one line) and lists it in its stats
+(``broker_notes``, shown by the supervisor's /status and ``shardlog status``). docs/brokers.md
+says which broker does what and what to configure on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: a capped batch: the broker went quiet for this share of batch.max_delay with messages unacked
+_QUIET_SHARE = 0.5
+#: ... and sent the next message within this many seconds of our PUBACKs
+_PROMPT = 0.005
+#: ... this many flushes in a row with the same count: the broker's in-flight cap
+_STREAK = 3
+
+
+def recorded_before(branch_root: str) -> bool:
+    """Whether this branch already holds recordings (a topic directory beside the ``+`` files):
+    then its client id had a session, and a broker without one has lost what was queued."""
+    try:
+        with os.scandir(branch_root) as it:
+            return any(not e.name.startswith("+") for e in it)
+    except OSError:
+        return False
+
+
+def connack_notes(*, session_present: bool, expect_session: bool, first: bool, mqtt5: bool,
+                  props: Mapping[str, int], asked_expiry: int, client_id: str) -> list[str]:
+    """Findings from one CONNACK. ``expect_session``: the broker should have this client id's
+    session (a reconnect, or a branch recorded before); ``first``: the process's first CONNACK."""
+    notes = []
+    if expect_session and not session_present:
+        if first:
+            notes.append(f"the broker has no session for client id {client_id} although this branch was "
+                         "recorded before: messages published while the shard was down are lost, unless "
+                         "the session expired (broker.session_expiry) or the broker was reset")
+        else:
+            notes.append(f"the broker kept no session for client id {client_id} across a reconnect: "
+                         "messages published while the shard was disconnected are lost; configure the "
+                         "broker to keep persistent sessions (docs/brokers.md)")
+    if mqtt5 and "SessionExpiryInterval" in props:
+        expiry = props["SessionExpiryInterval"]
+        if expiry == 0:
+            notes.append("the broker keeps no session after a disconnect (it set session expiry 0): "
+                         "messages published while the shard is down are lost")
+        elif expiry < asked_expiry:
+            notes.append(f"the broker caps the session expiry at {expiry}s (asked {asked_expiry}s): a shard "
+                         f"down longer than that loses its queued messages")
+    if props.get("MaximumQoS", 1) == 0:
+        notes.append("the broker supports QoS 0 only: messages are not acknowledged after their write, "
+                     "so a crash can lose them")
+    if props.get("RetainAvailable", 1) == 0:
+        notes.append("the broker has no retained messages")
+    return notes
+
+
+def suback_note(asked_qos: int, granted: int, topic: str) -> str | None:
+    """A subscription granted below the QoS asked for: no acknowledgement after the write."""
+    if granted < asked_qos:
+        return (f"the broker granted QoS {granted} for {topic} (asked {asked_qos}): its messages are not "
+                "acknowledged after their write, so a crash can lose them")
+    return None
+
+
+@dataclass
+class InflightProbe:
+    """Detects a broker that sends at most N unacknowledged QoS 1 messages (mosquitto's
+    max_inflight_messages, RabbitMQ's mqtt.prefetch) where N is below the batch: each batch
+    then waits the whole ``max_delay`` for messages that cannot come, capping the shard at
+    N / max_delay messages a second. Signature: a flush by deadline after the stream went
+    quiet with exactly N unacknowledged, the next message following our PUBACKs at once,
+    the same N a few times in a row. The recorder then flushes every N messages."""
+
+    batch_max: int
+    max_delay: float
+    cap: int | None = None
+    _last_n: int = 0
+    _streak: int = 0
+    _acked_at: float = 0.0  # when the previous deadline flush acknowledged
+    _candidate: int = 0     # its count, waiting to see how fast the broker follows
+
+    def on_deadline_flush(self, now: float, acked: int, first_msg: float, last_msg: float) -> int | None:
+        """After a flush by deadline that acknowledged ``acked`` messages, the first of which
+        arrived at ``first_msg`` and the last at ``last_msg`` (same clock as ``now``). Returns
+        the cap the first time it is detected, else None."""
+        if self.cap is not None:
+            return None
+        prompt = self._candidate and first_msg - self._acked_at < _PROMPT
+        if prompt and self._candidate == self._last_n:
+            self._streak += 1
+        elif prompt:
+            self._last_n, self._streak = self._candidate, 1
+        elif self._candidate:
+            self._streak = 0
+        self._candidate = 0
+        if self._streak >= _STREAK:
+            self.cap = self._last_n
+            return self.cap
+        quiet = now - last_msg >= _QUIET_SHARE * self.max_delay
+        if quiet and 0 < acked < self.batch_max:
+            self._candidate = acked
+            self._acked_at = now
+        return None
