@@ -292,6 +292,7 @@ class FastPublisher:
         self.next_id = 1
         self.inflight: set[int] = set()
         self.acked = 0
+        self.unsolicited = 0  # PUBLISHes the broker sent this publisher, which subscribes to nothing
 
     def _read_exact(self, n: int) -> bytes:
         data = b""
@@ -316,11 +317,22 @@ class FastPublisher:
             raise ConnectionError("the broker closed the connection")
         self.buf += chunk
         buf, i = self.buf, 0
-        while len(buf) - i >= 4:  # every packet we expect is a 4-byte PUBACK
-            assert buf[i] == 0x40 and buf[i + 1] == 2, f"unexpected packet from the broker: {bytes(buf[i:i + 4])!r}"
-            self.inflight.discard((buf[i + 2] << 8) | buf[i + 3])
-            self.acked += 1
-            i += 4
+        while len(buf) - i >= 4:  # nearly every packet is a 4-byte PUBACK
+            if buf[i] == 0x40 and buf[i + 1] == 2:
+                self.inflight.discard((buf[i + 2] << 8) | buf[i + 3])
+                self.acked += 1
+                i += 4
+                continue
+            # a QoS 0 PUBLISH nobody subscribed to (amqtt sends retained messages to publishers)
+            assert buf[i] in (0x30, 0x31), f"unexpected packet from the broker: {bytes(buf[i:i + 4])!r}"
+            n, shift, j = 0, 0, i + 1
+            while j < len(buf) and buf[j] & 0x80:
+                n |= (buf[j] & 0x7F) << shift
+                shift, j = shift + 7, j + 1
+            if j >= len(buf) or j + 1 + (n | (buf[j] << shift)) > len(buf):
+                break  # the rest of it comes with the next read
+            i = j + 1 + (n | (buf[j] << shift))
+            self.unsolicited += 1
         del buf[:i]
 
     def _send(self, data: bytes) -> None:
