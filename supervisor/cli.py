@@ -140,6 +140,8 @@ def status_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
             note = c.get("degraded_reason") or "degraded"
         elif c and not c.get("connected"):
             note = "not connected to the broker"
+        elif c.get("broker_notes"):  # the newest finding about the broker (all: --json)
+            note = c["broker_notes"][-1]
         else:
             note = ""
         if not note and s.get("last_exit"):

@@ -78,6 +78,12 @@ class ShardCounters(msgspec.Struct, kw_only=True):
     degraded: bool
     degraded_reason: str | None
     last_message_ts: int | None  # reception time of the newest message, microseconds since the epoch
+    # how this shard's broker differs from what no-loss recording needs (docs/brokers.md): one
+    # line each, e.g. a session it did not keep, a capped session expiry, an in-flight cap
+    broker_notes: list[str] = []
+    sessions_lost: int = 0     # CONNACKs without the session this client id should have had
+    session_present: bool | None = None  # the last CONNACK's flag
+    inflight_cap: int | None = None      # the broker's cap on unacknowledged messages, if found
     started_ts: int            # microseconds since the epoch
     updated_ts: int            # microseconds since the epoch: the last heartbeat
 

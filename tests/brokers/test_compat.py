@@ -6,34 +6,21 @@ docs/brokers.md's table is checked against this suite (tests/brokers/test_broker
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.brokers.conftest import BROKERS
+from tests.brokers.table import FACTS
 from tests.helpers import BrokerProcess, FastPublisher, Publisher, RecorderProc, wait_for, write_map
-from tests.supervisor.helpers import read_records
+from tests.supervisor.helpers import SupervisorProc, read_records
 
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What the suite shows of a broker; docs/brokers.md's table says the same (checked)."""
-
-    retained_on_wildcard: bool  # a retained message reaches a new `branch/#` subscription
-    notes: tuple[str, ...] = ()  # what the shard finds and warns about (shardlog/brokercheck.py)
-
-
-FACTS = {
-    "mosquitto": Facts(True),
-    "rabbitmq": Facts(False),  # RabbitMQ 3.10 sends retained messages to exact-topic subscriptions only
-    "ejabberd": Facts(True, ("sends at most 1 unacknowledged",)),
-    "aedes": Facts(True),
-    "iotcore": Facts(True, ("sends at most 100 unacknowledged",)),
-}
 #: amqtt is not in the suite: see docs/brokers.md ("amqtt")
 SUITE = [name for name in BROKERS if name in FACTS]
 #: (broker, protocol) pairs: each broker with each MQTT version it speaks
@@ -190,3 +177,27 @@ def test_published_while_down_arrive(tmp_path: Path, case: tuple[Any, str],
     assert s is not None and s.session_present and s.sessions_lost == 0
     quiet(rec, broker, 2)
 
+
+
+def test_findings_show_in_the_supervisors_status(tmp_path: Path, ejabberd_session: Any,
+                                                 supervisors: list[SupervisorProc]) -> None:
+    """A broker finding (ejabberd's in-flight cap of 1) reaches /status and `shardlog status`."""
+    broker = ejabberd_session
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "ej", "prefix": "sup-ej"}],
+                  broker_keys=broker.broker_keys)
+    sup = SupervisorProc(m, tmp_path)
+    supervisors.append(sup)
+    sup.start()
+    sup.running("ej")
+    pub = Sender(broker, "pub-sup-ej")
+    try:
+        pub.send([("sup-ej/x", b'{"seq":%d}' % i) for i in range(300)])
+    finally:
+        pub.close()
+    s = sup.wait_shard("ej", lambda s: any("sends at most 1 unacknowledged" in n
+                                           for n in (s["counters"] or {}).get("broker_notes", [])),
+                       20, "the in-flight finding in /status")
+    assert s["counters"]["inflight_cap"] == 1 and s["counters"]["sessions_lost"] == 0
+    table = subprocess.run([sys.executable, "-m", "shardlog", "status", str(m)], capture_output=True, text=True,
+                           timeout=30)
+    assert table.returncode == 0 and "sends at most 1 unacknowledged" in table.stdout, table.stdout
