@@ -8,6 +8,7 @@
     python bench/throughput.py --head               # measure the committed HEAD, not the work tree
     python bench/throughput.py --qos 0,1 --mode drain,live   # both QoS, both modes, one run
     python bench/throughput.py --before-src DIR --sides mosquitto_sub,shardlog,shardlog-before
+    python bench/throughput.py --tls                # the same over TLS next to plain, in one run
 
 Every measurement gets a fresh broker (/usr/sbin/mosquitto on a free 127.0.0.1 port,
 persistence off, ``max_queued_messages 0``, ``max_inflight_messages 0``). Subscribers:
@@ -109,13 +110,19 @@ def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.01) -> 
 
 
 class Broker:
-    """A private mosquitto: no persistence, no queue or inflight limits, quiet log."""
+    """A private mosquitto: no persistence, no queue or inflight limits, quiet log; with ``ca``,
+    a second listener (``tls_port``) with TLS, the server certificate signed by that test CA."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, ca: Any = None) -> None:
         self.dir = workdir
         self.port = free_port()
+        self.tls_port = free_port()
+        tls = (f"listener {self.tls_port} 127.0.0.1\ncafile {ca.ca_file}\ncertfile {ca.server_cert}\n"
+               f"keyfile {ca.server_key}\n") if ca is not None else ""
         conf = workdir / "mosquitto.conf"
         conf.write_text(
+            ("user root\n" if os.geteuid() == 0 and ca is not None else "")  # it must read the key
+            + 
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
@@ -125,6 +132,7 @@ class Broker:
             "log_dest stderr\n"
             "log_type error\n"
             "connection_messages false\n"
+            + tls
         )
         self._err = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
@@ -337,15 +345,17 @@ def count_seqs(paths: list[Path], expect: int) -> tuple[int, int, int, bool]:
 class MosquittoSub:
     name = "mosquitto_sub"
 
-    def __init__(self, workdir: Path, protocol: str, qos: int = 1) -> None:
+    def __init__(self, workdir: Path, protocol: str, qos: int = 1, ca_file: Path | None = None) -> None:
         self.qos = qos
         self.dir = workdir
+        self.ca_file = ca_file
         self.out = workdir / "mosquitto_sub.out"
         self.version = "mqttv5" if protocol == "5" else "mqttv311"
         self.cid = f"bench-sub-{os.getpid()}"
 
     def _cmd(self, port: int) -> list[str]:
-        return [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-V", self.version,
+        tls = ["--cafile", str(self.ca_file), "-h", "localhost"] if self.ca_file else ["-h", "127.0.0.1"]
+        return [MOSQUITTO_SUB, *tls, "-p", str(port), "-V", self.version,
                 "-q", str(self.qos), "-v", "-t", "#", "-c", "-i", self.cid]
 
     def register(self, port: int) -> None:
@@ -418,11 +428,15 @@ VARIANTS: dict[str, dict[str, str]] = {
     "shardlog-before": {},     # the shard from --before-src (e.g. a checkout of an older commit)
     "shardlog-2": {},          # `shardlog supervise`: two shards, bench/a and bench/b
     "shardlog-2-scraped": {},  # the same, /metrics and /status scraped once a second
+    "shardlog-tls": {},        # one shard over TLS (--tls)
 }
 LABELS = {"mosquitto_sub": "`mosquitto_sub -q 1 -v`", "shardlog": "shardlog (1 shard)",
           "shardlog-stock": "shardlog, stock paho", "shardlog-before": "shardlog, --before-src",
           "shardlog-2": "shardlog supervise, 2 shards",
-          "shardlog-2-scraped": "2 shards, scraped 1/s"}
+          "shardlog-2-scraped": "2 shards, scraped 1/s",
+          "mosquitto_sub-tls": "`mosquitto_sub -q 1 -v`, TLS", "shardlog-tls": "shardlog (1 shard), TLS"}
+#: the sides that connect over TLS (the publisher stays on the plain listener)
+TLS_SIDES = ("mosquitto_sub-tls", "shardlog-tls")
 
 
 class Shardlog:
@@ -430,8 +444,9 @@ class Shardlog:
 
     def __init__(self, workdir: Path, protocol: str, src: Path, map_set: list[str],
                  python_args: list[str] | None = None, heartbeat: float = 0.2,
-                 env: dict[str, str] | None = None, qos: int = 1) -> None:
+                 env: dict[str, str] | None = None, qos: int = 1, ca_file: Path | None = None) -> None:
         self.qos = qos
+        self.ca_file = ca_file
         self.dir = workdir
         self.env = env or {}
         self.root = workdir / "data"
@@ -453,6 +468,8 @@ class Shardlog:
             "shards": [{"name": "all", "prefix": "#"}],
             "supervisor": {"listen": f"127.0.0.1:{free_port()}"},
         }
+        if self.ca_file is not None:  # "localhost": the certificate's name is verified
+            doc["broker"].update(host="localhost", tls={"ca_file": str(self.ca_file)})
         for item in self.map_set:
             key, _, value = item.partition("=")
             _set_dotted(doc, key, yaml.safe_load(value))
@@ -634,21 +651,23 @@ class Supervised(Shardlog):
 def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.Namespace,
             python_args: list[str] | None = None, keep: bool = False, qos: int = 1) -> Result:
     base = Path(tempfile.mkdtemp(prefix=f"shardlog-bench-{side_name}-", dir=args.tmpdir))
-    broker = Broker(base)
+    ca = args.ca if side_name in TLS_SIDES else None
+    broker = Broker(base, ca)
+    sub_port = broker.tls_port if ca is not None else broker.port
     side: MosquittoSub | Shardlog
-    if side_name == "mosquitto_sub":
-        side = MosquittoSub(base, args.protocol, qos)
+    if side_name.startswith("mosquitto_sub"):
+        side = MosquittoSub(base, args.protocol, qos, ca.ca_file if ca else None)
     elif side_name.startswith("shardlog-2"):
         side = Supervised(base, args.protocol, args.src, args.map_set, python_args,
                           scrape=1.0 if side_name.endswith("scraped") else None, qos=qos)
     else:
         src = args.before_src if side_name == "shardlog-before" else args.src
         side = Shardlog(base, args.protocol, src, args.map_set, python_args,
-                        env=VARIANTS[side_name], qos=qos)
+                        env=VARIANTS[side_name], qos=qos, ca_file=ca.ca_file if ca else None)
     n = work.messages
     tag = f"{mode} QoS {qos} run {run}: {side_name}"
     try:
-        side.register(broker.port)
+        side.register(sub_port)
         pub_seconds = 0.0
         if mode == "drain":
             say(f"{tag}: session registered; publishing {n:,} messages into the broker")
@@ -657,10 +676,10 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
                 f"{broker.rss() / 2**20:,.0f} MiB); starting the subscriber")
             b0, m0, self0 = broker.cpu(), busy_cpu(), cpu_of(ME)
             t0 = time.monotonic()
-            side.start(broker.port, n)
+            side.start(sub_port, n)
         else:
-            side.start(broker.port, n)
-            wait_until(lambda: side.connected(broker.port), 30, f"{side_name} to connect", 0.02)
+            side.start(sub_port, n)
+            wait_until(lambda: side.connected(sub_port), 30, f"{side_name} to connect", 0.02)
             time.sleep(0.2)
             say(f"{tag}: subscriber connected; publishing {n:,} messages live")
             sub0 = cpu_split(side.ps)
@@ -746,7 +765,7 @@ def _med(xs: list[float]) -> float:
 
 def table(results: list[Result], mode: str, qos: int = 1) -> str:
     rows = [r for r in results if r.mode == mode and r.qos == qos]
-    sides = [s for s in ("mosquitto_sub", *VARIANTS) if any(r.side == s for r in rows)]
+    sides = [s for s in ("mosquitto_sub", "mosquitto_sub-tls", *VARIANTS) if any(r.side == s for r in rows)]
     base = _med([r.rate for r in rows if r.side == "mosquitto_sub"])
     out = [("| subscriber | msg/s (median) | min - max | CPU s per 1M msgs | broker CPU s per 1M | "
             "ratio to mosquitto_sub | publisher msg/s | others' load (cores) |"),
@@ -810,6 +829,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
                    help="MQTT version of both subscribers (default 5); the publisher uses 3.1.1")
     p.add_argument("--quick", action="store_true", help="smoke run: 50,000 messages, 1 run")
+    p.add_argument("--tls", action="store_true",
+                   help="add the TLS sides (mosquitto_sub-tls, shardlog-tls: a test CA made for the run, "
+                        "the subscriber on a TLS listener, the publisher on the plain one)")
     p.add_argument("--rss", action="store_true",
                    help="memory run: shardlog only, drain, 100,000 topics, 300,000 messages")
     p.add_argument("--src", type=Path, default=REPO, help="directory holding the shardlog package")
@@ -838,6 +860,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.messages = a.messages or 1_000_000
     a.topics = a.topics or 1_000
     a.runs = a.runs or 3
+    if a.tls and a.sides == "mosquitto_sub,shardlog":
+        a.sides = "mosquitto_sub,mosquitto_sub-tls,shardlog,shardlog-tls"
     return a
 
 
@@ -857,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(q not in (0, 1) for q in qoss):
         raise SystemExit("--qos: 0, 1 or 0,1")
     for s in sides:
-        if s not in ("mosquitto_sub", *VARIANTS):
+        if s not in ("mosquitto_sub", "mosquitto_sub-tls", *VARIANTS):
             raise SystemExit(f"unknown subscriber {s!r}")
         if s == "shardlog-before" and args.before_src is None:
             raise SystemExit("side shardlog-before needs --before-src DIR")
@@ -871,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
         args.src = headdir
         src_desc = f"commit {rev}"
     sys.path.insert(0, str(args.src))
+    args.ca = None
+    if any(s in TLS_SIDES for s in sides):
+        sys.path.insert(0, str(REPO))
+        from tests.certs import make_test_ca  # the test suite's CA (the `cryptography` package)
+        args.ca = make_test_ca(Path(tempfile.mkdtemp(prefix="shardlog-bench-ca-", dir=args.tmpdir)))
+        TO_DELETE.append(args.ca.dir)
     info = machine_info()
     say(f"machine: {info['nproc']} CPUs, {info['cpu']}; {info['mosquitto']}; Python {info['python']}; "
         f"paho-mqtt {info['paho-mqtt']}; shardlog from {src_desc}")
@@ -905,6 +935,12 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         for qos in qoss:
             lines += [f"**{mode}, QoS {qos}**", "", table(results, mode, qos), ""]
+            for plain, tls in (("mosquitto_sub", "mosquitto_sub-tls"), ("shardlog", "shardlog-tls")):
+                pr = [r.rate for r in results if r.side == plain and r.mode == mode and r.qos == qos]
+                tr = [r.rate for r in results if r.side == tls and r.mode == mode and r.qos == qos]
+                if pr and tr:
+                    lines += [f"- {plain} over TLS / plain: {_med(tr) / _med(pr):.2f}"]
+            lines.append("")
     if args.rss or any(r.side in VARIANTS for r in results):
         for r in results:
             lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "

@@ -237,3 +237,50 @@ def test_small_reads_over_tls_lose_no_packet(mosquitto_tls: MosquittoTLS, test_c
         turn(0.1)
     client.disconnect()
     assert len(got) == total, f"stalled with {total - len(got)} of {total} messages unread"
+
+
+def test_tls_records_are_read_many_at_a_time(mosquitto_tls: MosquittoTLS, test_ca: TestCA) -> None:
+    """mosquitto writes one TLS record per packet, and a recv returns one record: reading them one
+    by one cost shardlog four fifths of its speed over TLS (docs/benchmarks.md). A backlog of
+    2,000 small messages must take a few turns of the loop (64 KiB buffer fills), not one each."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from shardlog.client import BufferedClient
+
+    got: list[int] = []
+    subscribed: list[int] = []
+    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="records-probe", protocol=mqtt.MQTTv311,
+                            clean_session=False)
+    client.tls_set(ca_certs=str(test_ca.ca_file))
+    client.on_publish_fields = lambda topic, payload, qos, mid, dup, retain: got.append(mid)
+    client.on_message = lambda c, u, m: got.append(m.mid)
+    client.on_connect = lambda c, u, f, r, p: c.subscribe("records/#", 0)
+    client.on_subscribe = lambda c, u, mid, r, p: subscribed.append(mid)
+
+    def turn(timeout: float) -> None:  # one turn of the recorder's loop (shardlog/recorder.py)
+        client.loop(timeout)
+        if client.buffered:
+            client.read_buffered()
+
+    client.connect("localhost", mosquitto_tls.tls_port)
+    wait_for(lambda: (turn(0.02), subscribed)[1], 10, "the probe's SUBACK")
+    total = 2000
+    pub = FastPublisher(mosquitto_tls.port, client_id="records-pub")
+    pub.publish_many([("records/x", b"%05d" % i + b"r" * 100) for i in range(total)])
+    pub.wait_acked()
+    pub.close()
+    def unread() -> int:  # bytes waiting in the kernel for the probe's socket
+        import fcntl
+        import struct
+        import termios
+        return struct.unpack("i", fcntl.ioctl(client.socket().fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+    wait_for(lambda: unread() >= 64 * 1024, 10, "a backlog in the probe's socket")  # a full buffer fill
+    turns, deadline = 0, time.monotonic() + 20
+    while len(got) < total and time.monotonic() < deadline:
+        turn(0.1)
+        turns += 1
+    client.disconnect()
+    assert len(got) == total, f"{total - len(got)} of {total} messages unread"
+    assert turns < total // 20, f"{turns} turns (a select each) for {total} messages: TLS records read one by one"
