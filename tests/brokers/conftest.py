@@ -54,32 +54,14 @@ def _make(name: str, tmp: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     yield from _session_broker(BROKERS[name](tmp.mktemp(name)))
 
 
-@pytest.fixture(scope="session")
-def mosquitto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("mosquitto", tmp_path_factory)
+def _session_fixture(name: str) -> object:
+    @pytest.fixture(scope="session", name=f"{name}_session")
+    def broker_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+        yield from _make(name, tmp_path_factory)
+    broker_session.__doc__ = f"{name}, started once for the session"
+    return broker_session
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("rabbitmq", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def ejabberd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("ejabberd", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def aedes_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("aedes", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def amqtt_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("amqtt", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def iotcore_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    yield from _make("iotcore", tmp_path_factory)
-
+# mosquitto_session, rabbitmq_session, ejabberd_session, aedes_session, amqtt_session, iotcore_session
+for _name in BROKERS:
+    globals()[f"{_name}_session"] = _session_fixture(_name)

@@ -4,7 +4,10 @@ password; 100,000 messages of 4 KiB and 20 KiB without a stall, and SIGKILL with
 
 from __future__ import annotations
 
+import fcntl
 import re
+import struct
+import termios
 import threading
 import time
 from pathlib import Path
@@ -196,6 +199,43 @@ def test_sigkill_over_tls_loses_nothing(tmp_path: Path, mosquitto_tls: Mosquitto
     quiet_log(rec)
 
 
+class Probe:
+    """A :class:`~shardlog.client.BufferedClient` subscribed over TLS at QoS 0 to ``topic/#``,
+    driven as the recorder drives it: paho's ``loop()``, then :meth:`read_buffered`."""
+
+    def __init__(self, name: str, ca: TestCA, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from shardlog.client import BufferedClient
+
+        self.got: list[int] = []
+        subscribed: list[int] = []
+        c = self.client = BufferedClient(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+        c.tls_set(ca_certs=str(ca.ca_file))
+        c.on_publish_fields = lambda topic, payload, qos, mid, dup, retain: self.got.append(mid)
+        c.on_message = lambda cl, u, m: self.got.append(m.mid)
+        c.on_connect = lambda cl, u, f, r, p: cl.subscribe(f"{topic}/#", 0)
+        c.on_subscribe = lambda cl, u, mid, r, p: subscribed.append(mid)
+        c.connect("localhost", port)
+        wait_for(lambda: (self.turn(0.02), subscribed)[1], 10, f"{name}'s SUBACK")
+
+    def turn(self, timeout: float) -> None:
+        self.client.loop(timeout)
+        if self.client.buffered:
+            self.client.read_buffered()
+
+    def read(self, total: int, timeout: float = 20) -> int:
+        """Turns until ``total`` messages arrived (or the deadline): how many turns it took."""
+        turns, deadline = 0, time.monotonic() + timeout
+        while len(self.got) < total and time.monotonic() < deadline:
+            self.turn(0.1)
+            turns += 1
+        self.client.disconnect()
+        assert len(self.got) == total, f"stalled with {total - len(self.got)} of {total} messages unread"
+        return turns
+
+
 def test_small_reads_over_tls_lose_no_packet(mosquitto_tls: MosquittoTLS, test_ca: TestCA,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The buffered client over TLS with reads far smaller than a packet (1,000 bytes for 3 KB
@@ -204,83 +244,34 @@ def test_small_reads_over_tls_lose_no_packet(mosquitto_tls: MosquittoTLS, test_c
     ``SSLSocket.pending()`` before selecting, then :meth:`read_buffered`) must take them all.
     With the default read size (64 KiB, above the 16 KiB TLS record maximum) no read leaves
     bytes inside the SSL object at all; docs/brokers.md, "TLS"."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     import shardlog.client
-    from shardlog.client import BufferedClient
 
     monkeypatch.setattr(shardlog.client, "READ_SIZE", 1000)  # below a 16 KiB TLS record
-    got: list[int] = []
-    subscribed: list[int] = []
-    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="pending-probe", protocol=mqtt.MQTTv311)
-    client.tls_set(ca_certs=str(test_ca.ca_file))
-    client.on_publish_fields = lambda topic, payload, qos, mid, dup, retain: got.append(mid)
-    client.on_message = lambda c, u, m: got.append(m.mid)
-    client.on_connect = lambda c, u, f, r, p: c.subscribe("pending/#", 0)
-    client.on_subscribe = lambda c, u, mid, r, p: subscribed.append(mid)
-
-    def turn(timeout: float) -> None:  # one turn of the recorder's loop (shardlog/recorder.py)
-        client.loop(timeout)
-        if client.buffered:
-            client.read_buffered()
-
-    client.connect("localhost", mosquitto_tls.tls_port)
-    wait_for(lambda: (turn(0.02), subscribed)[1], 10, "the probe's SUBACK")
+    probe = Probe("pending-probe", test_ca, mosquitto_tls.tls_port, "pending")
     total = 300
     pub = FastPublisher(mosquitto_tls.port, client_id="pending-pub")
     pub.publish_many([("pending/x", b"%05d" % i + b"p" * 3000) for i in range(total)])
     pub.wait_acked()
     pub.close()
-    deadline = time.monotonic() + 20
-    while len(got) < total and time.monotonic() < deadline:
-        turn(0.1)
-    client.disconnect()
-    assert len(got) == total, f"stalled with {total - len(got)} of {total} messages unread"
+    probe.read(total)
 
 
 def test_tls_records_are_read_many_at_a_time(mosquitto_tls: MosquittoTLS, test_ca: TestCA) -> None:
     """mosquitto writes one TLS record per packet, and a recv returns one record: reading them one
     by one cost shardlog four fifths of its speed over TLS (docs/benchmarks.md). A backlog of
     2,000 small messages must take a few turns of the loop (64 KiB buffer fills), not one each."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from shardlog.client import BufferedClient
-
-    got: list[int] = []
-    subscribed: list[int] = []
-    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="records-probe", protocol=mqtt.MQTTv311,
-                            clean_session=False)
-    client.tls_set(ca_certs=str(test_ca.ca_file))
-    client.on_publish_fields = lambda topic, payload, qos, mid, dup, retain: got.append(mid)
-    client.on_message = lambda c, u, m: got.append(m.mid)
-    client.on_connect = lambda c, u, f, r, p: c.subscribe("records/#", 0)
-    client.on_subscribe = lambda c, u, mid, r, p: subscribed.append(mid)
-
-    def turn(timeout: float) -> None:  # one turn of the recorder's loop (shardlog/recorder.py)
-        client.loop(timeout)
-        if client.buffered:
-            client.read_buffered()
-
-    client.connect("localhost", mosquitto_tls.tls_port)
-    wait_for(lambda: (turn(0.02), subscribed)[1], 10, "the probe's SUBACK")
+    probe = Probe("records-probe", test_ca, mosquitto_tls.tls_port, "records")
     total = 2000
     pub = FastPublisher(mosquitto_tls.port, client_id="records-pub")
     pub.publish_many([("records/x", b"%05d" % i + b"r" * 100) for i in range(total)])
     pub.wait_acked()
     pub.close()
+
     def unread() -> int:  # bytes waiting in the kernel for the probe's socket
-        import fcntl
-        import struct
-        import termios
-        return struct.unpack("i", fcntl.ioctl(client.socket().fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        sock = probe.client.socket()
+        assert sock is not None
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
     wait_for(lambda: unread() >= 64 * 1024, 10, "a backlog in the probe's socket")  # a full buffer fill
-    turns, deadline = 0, time.monotonic() + 20
-    while len(got) < total and time.monotonic() < deadline:
-        turn(0.1)
-        turns += 1
-    client.disconnect()
-    assert len(got) == total, f"{total - len(got)} of {total} messages unread"
+    turns = probe.read(total)
     assert turns < total // 20, f"{turns} turns (a select each) for {total} messages: TLS records read one by one"
