@@ -638,7 +638,7 @@ def test_nginx_serves_every_format_with_its_type(tmp_path: Path) -> None:
             store.add(st_, encode_record(T0 + i, 1, False, b'{"n":%d}' % i), 0)
             store.flush(T0 + i, float(i))
             if i < 2:
-                store._rotate(st_, T0 + i)
+                store.files.rotate(st_, T0 + i)
         store.close()
         Compressor.compress(str(data / "f" / key / f"+log.00000001.{key}"))
     types = {"jsonl": "application/x-ndjson", "json": "application/json", "csv": "text/csv"}
