@@ -135,6 +135,17 @@ class Batch(Struct, **_STRICT):
     max_delay: Duration = Duration(0.02)
 
 
+class Journal(Struct, **_STRICT):
+    """Acknowledge after one sequential write, fill the topic files behind it
+    (shardlog/journal.py; docs/history.md, "The journal")."""
+
+    enabled: bool = False
+    segment_bytes: SegmentSize = SegmentSize(64 * 1024 * 1024)
+    # journal bytes not yet in the topic files past which the shard stops acknowledging
+    # (the broker keeps the rest), so a lagging file system cannot fill the disk
+    max_lag: SegmentSize = SegmentSize(1024 * 1024 * 1024)
+
+
 class Settings(Struct, **_STRICT):
     """Per-shard settings; ``defaults`` holds them for every shard."""
 
@@ -153,6 +164,7 @@ class Settings(Struct, **_STRICT):
     # how segments are written (shardlog/formats.py, docs/history.md "Write formats")
     format: Literal["jsonl", "json", "csv"] = "jsonl"
     payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
+    journal: Journal = msgspec.field(default_factory=Journal)
 
 
 class Shard(Settings, **_STRICT):
@@ -394,6 +406,9 @@ def _check_shards(smap: ShardMap) -> None:
         if s.payload_only and s.format == "csv":
             raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
                               "always holds ts, qos, retain and payload)")
+        if s.journal.enabled and s.payload_only:
+            raise ConfigError(f"{where}.journal.enabled: not with payload_only (replaying the "
+                              "journal after a crash needs each record's ts in the topic files)")
         if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
             raise ConfigError(f"{where}.qos: expected 0 or 1")
 

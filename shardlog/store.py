@@ -65,6 +65,7 @@ class Store:
         self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
         self.fsync = shard.fsync != "never"
         self.degraded_reason: str | None = None
+        self._recent_warned = -1e18
         if self.fmt.payload_only:
             self.add = self._add_payload  # type: ignore[method-assign]
         self.preparer: Preparer | None = None
@@ -291,7 +292,10 @@ class Store:
             self.files.write_recent(st)
         except OSError as exc:
             self.counters.errors += 1
-            log.warning("%s: cannot replace %s: %s", st.relpath, RECENT, exc.strerror or exc)
+            if now_mono - self._recent_warned >= 10.0:  # one line per 10 s, not one per topic
+                self._recent_warned = now_mono
+                log.warning("%s: cannot replace %s: %s (retrying; further failures for 10 s "
+                            "are counted in errors, not logged)", st.relpath, RECENT, exc.strerror or exc)
             self.stale_recent.add(st)
             return
         st.recent_dirty = False
@@ -299,21 +303,25 @@ class Store:
         self.stale_recent.discard(st)
 
     def _set_degraded(self, problem: str | None) -> None:
-        c = self.counters
-        if problem and not c.degraded:
+        if problem and self.degraded_reason is None:
             log.error("cannot write (%s): not acknowledging; will retry", problem)
-            c.errors += 1
-        elif problem is None and c.degraded:
-            log.warning("writing again after: %s", c.degraded_reason)
-        c.degraded = problem is not None
-        c.degraded_reason = problem
+            self.counters.errors += 1
+        elif problem is None and self.degraded_reason is not None:
+            log.warning("writing again after: %s", self.degraded_reason)
+        self.degraded_reason = problem
+        self.report_degraded(problem)
+
+    def report_degraded(self, problem: str | None) -> None:
+        """Tell the counters (a journal's recorder merges its own problem in)."""
+        self.counters.degraded = problem is not None
+        self.counters.degraded_reason = problem
 
     # -- housekeeping ---------------------------------------------------------------
 
     def sweep_recent(self, now_mono: float, force: bool = False) -> None:
         """Write the +recent.json files that were held back by recent_interval (not while
         the disk refuses writes: the flush that succeeds again ends that)."""
-        if self.counters.degraded and not force:
+        if self.degraded_reason is not None and not force:
             return
         for st in list(self.stale_recent):
             if force or now_mono - st.recent_at >= self.shard.recent_interval:
