@@ -91,6 +91,17 @@ def lag_bytes(end: Position, done: Position, sizes: dict[int, int]) -> int:
     return total + end.offset
 
 
+def _last_ts(data: bytes) -> int:
+    """ts of the last whole journal line in ``data`` (0: none)."""
+    for line in reversed(data[:complete(data)].splitlines()):
+        _, _, rec = line.partition(b"\t")
+        try:
+            return record_ts(rec)
+        except ValueError:
+            continue
+    return 0
+
+
 # -- files ------------------------------------------------------------------------------
 
 
@@ -137,23 +148,25 @@ class JournalWriter:
     def _repair(self) -> int:
         """Cut a torn last line (a crash mid-write: never acknowledged, the broker sends it
         again); return the ts of the last record in the journal (0 if none)."""
-        if not self.size:
-            return 0
-        back = min(self.size, 1 << 20)
-        tail = os.pread(self.fd, back, self.size - back)
-        keep = complete(tail)
-        if keep < len(tail):
-            log.warning("journal %s: cut %d bytes of a torn last line", segment_name(self.segment),
-                        len(tail) - keep)
-            self.size -= len(tail) - keep
-            os.ftruncate(self.fd, self.size)
-        lines = tail[:keep].splitlines()
-        for line in reversed(lines):
-            _, _, rec = line.partition(b"\t")
-            try:
-                return record_ts(rec)
-            except ValueError:
-                continue
+        if self.size:
+            back = min(self.size, 1 << 20)
+            tail = os.pread(self.fd, back, self.size - back)
+            keep = complete(tail)
+            if keep < len(tail):
+                log.warning("journal %s: cut %d bytes of a torn last line",
+                            segment_name(self.segment), len(tail) - keep)
+                self.size -= len(tail) - keep
+                os.ftruncate(self.fd, self.size)
+            ts = _last_ts(tail[:keep])
+            if ts:
+                return ts
+        for n in reversed(segment_numbers(os.listdir(self.dir))):  # the newest was empty
+            if n < self.segment:
+                with open(os.path.join(self.dir, segment_name(n)), "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 20)))
+                    ts = _last_ts(f.read())
+                if ts:
+                    return ts
         return 0
 
     def write(self, data: bytes) -> None:
