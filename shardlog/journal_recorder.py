@@ -41,6 +41,9 @@ _encode = msgspec.json.encode
 MAX_ROUTES = 200_000
 #: at a stop, how long the materializer may go on filling the topic files
 STOP_CATCH_UP = 5.0
+#: records that may wait for their new topics' preparation before the materializer waits
+#: for the preparer (~1.5 KB each): known topics keep being written through a burst this big
+MAX_WAITING = 50_000
 _QUARANTINE = journal.QUARANTINE_KEY + b"\t"
 
 
@@ -66,7 +69,8 @@ class JournalRecorder(Recorder):
         cp = journal.read_checkpoint(branch_root)
         j = self.shard.journal
         self.writer = JournalWriter(branch_root, j.segment_bytes, self.shard.fsync != "never", cp)
-        self.materializer = Materializer(self.store, self.writer, cp, self.max_states, self.max_waiting)
+        self.materializer = Materializer(self.store, self.writer, cp, self.max_states,
+                                         max(MAX_WAITING, self.max_waiting))
         self.store.report_degraded = self._report  # type: ignore[method-assign]
         return compressor
 
