@@ -721,8 +721,12 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
         files_s = None
         if isinstance(side, Shardlog):  # and until every record is in its topic file (journal)
             while not side.files_done(n):
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise RuntimeError(f"{tag}: timed out waiting for the topic files")
+                if now >= next_sample:  # the peak includes filling the topic files
+                    peak = max(peak, side.rss())
+                    next_sample = now + 0.1
                 time.sleep(0.005)
             files_s = time.monotonic() - t0
         assert cpu is not None
