@@ -137,7 +137,7 @@ class Batch(Struct, **_STRICT):
 
 class Journal(Struct, **_STRICT):
     """Acknowledge after one sequential write, fill the topic files behind it
-    (shardlog/journal.py; docs/history.md, "The journal")."""
+    (shardlog/journal.py; docs/journal.md)."""
 
     enabled: bool = False
     segment_bytes: SegmentSize = SegmentSize(64 * 1024 * 1024)

@@ -41,6 +41,8 @@ _encode = msgspec.json.encode
 MAX_ROUTES = 200_000
 #: at a stop, how long the materializer may go on filling the topic files
 STOP_CATCH_UP = 5.0
+#: before a control operation: the topic files must catch up with the journal this fast
+OPERATION_CATCH_UP = 5.0
 #: records that may wait for their new topics' preparation before the materializer waits
 #: for the preparer (~1.5 KB each): known topics keep being written through a burst this big
 MAX_WAITING = 50_000
@@ -247,12 +249,19 @@ class JournalRecorder(Recorder):
     # -- the materializer's side, for control operations and stats ---------------------------------
 
     @contextlib.contextmanager
-    def quiesced(self) -> Iterator[None]:  # type: ignore[override]
-        """Everything journaled is in the topic files, and the materializer waits."""
+    def quiesced(self) -> Iterator[str | None]:  # type: ignore[override]
+        """Everything journaled is in the topic files, and the materializer waits. If the
+        files cannot catch up within OPERATION_CATCH_UP (the heartbeat must go on), it
+        yields why."""
         self.flush()
-        with self.materializer.paused():
-            self.materializer.catch_up()
-            yield
+        m = self.materializer
+        with m.paused():
+            if m.catch_up(time.monotonic() + OPERATION_CATCH_UP):
+                yield None
+            else:
+                yield (f"the topic files are {m.lag_bytes()} journal bytes behind"
+                       + (f" ({self.store.degraded_reason})" if self.store and self.store.degraded_reason else "")
+                       + "; try again when they have caught up (stats journal_lag_bytes)")
 
     def topic_states(self) -> dict[bytes, TopicState | str]:
         return self.materializer.states

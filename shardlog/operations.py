@@ -112,8 +112,8 @@ class Operations:
             if got is None:
                 return
             data, addr = got
-            with self.rec.quiesced():
-                answer = self.handle(data)
+            with self.rec.quiesced() as busy:  # busy: why the shard cannot act now
+                answer = {"ok": False, "reason": busy} if busy else self.handle(data)
             self.channel.reply(addr, answer)
 
     def handle(self, data: bytes) -> dict[str, Any]:

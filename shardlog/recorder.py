@@ -449,9 +449,10 @@ class Recorder:
         assert self.store is not None
         self.store.close()
 
-    def quiesced(self) -> typing.ContextManager[None]:
+    def quiesced(self) -> typing.ContextManager[str | None]:
         """A block in which the recording thread may use the store and the topic states
-        (control operations); nothing else touches them meanwhile."""
+        (control operations); nothing else touches them meanwhile. It yields None, or why
+        the shard cannot act now (then do nothing)."""
         return contextlib.nullcontext()
 
     def topic_states(self) -> dict[bytes, TopicState | str]:

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from shardlog import journal
@@ -293,3 +294,50 @@ def test_a_journaled_shard_killed_mid_stream_loses_nothing(tmp_path: Path, broke
     total_redelivered = redelivered + (rec.stats() or Counters()).redelivered
     assert dups <= total_redelivered, f"{dups} duplicates, but the broker redelivered {total_redelivered}"
     assert "Traceback" not in rec.log()
+
+
+def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tmp_path: Path) -> None:
+    """A delete on a journaled shard: the topic files first catch up with the journal (so
+    nothing journaled before it is written after it), and a restart replays nothing of
+    the deleted branch."""
+    from shardlog.journal_recorder import JournalRecorder
+    from shardlog.operations import Operations
+
+    def start() -> JournalRecorder:
+        smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
+                                      "journal": {"enabled": True}}]}, env={})
+        r = JournalRecorder(smap, smap.shards[0])
+        r.open_store(*r._prepare_root())
+        assert r.store is not None
+        r.store.start_preparer()
+        r._started()
+        r.ops = Operations(r, None)
+        return r
+
+    def send(r: JournalRecorder, topic: str, *ids: int) -> None:
+        for i in ids:
+            r.on_publish(topic.encode(), b'{"i":%d}' % i, 1, i, False, False)
+        r.flush()
+
+    def ids(topic: str) -> list[int]:
+        p = tmp_path / "data" / topic / "+log.jsonl"
+        return [json.loads(x)["payload"]["i"] for x in p.read_bytes().splitlines()] if p.exists() else []
+
+    r = start()
+    send(r, "a/x", 1, 2, 3)
+    send(r, "a/keep", 4)
+    with r.quiesced() as busy:
+        assert busy is None
+        assert ids("a/x") == [1, 2, 3]  # journaled a moment ago, in the files before the operation
+        res = r.ops.handle(msgspec.json.encode({"op": "delete", "prefix": "a/x"}))
+    assert res["ok"] and res["removed"], res
+    send(r, "a/x", 5)
+    wait_for(lambda: ids("a/x") == [5], 10, "the new record of a/x")
+    r.materializer.stop()
+    r._close_store()
+    r2 = start()  # replays from the checkpoint: the deleted records do not come back
+    with r2.quiesced() as busy:
+        assert busy is None
+        assert ids("a/x") == [5] and ids("a/keep") == [4]
+    r2.materializer.stop()
+    r2._close_store()
