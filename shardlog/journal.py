@@ -137,6 +137,9 @@ class JournalWriter:
         self.last_ts = max(self._repair(), checkpoint.last_ts if checkpoint else 0)
         #: where the written lines end: one tuple, replaced whole (read by another thread)
         self.end = Position(self.segment, self.size)
+        #: monotonic time of the last write of a big batch: the recording thread is saturated
+        #: (draining a backlog), and the materializer gives way to it (materializer.py)
+        self.full_at = -1e18
         #: sizes of the finished segments still on disk (for the lag)
         self.sizes: dict[int, int] = {}
         for n in numbers[:-1]:

@@ -39,6 +39,14 @@ from shardlog.topics import TopicError
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20                # journal bytes read per step
+#: While the recording thread is saturated (it journaled a big batch less than SATURATED
+#: seconds ago: a backlog is draining; journal_recorder.py) and the files are less than ``soft_lag`` bytes
+#: behind, the materializer reads no more of the journal: the two threads share one GIL
+#: and two cores with the broker, and giving way doubles the drain (docs/benchmarks.md).
+#: What it holds is still written, new topics are still prepared; the files catch up at
+#: full speed when the drain ends or the lag passes ``soft_lag``. Live traffic that does
+#: not fill batches is materialized at once.
+SATURATED = 0.2
 CHECKPOINT_EVERY = 0.2         # seconds between checkpoint writes (and on demand)
 _decode_topic = msgspec.json.Decoder(str).decode
 
@@ -50,7 +58,7 @@ class Materializer:
     touched by the thread only, or by another thread inside :meth:`paused`."""
 
     def __init__(self, store: Store, writer: JournalWriter, checkpoint: journal.Checkpoint | None,
-                 max_states: int, max_waiting: int) -> None:
+                 max_states: int, max_waiting: int, soft_lag: int = 64 << 20) -> None:
         self.store = store
         self.writer = writer
         self.dir = writer.dir
@@ -64,6 +72,7 @@ class Materializer:
         self.states: dict[bytes, TopicState | str] = {}
         self.max_states = max_states
         self.max_waiting = max_waiting
+        self.soft_lag = soft_lag
         self.seq = 0                           # record numbers (the store's "mids")
         self.marks: collections.deque[tuple[int, Position]] = collections.deque()
         self.blocked: set[int] = set()         # numbers the store still holds
@@ -138,7 +147,9 @@ class Materializer:
         if store.degraded_reason is not None and now < self.next_retry and not wait:
             return False
         data = b""
-        if store.degraded_reason is None:  # while the disk refuses, read nothing more
+        if not wait and self._giving_way(now):
+            pass
+        elif store.degraded_reason is None:  # while the disk refuses, read nothing more
             replaying = self.reader.pos < self.replay_end
             end = self.replay_end if replaying else self.writer.end
             data, pos = self.reader.read(CHUNK, end)
@@ -165,6 +176,10 @@ class Materializer:
         if self.done != self.saved and (wait or now - self.saved_at >= CHECKPOINT_EVERY):
             self.save()
         return bool(data)
+
+    def _giving_way(self, now: float) -> bool:
+        """Leave the CPU to the recording thread for now? (See SATURATED.)"""
+        return now - self.writer.full_at < SATURATED and self.lag_bytes() < self.soft_lag
 
     def _apply(self, data: bytes, replaying: bool) -> None:
         states = self.states
