@@ -3,6 +3,7 @@
 
     python bench/hotpath.py                       # 300,000 msgs, 1,000 topics, MQTT 5, 3 repeats
     python bench/hotpath.py --protocol 3.1.1 --topics 10
+    python bench/hotpath.py --sides plain,hook,before --before-src /tmp/main-src --repeats 5
     valgrind --tool=callgrind python bench/hotpath.py --messages 50000 --repeats 1
 
 A real :class:`Recorder` with its store in a temporary directory and a real
@@ -15,6 +16,13 @@ It reports process CPU seconds per 1M messages (user + system; medians of
 ``--repeats`` runs, each into a fresh directory after one warm-up that creates the
 topics), which is steady enough on a loaded machine to compare two versions of the
 hot path; use bench/throughput.py for the end-to-end figures.
+
+``--sides`` compares, interleaved in one run: ``plain`` (the shard map as given),
+``hook`` (the same with one trivial hook, bench_hooks.py's ``same``: what the hook
+machinery costs per message) and ``before`` (the map as given, run by the source tree
+``--before-src`` in a child process: e.g. main) and ``after`` (the same in a child
+process, but run by ``--src``: compare it with ``before``, to see that a shard without
+hooks did not slow down; both start afresh, with their own warm-up).
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
         tp._set_dotted(raw, key, yaml.safe_load(value))
     smap = parse_map(raw, env={})
     rec = Recorder(smap, smap.shards[0])
+    install = getattr(rec, "install_hooks", None)  # absent in trees older than hooks
+    chain = install() if install is not None else None
     rec.open_store(*rec._prepare_root())
     client = rec._make_client()
     a, b = socket.socketpair()
@@ -124,6 +134,8 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
     c1 = os.times()
     wall = time.monotonic() - t0
     rec.store.close()  # type: ignore[union-attr]
+    if chain is not None:
+        chain.watchdog.stop()  # its thread and SIGALRM would tax the next side in this process
     a.close()
     b.close()
     if acked_bytes != 4 * n or rec.counters.messages != n:
@@ -140,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="map_set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--src", type=Path, default=tp.REPO)
     p.add_argument("--tmpdir", default=None)
+    p.add_argument("--sides", default="plain", help="comma-separated: plain, hook, before, after")
+    p.add_argument("--before-src", type=Path, default=None, help="the source tree of side 'before'")
     args = p.parse_args(argv)
+    sides = args.sides.split(",")
+    if unknown := set(sides) - {"plain", "hook", "before", "after"}:
+        raise SystemExit(f"unknown side(s): {', '.join(sorted(unknown))}")
+    if "before" in sides and args.before_src is None:
+        raise SystemExit("side 'before' needs --before-src DIR")
     sys.path.insert(0, str(args.src))
     work = tp.Workload(args.messages, args.topics)
     stream = build_stream(work, args.protocol)
@@ -148,17 +167,51 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # warm-up into one directory, then measure into the same one (topics exist: steady state)
         root = base / "data"
-        run_once(stream, args.messages, args.protocol, root, args.map_set)
-        cpus = []
+        hook_set = [*args.map_set, "defaults.hooks=[bench_hooks:same]",
+                    f"defaults.hooks_path={Path(__file__).resolve().parent}"]
+        sets = {"plain": args.map_set, "hook": hook_set}
+        for side in sides:
+            if side in sets:
+                run_once(stream, args.messages, args.protocol, root, sets[side])
+        cpus: dict[str, list[float]] = {side: [] for side in sides}
+        rates: dict[str, list[float]] = {side: [] for side in sides}
         for i in range(args.repeats):
-            cpu, wall = run_once(stream, args.messages, args.protocol, root, args.map_set)
-            cpus.append(cpu * 1e6 / args.messages)
-            tp.say(f"run {i + 1}: {cpus[-1]:.2f} CPU s per 1M msgs ({args.messages / wall:,.0f} msg/s)")
-        print(f"hotpath: {args.messages:,} msgs, {args.topics:,} topics, MQTT {args.protocol}: "
-              f"median {statistics.median(cpus):.2f} CPU s per 1M msgs (min {min(cpus):.2f}, max {max(cpus):.2f})")
+            for side in sides:
+                if side not in sets:
+                    cpu_per_m, rate = _child(args, args.before_src if side == "before" else args.src)
+                else:
+                    cpu, wall = run_once(stream, args.messages, args.protocol, root, sets[side])
+                    cpu_per_m, rate = cpu * 1e6 / args.messages, args.messages / wall
+                cpus[side].append(cpu_per_m)
+                rates[side].append(rate)
+                tp.say(f"run {i + 1} {side}: {cpu_per_m:.2f} CPU s per 1M msgs ({rate:,.0f} msg/s)")
+        first = statistics.median(cpus[sides[0]])
+        for side in sides:
+            med = statistics.median(cpus[side])
+            vs = f", x{med / first:.3f} of {sides[0]}" if side != sides[0] else ""
+            print(f"hotpath {side}: {args.messages:,} msgs, {args.topics:,} topics, MQTT {args.protocol}: "
+                  f"median {med:.2f} CPU s per 1M msgs (min {min(cpus[side]):.2f}, max {max(cpus[side]):.2f}; "
+                  f"{statistics.median(rates[side]):,.0f} msg/s){vs}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def _child(args: argparse.Namespace, src: Path) -> tuple[float, float]:
+    """One measured run of the source tree ``src``, in a child (its own warm-up first)."""
+    import re
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--src", str(src), "--repeats", "1",
+           "--messages", str(args.messages), "--topics", str(args.topics), "--protocol", args.protocol]
+    for item in args.map_set:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(src))).stdout
+    m = re.search(r"median ([0-9.]+) CPU s per 1M msgs .*?; ([0-9,]+) msg/s", out)
+    if m is None:
+        raise SystemExit(f"{src}: no figure in its output:\n{out}")
+    return float(m.group(1)), float(m.group(2).replace(",", ""))
 
 
 if __name__ == "__main__":

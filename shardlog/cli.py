@@ -3,7 +3,7 @@
 Verbs of the recorder package live here (record, check, init). Verbs of other
 packages (``supervise`` and ``status`` from ``supervisor``) are added through the
 ``shardlog.commands`` entry point group, so this package never imports them.
-Exit codes follow sysexits: 0 ok, 64 usage, 65 data error (replay skipped records), 66 no input
+Exit codes follow sysexits: 0 ok, 64 usage, 65 data error (replay skipped records, a bad SQL query), 66 no input
 (history verbs), 69 broker unavailable (replay), 70 internal error, 73 cannot create (export),
 78 configuration.
 """
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from importlib import resources
 
 from shardlog import __version__
+from shardlog.argtypes import integer, seconds
 from shardlog.config import ConfigError, ShardMap, load_map
 
 EX_USAGE, EX_SOFTWARE, EX_CONFIG = 64, 70, 78
@@ -62,7 +63,10 @@ def load_or_exit(path: str) -> ShardMap:
 def _cmd_record(args: argparse.Namespace) -> int:
     from shardlog.recorder import Recorder
 
-    faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
+    try:
+        faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
+    except (RuntimeError, ValueError):  # stderr closed (2>&-) or not a file: record without it
+        pass
     setup_logging(args.log_level, args.shard)
     smap = load_or_exit(args.map)
     try:
@@ -84,8 +88,8 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("map", help="the shard map (YAML)")
     p.add_argument("--shard", required=True, help="the shard to record")
     p.add_argument("--stats-file", help="rewrite this JSON stats file every heartbeat")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between stats writes")
-    p.add_argument("--parent-pid", type=int, help="stop when this process is no longer the parent")
+    p.add_argument("--heartbeat", type=seconds(), default=1.0, help="seconds between stats writes")
+    p.add_argument("--parent-pid", type=integer(1), help="stop when this process is no longer the parent")
     p.add_argument("--control", metavar="PATH", help="accept control commands (rotate, delete, move) on "
                                                      "a Unix datagram socket created at PATH (the supervisor's)")
     add_log_level(p)
@@ -111,8 +115,16 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from shardlog.hooks import check_hooks
+
     smap = load_or_exit(args.map)
-    print(f"{args.map}: OK, {len(smap.shards)} shard(s)")
+    try:
+        n_hooks = check_hooks(smap)  # imports them, as `shardlog record` will
+    except ConfigError as exc:
+        print(f"shardlog: configuration error: {args.map}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    hooks = f", {n_hooks} hook(s) imported" if n_hooks else ""
+    print(f"{args.map}: OK, {len(smap.shards)} shard(s){hooks}")
     print(format_table(("PREFIX", "SHARD", "ROOT", "HOST", "BROKER"), routing_table(smap)))
     return 0
 
@@ -237,9 +249,6 @@ def _add_topics(sub: argparse._SubParsersAction) -> None:
 def _cmd_tail(args: argparse.Namespace) -> int:
     from shardlog import history
 
-    if args.n < 0:
-        print("shardlog: tail: -n must be >= 0", file=sys.stderr)
-        return EX_USAGE
     out = sys.stdout.buffer
     if args.follow:
         for line in history._tail_and_follow(args.root, args.topic, args.n, poll=args.poll):
@@ -257,9 +266,9 @@ def _add_tail(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tail", help="the last records of a topic (JSON lines with a topic member)")
     p.add_argument("root")
     p.add_argument("topic")
-    p.add_argument("-n", type=int, default=6, help="how many records (default 6)")
+    p.add_argument("-n", type=integer(0), default=6, help="how many records (default 6)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing records as they arrive")
-    p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=seconds(), default=0.2, help=argparse.SUPPRESS)
     p.set_defaults(func=_history_errors(_cmd_tail))
 
 
@@ -310,9 +319,9 @@ def _add_cat(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from shardlog import history
 
-    if not args.to.endswith((".sqlite", ".sqlite3", ".db")):
-        print("shardlog: export: only SQLite is supported (--to FILE.sqlite|.sqlite3|.db)", file=sys.stderr)
-        return EX_USAGE
+    parquet = args.to.endswith(".parquet")
+    if not parquet and not args.to.endswith((".sqlite", ".sqlite3", ".db")):
+        args.parser.error("--to FILE.parquet, or FILE.sqlite|.sqlite3|.db")
     if os.path.exists(args.to):
         if not args.force:
             print(f"shardlog: {args.to} exists; use --force to replace it", file=sys.stderr)
@@ -326,7 +335,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     try:
-        n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
+        if parquet:
+            n = _export_parquet(args, tty)
+        else:
+            n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
     except BaseException:
         if os.path.exists(args.to):
             os.unlink(args.to)  # never leave half an export behind
@@ -337,15 +349,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parquet(args: argparse.Namespace, tty: bool) -> int:
+    """The Parquet export (DuckDB), with a progress bar on a terminal."""
+    import time
+
+    from shardlog.parquet import export_parquet
+    from shardlog.replay import format_progress
+
+    start = time.monotonic()
+
+    def bar(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        eta = (total - done) * elapsed / done if done else None
+        sys.stderr.write("\r" + format_progress(done, total, elapsed, eta) + "\x1b[K")
+        sys.stderr.flush()
+
+    return export_parquet(args.root, args.prefix, args.to, args.since, args.until, progress=bar if tty else None)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a branch to SQLite (one table, JSON members as columns)")
+    p = sub.add_parser("export", help="export a branch to Parquet or SQLite (one table, JSON members as columns)")
     p.add_argument("root")
     p.add_argument("prefix", help="a topic; the topics below it are included ('' for all)")
-    p.add_argument("--to", required=True, help="the SQLite file to create")
+    p.add_argument("--to", required=True, help="the file to create: .parquet (DuckDB) or .sqlite/.sqlite3/.db")
     p.add_argument("--since", type=_time_arg)
     p.add_argument("--until", type=_time_arg)
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    p.set_defaults(func=_history_errors(_cmd_export))
+    p.set_defaults(func=_history_errors(_cmd_export), parser=p)
 
 
 # -- replay (shardlog.replay) ---------------------------------------------------------------
@@ -401,11 +431,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                                         cert_file=args.cert_file, key_file=args.key_file,
                                         insecure=args.insecure, keepalive=args.keepalive)
     except ValueError as exc:
-        print(f"shardlog: replay: {exc}", file=sys.stderr)
-        return EX_USAGE
-    if args.window < 1:
-        print("shardlog: replay: --window must be >= 1", file=sys.stderr)
-        return EX_USAGE
+        args.parser.error(str(exc))
     records = history.read(args.root, args.prefix, args.since, args.until)  # TopicNotFound -> 66
     tty = sys.stderr.isatty()
     progress = None
@@ -458,14 +484,14 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cert-file", help="TLS: client certificate")
     p.add_argument("--key-file", help="TLS: client key")
     p.add_argument("--insecure", action="store_true", help="TLS: skip host name verification")
-    p.add_argument("--keepalive", type=int, default=60, help="seconds (default 60)")
-    p.add_argument("--window", type=int, default=1000,
+    p.add_argument("--keepalive", type=integer(0, 65535), default=60, help="seconds (default 60)")
+    p.add_argument("--window", type=integer(1, 65535), default=1000,
                    help="QoS 1/2 publishes unacknowledged at a time (default 1000; never above the broker's "
                         "Receive Maximum)")
-    p.add_argument("--ack-timeout", type=float, default=30.0,
+    p.add_argument("--ack-timeout", type=seconds(), default=30.0,
                    help="give up when the broker acknowledges nothing for this long (s, default 30)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="s (default 10)")
-    p.set_defaults(func=_history_errors(_cmd_replay))
+    p.add_argument("--connect-timeout", type=seconds(), default=10.0, help="s (default 10)")
+    p.set_defaults(func=_history_errors(_cmd_replay), parser=p)
 
 
 # -- nginx-routes (shardlog.nginx_routes) -------------------------------------------------
@@ -478,8 +504,7 @@ def _cmd_nginx_routes(args: argparse.Namespace) -> int:
         text = render(smap, parse_upstreams(args.upstream or []), listen=args.listen,
                       source=os.path.basename(args.map))
     except (MissingUpstream, ValueError) as exc:
-        print(f"shardlog: nginx-routes: {exc}", file=sys.stderr)
-        return EX_USAGE
+        args.parser.error(str(exc))
     sys.stdout.write(text)
     return 0
 
@@ -491,7 +516,7 @@ def _add_nginx_routes(sub: argparse._SubParsersAction) -> None:
                    help="where HOST's nginx (deploy/nginx/shardlog.conf) listens, e.g. web1=10.0.0.1:80; "
                         "once per host ('all' for a map without hosts)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="the front's listen (default 127.0.0.1:8080)")
-    p.set_defaults(func=_cmd_nginx_routes)
+    p.set_defaults(func=_cmd_nginx_routes, parser=p)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -500,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlog", description="Record an MQTT topic tree as a directory tree.")
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export,
+    from shardlog.sql_cli import add_sql
+
+    for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export, add_sql,
                 _add_replay, _add_nginx_routes, *_plugin_verbs()):
         add(sub)
     return parser

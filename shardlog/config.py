@@ -23,6 +23,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from shardlog import yamlsafe
 from shardlog.units import format_duration, format_size, parse_duration, parse_size
 
 
@@ -47,6 +48,7 @@ class Duration(float):
     """Seconds, written as ``30s``, ``1d``, ``250ms`` or a number."""
 
     minimum: ClassVar[float] = 0.0
+    maximum: ClassVar[float] = 100 * 365 * 86400.0  # a century: below threading.TIMEOUT_MAX; no NaN, no inf
 
 
 class PositiveDuration(Duration):
@@ -61,8 +63,10 @@ def _dec_hook(tp: type, obj: Any) -> Any:
         return tp(n)
     if isinstance(tp, type) and issubclass(tp, Duration):
         s = parse_duration(obj)
-        if s < tp.minimum:
+        if not s >= tp.minimum:
             raise ValueError(f"expected >= {format_duration(tp.minimum)}, got {obj!r}")
+        if not s <= tp.maximum:
+            raise ValueError(f"expected at most {format_duration(tp.maximum)}, got {obj!r}")
         return tp(s)
     raise NotImplementedError(f"no decoder for {tp!r}")
 
@@ -144,6 +148,17 @@ class Journal(Struct, **_STRICT):
     # journal bytes not yet in the topic files past which the shard stops acknowledging
     # (the broker keeps the rest), so a lagging file system cannot fill the disk
     max_lag: SegmentSize = SegmentSize(1024 * 1024 * 1024)
+#: ``package.module:attribute``, or a built-in's name alone (shardlog/builtin_hooks.py)
+HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                                       r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$")]
+
+
+class HookSpec(Struct, **_STRICT):
+    """A hook with arguments: ``use`` names a factory, called once at start with ``args``
+    as keyword arguments; it returns the hook (docs/hooks.md)."""
+
+    use: HookName
+    args: dict[str, Any] = {}
 
 
 class Settings(Struct, **_STRICT):
@@ -165,6 +180,11 @@ class Settings(Struct, **_STRICT):
     format: Literal["jsonl", "json", "csv"] = "jsonl"
     payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
     journal: Journal = msgspec.field(default_factory=Journal)
+    # Python callables applied in order to each message before it is stored (docs/hooks.md);
+    # a shard's list replaces the defaults' one. Imported by `shardlog check` and at start.
+    hooks: list[HookName | HookSpec] = []
+    hooks_path: str | list[str] = []  # directories searched first for the hooks' modules
+    hook_timeout: PositiveDuration = PositiveDuration(1.0)  # per message, all hooks together
 
 
 class Shard(Settings, **_STRICT):
@@ -328,10 +348,29 @@ def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = Non
         merged.append(deep_merge(defaults_raw, s))
     smap: ShardMap = _convert({**raw, "shards": merged}, ShardMap)
     _check_shards(smap)
-    for shard in smap.shards:
-        shard.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(shard.root)))
-    smap.defaults.root = os.path.normpath(os.path.join(base_dir, os.path.expanduser(smap.defaults.root)))
+    for settings in (*smap.shards, smap.defaults):
+        settings.root = _resolve_path(base_dir, settings.root)
+        paths = [settings.hooks_path] if isinstance(settings.hooks_path, str) else settings.hooks_path
+        settings.hooks_path = [_resolve_path(base_dir, p) for p in paths]
     return smap
+
+
+def _resolve_path(base_dir: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def hook_specs(settings: Settings) -> list[HookSpec]:
+    """A shard's ``hooks`` list, every entry as a HookSpec (a bare name has no args)."""
+    return [h if isinstance(h, HookSpec) else msgspec.convert({"use": h}, HookSpec)
+            for h in settings.hooks]
+
+
+def hook_key(smap: ShardMap, shard: Shard, j: int) -> str:
+    """The key of a shard's ``j``-th hook, for error messages: ``shards[2].hooks[0]``, or
+    ``defaults.hooks[0] (shard chat)`` when the shard inherits the defaults' list."""
+    if shard.hooks == smap.defaults.hooks:
+        return f"defaults.hooks[{j}] (shard {shard.name})"
+    return f"shards[{smap.shards.index(shard)}].hooks[{j}]"
 
 
 LOOPBACK_NAMES = ("localhost", "localhost.", "ip6-localhost", "ip6-loopback")
@@ -403,6 +442,8 @@ def _check_shards(smap: ShardMap) -> None:
                               "(a shard without one would run on every host)")
         if s.broker is not None:
             _check_broker(s.broker, f"{where}.broker", False)
+        if "\x00" in s.root:
+            raise ConfigError(f"{where}.root: contains NUL")
         if s.payload_only and s.format == "csv":
             raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
                               "always holds ts, qos, retain and payload)")
@@ -416,19 +457,25 @@ def _check_shards(smap: ShardMap) -> None:
 def load_map(path: str, env: Mapping[str, str] | None = None) -> ShardMap:
     """Read, expand and validate a shard map file. Raises ConfigError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(yamlsafe.MAX_BYTES + 1)  # never the whole of /dev/zero
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the shard map: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    if len(data) > yamlsafe.MAX_BYTES:
+        raise ConfigError(f"{path}: larger than {yamlsafe.MAX_BYTES // (1024 * 1024)} MiB: refused")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}") from None
+    try:
+        raw = yamlsafe.load(text)
+    except yamlsafe.YamlLimit as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {' '.join(problem.split())}") from None
     try:
         return parse_map(raw, base_dir=os.path.dirname(os.path.abspath(path)), env=env)
     except ConfigError as exc:

@@ -53,6 +53,8 @@ def parse_command(body: bytes | str | dict[str, Any], op: str | None = None) -> 
             obj = msgspec.json.decode(body) if body else {}
         except msgspec.DecodeError as exc:
             raise CommandError(f"malformed JSON: {exc}") from None
+        except RecursionError:  # msgspec's own depth limit (about 1,000 levels)
+            raise CommandError("malformed JSON: nested too deeply") from None
     else:
         obj = body
     if not isinstance(obj, dict):

@@ -326,16 +326,25 @@ def parse_csv_line(line: bytes) -> tuple[int, int, bool, bytes] | None:
     ts, qos, retain, payload, enc = rows[0]
     if not ts.isdigit() or qos not in ("0", "1", "2") or retain not in ("true", "false"):
         return None
-    if enc == "":
-        raw = payload.encode("utf-8")
-    elif enc == "base64":
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except binascii.Error:
-            return None
-    else:
+    raw = csv_payload(payload, enc)
+    if raw is None:
         return None
     return int(ts), int(qos), retain == "true", raw
+
+
+def csv_payload(payload: str, enc: str) -> bytes | None:
+    """The payload bytes of a CSV row's ``payload`` and ``enc`` fields; None if invalid."""
+    if enc == "":
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    if enc == "base64":
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            return None
+    return None
 
 
 def valid_tail(f: typing.BinaryIO, size: int, valid: typing.Callable[[bytes], bool],

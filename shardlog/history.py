@@ -53,6 +53,8 @@ from shardlog.topics import (
 __all__ = [
     "TopicInfo",
     "TopicNotFound",
+    "connect",
+    "export_parquet",
     "export_sqlite",
     "follow",
     "parse_time",
@@ -845,6 +847,23 @@ def _tail_and_follow(root: str | os.PathLike[str], topic: str, n: int, poll: flo
         fo.done = fo._newest_seq()
     yield from lines
     yield from _follow_lines(d, poll, stop, fo)
+
+
+# -- SQL and Parquet (DuckDB: shardlog/sql.py, shardlog/parquet.py) -----------------------
+
+def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None):  # noqa: ANN201
+    """An in-process DuckDB connection with a ``records`` view (see shardlog.sql)."""
+    from shardlog import sql
+
+    return sql.connect(root, prefix, since, until)
+
+
+def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
+                   since: object = None, until: object = None, progress: Callable[[int, int], None] | None = None) -> int:
+    """One Parquet file of ``prefix`` and below, payload keys as typed columns (see shardlog.parquet)."""
+    from shardlog import parquet
+
+    return parquet.export_parquet(root, prefix, path, since, until, progress)
 
 
 # -- export -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import time
 import typing
 from collections import deque
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -36,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shardlog.client import BufferedClient, StockClient, apply_credentials, make_client
-from shardlog.config import Broker, Shard, ShardMap, client_id
+from shardlog.config import Broker, ConfigError, Shard, ShardMap, client_id
 from shardlog.control import topic_filter_matches
 from shardlog.lock import LockBusy, ShardLock
 from shardlog.operations import ControlSocket, Operations
@@ -45,6 +46,10 @@ from shardlog.routing import Router, subscription
 from shardlog.stats import Counters, write_stats
 from shardlog.store import Compressor, Store, TopicState
 from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_relpath
+
+if TYPE_CHECKING:
+    from shardlog.hook_path import FanOut
+    from shardlog.hooks import Chain
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -106,6 +111,16 @@ class Recorder:
         #: never recorded: the control topic (commands may carry a token) and its replies
         self.unrecorded = [ctl.topic] + ([ctl.reply_topic] if ctl.reply_topic else []) if ctl.mqtt else []
         self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
+        #: with hooks (hook_path.install): the stand-in ids of messages that became several records
+        self.fan: FanOut | None = None
+
+    def install_hooks(self) -> Chain | None:
+        """A shard with hooks records through hook_path.HookedPath.on_publish (bound once,
+        here: a shard without hooks keeps the plain path). Raises ConfigError."""
+        if not self.shard.hooks:
+            return None
+        from shardlog import hook_path
+        return hook_path.install(self)
 
     # -- setup ----------------------------------------------------------------------
 
@@ -207,6 +222,8 @@ class Recorder:
         self.blocked.clear()
         if self.store is not None:
             self.store.forget_mids()
+        if self.fan is not None:
+            self.fan.clear()
 
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # msg._topic: the raw topic bytes. paho's .topic property decodes on every
@@ -320,6 +337,8 @@ class Recorder:
         # So this costs the new ids only, however many records wait for the preparer.
         try:
             held = store.flush(time.time_ns() // 1000, now, wait)
+            if self.fan is not None and self.fan.live:
+                held = self.fan.settle(held, store)  # stand-in ids -> the messages' own
         except BaseException:
             # the store may hold some of these ids now: never acknowledge them before their
             # write (unacknowledged, the broker redelivers them: duplicates, never losses)
@@ -390,6 +409,11 @@ class Recorder:
 
     def run(self) -> int:
         shard = self.shard
+        try:
+            self.install_hooks()
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EX_CONFIG
         try:
             root_real, branch_root = self._prepare_root()
         except (OSError, TopicError) as exc:

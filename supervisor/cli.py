@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from shardlog.argtypes import http_url, seconds
 from shardlog.cli import EX_CONFIG, add_log_level, format_table, load_or_exit, setup_logging
 from supervisor.arbiter import Arbiter
 from supervisor.broker import ports_taken
@@ -156,8 +157,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.url:
         url = args.url
     elif not args.map:
-        print("shardlog status: give the shard map or --url URL", file=sys.stderr)
-        return 64
+        args.parser.error("give the shard map or --url URL")
     else:
         smap = load_or_exit(args.map)
         try:
@@ -196,7 +196,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="ask the running supervisor for its shards' health")
     p.add_argument("map", nargs="?", help="the shard map (its supervisor.listen is asked)")
-    p.add_argument("--url", help="ask this supervisor instead, e.g. http://127.0.0.1:8470")
+    p.add_argument("--url", type=http_url, help="ask this supervisor instead, e.g. http://127.0.0.1:8470")
     p.add_argument("--json", action="store_true", help="print the raw /status document")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
-    p.set_defaults(func=_cmd_status)
+    p.add_argument("--timeout", type=seconds(), default=5.0, help="seconds to wait for an answer (default 5)")
+    p.set_defaults(func=_cmd_status, parser=p)

@@ -160,7 +160,7 @@ def _loose_id(body: bytes | dict[str, Any]) -> object:
     if not isinstance(body, dict):
         try:
             body = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return None
     return body.get("id") if isinstance(body, dict) else None
 

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from shardlog.argtypes import http_url, seconds
 from shardlog.cli import load_or_exit
 from supervisor.cli import status_url
 
@@ -85,24 +86,21 @@ def _cmd(args: argparse.Namespace) -> int:
     verb = args.verb
     op, names, destructive = VERBS[verb]
     operands = list(args.operands)
+    required = [n for n in names if not n.endswith("?")]
+    given = len(operands) - (0 if args.url else 1)  # the map comes first unless --url
+    if not len(required) <= given <= len(names):
+        usage = " ".join(n.rstrip("?").upper() if not n.endswith("?") else f"[{n.rstrip('?').upper()}]"
+                         for n in names)
+        args.parser.error(f"expected MAP {usage} (or --url URL {usage})")
     if args.url:
         url = args.url
     else:
-        if not operands:
-            print(f"shardlog {verb}: give the shard map (or --url URL)", file=sys.stderr)
-            return EX_USAGE
         smap = load_or_exit(operands.pop(0))
         try:
             url = status_url(smap.supervisor.listen)
         except ValueError as exc:
             print(f"shardlog: {exc}", file=sys.stderr)
             return EX_CONFIG
-    required = [n for n in names if not n.endswith("?")]
-    if not len(required) <= len(operands) <= len(names):
-        usage = " ".join(n.rstrip("?").upper() if not n.endswith("?") else f"[{n.rstrip('?').upper()}]"
-                         for n in names)
-        print(f"shardlog {verb}: expected MAP {usage} (or --url URL {usage})", file=sys.stderr)
-        return EX_USAGE
     body: dict[str, Any] = {n.rstrip("?"): v for n, v in zip(names, operands)}
     if destructive and not args.yes:
         if not sys.stdin.isatty():
@@ -141,14 +139,14 @@ def _add(sub: argparse._SubParsersAction, verb: str) -> None:
     p = sub.add_parser(verb, help=help_text, description=f"{help_text}. Operands: {usage}; MAP is "
                        "omitted with --url. Talks to the running supervisor (docs/control.md).")
     p.add_argument("operands", nargs="*", metavar="ARG", help=usage)
-    p.add_argument("--url", help="the supervisor to ask instead of the map's supervisor.listen")
+    p.add_argument("--url", type=http_url, help="the supervisor to ask instead of the map's supervisor.listen")
     if VERBS[verb][2]:
         p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     else:
         p.set_defaults(yes=True)
     p.add_argument("--json", action="store_true", help="print the supervisor's reply as JSON")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
-    p.set_defaults(func=_cmd, verb=verb)
+    p.add_argument("--timeout", type=seconds(), default=60.0, help="seconds to wait (default 60)")
+    p.set_defaults(func=_cmd, verb=verb, parser=p)
 
 
 def add_rotate(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,9 @@
 """The supervisor's HTTP endpoint: ``/status`` (JSON), ``/metrics`` (Prometheus) and the
 control API (``POST /control/<op>``, docs/control.md).
 
-A stdlib ``ThreadingHTTPServer`` in a daemon thread. Handlers build their answer
+Connections are accepted and each request is read whole, within limits, by
+:mod:`supervisor.http_front` (one selector thread; slow clients hold no thread); a worker
+then runs one request through :class:`_Handler` (the stdlib's request parsing). Handlers build their answer
 from the last published snapshot and sample (immutable objects read through one
 attribute each); they take no lock and do no file or process I/O, so a scrape
 never waits on, or slows, the main loop or a recorder. A control request waits in its own
@@ -10,17 +12,17 @@ handler thread for the shard that carries it out (supervisor.control).
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from supervisor.http_front import Conn, Front, Limits, SocketWriter
 from supervisor.metrics import make_registry
 from supervisor.status import StatusDoc, encode
 
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 #: (op, JSON body, who asked) -> the reply document
 ControlFn = Callable[[str, bytes, str], dict]
 CONTROL_OPS = ("rotate", "delete", "move", "stop", "start")
-MAX_BODY = 64 * 1024
+LIMITS = Limits()
+MAX_BODY = LIMITS.max_body
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -41,24 +44,48 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
+class _App:
+    """What a handler answers from (the ``server`` of a stdlib handler)."""
 
-    def __init__(self, address: tuple[str, int], handler: type, status: Callable[[], StatusDoc],
-                 control: ControlFn | None = None) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    def __init__(self, status: Callable[[], StatusDoc], control: ControlFn | None) -> None:
         self.status = status
         self.control = control
         self.registry = make_registry(status)
-        super().__init__(address, handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    """One request, already read whole by the front, answered on its socket."""
+
+    server: _App  # type: ignore[assignment]
     server_version = "shardlog-supervisor"
     protocol_version = "HTTP/1.1"
+
+    def __init__(self, request: bytes, conn: Conn, app: _App) -> None:  # no super(): no socket reads
+        self.server = app
+        self.client_address = conn.addr
+        self.request = self.connection = conn.sock
+        self.rfile = io.BytesIO(request)
+        self.wfile = SocketWriter(conn.sock)
+        self.close_connection = True
+        self.handle_one_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the front sent "100 Continue" while the body arrived
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("do_"):  # any other method: 405, not the stdlib's 501
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self.send_response(405)
+        body = b"method not allowed: GET /status, GET /metrics, POST /control/<op>\n"
+        self.send_header("Allow", "GET, POST")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -138,25 +165,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class StatusServer:
-    def __init__(self, listen: str, status: Callable[[], StatusDoc], control: ControlFn | None = None) -> None:
+    def __init__(self, listen: str, status: Callable[[], StatusDoc], control: ControlFn | None = None,
+                 limits: Limits = LIMITS) -> None:
         self.listen = listen
-        self.httpd = _Server(parse_listen(listen), _Handler, status, control)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="shardlog-http", daemon=True)
+        app = _App(status, control)
+
+        def handle(conn: Conn, request: bytes) -> bool:
+            return not _Handler(request, conn, app).close_connection
+
+        self.front = Front(parse_listen(listen), handle, limits)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.httpd.server_address[:2]
-        return str(host), int(port)
+        return self.front.address
 
     def start(self) -> StatusServer:
-        self.thread.start()
+        self.front.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.front.stop()
 
 
 def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0,

@@ -124,6 +124,8 @@ COUNTERS = [
     ("compressed", "compressed", "Rotated segments compressed"),
     ("deleted_segments", "deleted_segments", "Segments removed by retention"),
     ("quarantined", "quarantined", "Records written to the quarantine file"),
+    ("hook_errors", "hook_errors", "Messages quarantined because a hook raised, returned garbage or timed out"),
+    ("hook_dropped", "hook_dropped", "Messages a hook dropped (acknowledged, not written)"),
     ("repaired", "repaired", "Torn segment tails cut back on reopen"),
     ("errors", "errors", "I/O errors"),
     ("connects", "connects", "Connections made to the broker"),
@@ -196,6 +198,10 @@ class StatusCollector(Collector):
         for field_name, metric, help_text in GAUGES:
             yield _gauge(f"shardlog_{metric}", help_text, ["shard"],
                          [((n,), int(getattr(c, field_name, 0) or 0)) for n, c in counted])
+        yield _counter("shardlog_broker_dropped_messages", "Messages the broker says it dropped since it "
+                       "started ($SYS/broker/publish/messages/dropped; mosquitto's max_queued_messages)",
+                       ["shard"], [((n,), c.broker_dropped) for n, c in counted
+                                   if getattr(c, "broker_dropped", None) is not None])
         yield _gauge("shardlog_last_message_timestamp_seconds", "Reception time of the newest message",
                      ["shard"], [((n,), c.last_message_ts / 1e6) for n, c in counted
                                  if c.last_message_ts is not None])

@@ -8,6 +8,11 @@ publishes the reply on the request's MQTT 5 response topic (with its correlation
 ``control.reply_topic``. The worker also publishes the /status document, retained, every
 ``control.supervisor_interval``. Who may publish commands is the broker's business (ACLs, see
 docs/control.md); retained commands are never carried out.
+
+Bad input (:mod:`supervisor.admission`): a command over 64 KiB is refused unread, commands beyond
+the rate limit are refused in paho's thread (they never reach the queue), and a command carried
+out once is answered from memory, not carried out again, when the same bytes with the same ``id``
+(or correlation data) come again (a QoS 1 redelivery). Every refusal is answered with a reason.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from shardlog.client import apply_credentials
 from shardlog.config import ShardMap
 from shardlog.control import control_topics
+from supervisor.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
 from supervisor.control import Controller, _loose_id
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,10 @@ class MqttControl:
         self.client.on_message = self._on_message
         self.client.suppress_exceptions = True  # a bug in a callback must not end paho's thread
         self.stopping = threading.Event()
+        self.bucket = TokenBucket(RATE, BURST, time.monotonic())
+        self.recent = Recent()
+        self.refused = 0  # too large, rate limited or queue full (logged once a second at most)
+        self.refused_logged = 0.0
 
     @staticmethod
     def wanted(smap: ShardMap) -> bool:
@@ -97,10 +107,23 @@ class MqttControl:
                 client.subscribe(self.topic, 1)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self.queue.put_nowait(msg)
-        except queue.Full:
-            log.warning("control: too many commands waiting; dropped one from %s", msg.topic)
+        now = time.monotonic()
+        why = too_large(msg.payload)
+        if why is None and not msg.retain and not self.bucket.take(now):
+            why = (f"rate limited: at most {RATE:g} commands a second ({BURST} at once); "
+                   f"send again in {self.bucket.wait():.1f}s")
+        if why is None:
+            try:
+                self.queue.put_nowait(msg)
+                return
+            except queue.Full:
+                why = "too many commands waiting; send again later"
+        self.refused += 1
+        if now - self.refused_logged >= 1.0:
+            self.refused_logged = now
+            log.warning("control from mqtt %s: refused: %s (%d refused so far)", msg.topic, why, self.refused)
+        ident = _loose_id(msg.payload) if len(msg.payload) <= MAX_COMMAND else None
+        self._reply(msg, {**({"id": ident} if isinstance(ident, (str, int)) else {}), "ok": False, "reason": why})
 
     # -- the worker --------------------------------------------------------------------------
 
@@ -117,8 +140,9 @@ class MqttControl:
             if msg is not None:
                 try:
                     self._command(msg)
-                except Exception:  # noqa: BLE001 - one bad command must not end the worker
+                except Exception as exc:  # noqa: BLE001 - one bad command must not end the worker
                     log.exception("control: error handling a command from MQTT")
+                    self._reply(msg, {"ok": False, "reason": f"internal error: {exc}"})
             if self.status_topic and self.status is not None and time.monotonic() >= next_status:
                 next_status = time.monotonic() + self.interval
                 if self.client.is_connected():
@@ -126,7 +150,6 @@ class MqttControl:
 
     def _command(self, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
-        response = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         source = f"mqtt {msg.topic}"
         if msg.retain:
@@ -139,7 +162,25 @@ class MqttControl:
             if isinstance(ident := _loose_id(msg.payload), (str, int)):
                 reply = {"id": ident, **reply}
         else:
-            reply = self.controller.execute(msg.payload, None, source, check_token=True)
+            ident = _loose_id(msg.payload)
+            key = dedup_key(ident, correlation, msg.payload)
+            now = time.monotonic()
+            done = self.recent.get(key, now) if key is not None else None
+            if done is not None:
+                log.warning("control from %s: command %r again (a redelivery?): not carried out twice", source, ident)
+                reply = {**done, "duplicate": True}
+            else:
+                reply = self.controller.execute(msg.payload, None, source, check_token=True)
+                if key is not None and reply.get("ok"):
+                    self.recent.put(key, reply, now)
+        self._reply(msg, reply)
+
+    def _reply(self, msg: mqtt.MQTTMessage, reply: dict[str, Any]) -> None:
+        """Publish ``reply`` on the request's response topic (with its correlation data), else on
+        the reply topic. Called from the worker and from paho's thread (publish is thread-safe)."""
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
         out = None
         if self.mqtt5 and (response or correlation is not None):
             out = Properties(PacketTypes.PUBLISH)

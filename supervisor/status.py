@@ -69,6 +69,8 @@ class ShardCounters(msgspec.Struct, kw_only=True):
     topics_open: int
     rotations: int
     quarantined: int
+    hook_errors: int = 0       # quarantined because a hook raised, returned garbage or timed out (docs/hooks.md)
+    hook_dropped: int = 0      # dropped by a hook (acknowledged, not written)
     errors: int
     pending: int               # received, not yet written
     connected: bool

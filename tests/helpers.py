@@ -38,6 +38,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def http_get(url: str, timeout: float = 5) -> bytes | None:
+    """The body of a GET, or None when nothing answers (yet) or it is not a 2xx."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.read()
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,6 +210,45 @@ class RecorderProc:
         return rc
 
 
+def gate_preparer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every new topic's preparation (shardlog.store.Preparer) until the event is set."""
+    from shardlog.store import Preparer
+
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
+    return gate
+
+
+class SocketpairClient:
+    """A recorder's own client on one end of a socketpair (no broker, no network): what it
+    acknowledges. ``rec`` is a shardlog.recorder.Recorder with its store open."""
+
+    def __init__(self, rec: Any) -> None:
+        self.client = rec._make_client()
+        self.a, self.b = socket.socketpair()
+        self.client._sock = self.a
+        self.client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        rec.client, rec.connected = self.client, True
+
+    def pubacks(self) -> list[int]:
+        """The packet ids of the PUBACKs sent since the last call, in order."""
+        self.client.loop_write()
+        self.b.setblocking(False)
+        data = b""
+        try:
+            while chunk := self.b.recv(1 << 16):
+                data += chunk
+        except BlockingIOError:
+            pass
+        assert len(data) % 4 == 0 and all(data[i:i + 2] == b"\x40\x02" for i in range(0, len(data), 4))
+        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
 def _mqtt_str(b: bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
@@ -347,3 +398,29 @@ class FastFlow(threading.Thread):
         self.pub.close()
         if self.error is not None:
             raise self.error
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``shardlog ARGV`` in this process, as the console script runs it: (exit code, stdout,
+    stderr). A SystemExit (argparse, load_or_exit) is its code. Much faster than a subprocess
+    for walking many argument lists; tests keep a few real subprocess runs beside it."""
+    import contextlib
+    import io
+
+    from shardlog.cli import main
+
+    import logging
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)  # verbs write to .buffer
+    err = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # daemon verbs call setup_logging
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            root.handlers[:], root.level = handlers, level
+    out.flush()
+    return rc, out.buffer.getvalue().decode("utf-8", "replace"), err.getvalue()

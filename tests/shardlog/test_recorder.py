@@ -20,7 +20,7 @@ from shardlog.recorder import Recorder
 from shardlog.topics import HashedNameError, relpath_to_topic
 from tests import hostile
 from tests.fallback_broker import mosquitto_only
-from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
+from tests.helpers import Mosquitto, Publisher, RecorderProc, SocketpairClient, gate_preparer, wait_for, write_map
 
 
 def strict(line: bytes) -> dict:
@@ -347,36 +347,13 @@ def test_ids_of_waiting_topics_are_acked_once_after_their_write(tmp_path: Path,
     """A real client on a socketpair (no broker): the PUBACKs sent. A known topic's ids are
     acked at once; a new topic's only after its records are written, each id exactly once, and
     every PUBACK in the order of the PUBLISHes (MQTT 5 4.6.0-2): a held id holds back later ones."""
-    import socket
-
-    from shardlog.store import Preparer
-
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data")}]}, env={})
     rec = Recorder(smap, smap.shards[0])
     rec.open_store(*rec._prepare_root())
     assert rec.store is not None
-    gate = threading.Event()
-    prepare = Preparer.prepare
-    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (gate.wait(30), prepare(self, st))[1])
-    client = rec._make_client()
-    a, b = socket.socketpair()
-    b.settimeout(10)
-    client._sock = a
-    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-    rec.client, rec.connected = client, True
-
-    def pubacks() -> list[int]:
-        client.loop_write()
-        b.setblocking(False)
-        data = b""
-        try:
-            while chunk := b.recv(1 << 16):
-                data += chunk
-        except BlockingIOError:
-            pass
-        assert len(data) % 4 == 0 and all(data[i:i + 2] == b"\x40\x02" for i in range(0, len(data), 4))
-        return [int.from_bytes(data[i + 2:i + 4], "big") for i in range(0, len(data), 4)]
-
+    gate = gate_preparer(monkeypatch)
+    pair = SocketpairClient(rec)
+    pubacks = pair.pubacks
     try:
         rec.on_publish(b"known", b"{}", 1, 1, False, False)
         rec.flush(wait=True)  # known: prepared in this flush
@@ -403,5 +380,4 @@ def test_ids_of_waiting_topics_are_acked_once_after_their_write(tmp_path: Path,
     finally:
         gate.set()
         rec.store.close()
-        a.close()
-        b.close()
+        pair.close()

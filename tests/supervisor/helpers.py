@@ -16,8 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from paho.mqtt.properties import Properties
 
 from shardlog.stats import Counters, write_stats
 from shardlog.topics import topic_to_relpath
-from tests.helpers import fallback_broker_settings, free_port, wait_for  # noqa: F401 - re-exported to the supervisor tests
+from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
 
 # -- fakes for the arbiter ---------------------------------------------------------------------
@@ -176,11 +174,7 @@ class SupervisorProc:
         return True
 
     def get(self, path: str) -> bytes | None:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
-                return resp.read()
-        except (urllib.error.URLError, OSError):
-            return None
+        return http_get(self.url + path)
 
     def status(self) -> dict[str, Any] | None:
         body = self.get("/status")
@@ -355,3 +349,48 @@ def drain_session(port: int, cid: str, wanted: set[int], timeout: float = 15) ->
         c.disconnect()
         c.loop_stop()
     return got
+
+
+# -- listening to the broker -------------------------------------------------------------------
+
+
+class Listener:
+    """A subscriber that keeps every message (topic, payload, properties) it gets."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.messages: list[tuple[str, bytes, Any, bool]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"listener-{os.getpid()}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "the listener did not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload, msg.properties, msg.retain))
+
+    def last(self, topic: str) -> bytes | None:
+        with self.lock:
+            got = [p for t, p, _, _ in self.messages if t == topic]
+        return got[-1] if got else None
+
+    def reply(self, topic: str, ident: Any) -> tuple[dict[str, Any], Any] | None:
+        with self.lock:
+            for t, p, props, _ in self.messages:
+                if t == topic:
+                    try:
+                        doc = json.loads(p)
+                    except ValueError:
+                        continue
+                    if isinstance(doc, dict) and doc.get("id") == ident:
+                        return doc, props
+        return None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

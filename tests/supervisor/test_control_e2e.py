@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 from supervisor.control_cli import post_control
 from tests.supervisor.helpers import (
     Flow,
+    Listener,
     SupervisorProc,
     make_map,
     payload_ids,
@@ -262,48 +263,6 @@ def test_cli_confirms_destructive_commands_and_stops_and_starts_a_shard(broker, 
     p = _cli("stop", str(m), "--yes")
     assert p.returncode == 0, p.stderr
     assert sup.wait(30) == 0
-
-
-class Listener:
-    """A subscriber that keeps every message (topic, payload, properties) it gets."""
-
-    def __init__(self, port: int, topics: list[str]) -> None:
-        self.messages: list[tuple[str, bytes, Any, bool]] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"listener-{os.getpid()}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert subscribed.wait(10), "the listener did not subscribe"
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append((msg.topic, msg.payload, msg.properties, msg.retain))
-
-    def last(self, topic: str) -> bytes | None:
-        with self.lock:
-            got = [p for t, p, _, _ in self.messages if t == topic]
-        return got[-1] if got else None
-
-    def reply(self, topic: str, ident: Any) -> tuple[dict[str, Any], Any] | None:
-        with self.lock:
-            for t, p, props, _ in self.messages:
-                if t == topic:
-                    try:
-                        doc = json.loads(p)
-                    except ValueError:
-                        continue
-                    if isinstance(doc, dict) and doc.get("id") == ident:
-                        return doc, props
-        return None
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_mqtt_control_with_token_and_status_topics(broker, publisher, supervisors, tmp_path: Path) -> None:

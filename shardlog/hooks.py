@@ -1,0 +1,373 @@
+"""Hooks: Python callables a shard applies to each message before it is stored.
+
+A hook takes a :class:`Message` and returns it (unchanged or changed), several
+messages (a list, tuple or generator), or ``None`` (dropped). A shard's hooks run in
+order, each on every message the one before produced (docs/hooks.md).
+
+This module loads them (:func:`load_hooks`: an import failure is a ConfigError naming
+the key) and runs them with their errors isolated (:class:`Chain`): a hook that raises,
+returns something that is not a message, or runs past ``hook_timeout`` makes the chain
+return a :class:`HookFailure` (the recorder quarantines the original message with its
+text) instead of crashing the shard. Time is enforced by :class:`Watchdog`: a thread that
+interrupts the main thread (SIGALRM, raising :class:`HookTimeout` in the hook) when one
+message's hooks have run longer than the timeout. The recorder's glue is hook_path.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, NamedTuple
+
+import msgspec
+
+from shardlog.config import ConfigError, HookSpec, ShardMap, Shard, hook_key, hook_specs
+
+log = logging.getLogger(__name__)
+_monotonic = time.monotonic
+
+#: a hook that timed out this many times in a row is suspended for SUSPEND_FOR seconds:
+#: messages reaching it are quarantined at once instead of each costing hook_timeout
+TIMEOUTS_TO_SUSPEND = 3
+SUSPEND_FOR = 60.0
+#: a hook's errors are logged at most once per this many seconds (with the count since)
+LOG_EVERY = 60.0
+MAX_REASON = 2000  # characters of a hook's error kept in the quarantine record
+
+
+class Message(NamedTuple):
+    """One message as a hook sees it. ``ts``: reception time, integer microseconds since
+    the epoch (it becomes the record's ``ts``). Change it with ``msg._replace(...)`` or
+    :meth:`replace`."""
+
+    topic: str
+    payload: bytes
+    ts: int
+    qos: int
+    retain: bool
+
+    def replace(self, **changes: Any) -> Message:
+        return self._replace(**changes)
+
+    def text(self) -> str:
+        """The payload as UTF-8 text (raises UnicodeDecodeError if it is not)."""
+        return self.payload.decode("utf-8")
+
+    def json(self) -> Any:
+        """The payload parsed as JSON (raises msgspec.DecodeError if it is not JSON)."""
+        return msgspec.json.decode(self.payload)
+
+    def with_json(self, value: Any, **changes: Any) -> Message:
+        """This message with ``value`` encoded as its JSON payload (and other changes)."""
+        return self._replace(payload=msgspec.json.encode(value), **changes)
+
+
+Hook = Callable[[Message], "Message | Iterable[Message] | None"]
+
+
+class HookTimeout(BaseException):
+    """Raised inside a hook that ran past hook_timeout. A BaseException, so that a hook's
+    own ``except Exception`` does not swallow it."""
+
+
+class BadOutput(TypeError):
+    """A hook returned something that is not a message (its reason says what)."""
+
+
+class HookFailure(NamedTuple):
+    """The chain could not handle a message: quarantine it with ``reason``."""
+
+    reason: str
+    hook: int  # index of the hook at fault
+
+
+class LoadedHook:
+    __slots__ = ("name", "fn", "errors", "logged_at", "unlogged", "timeouts_in_a_row", "suspended_until")
+
+    def __init__(self, name: str, fn: Hook) -> None:
+        self.name = name
+        self.fn = fn
+        self.errors = 0
+        self.logged_at = -1e18
+        self.unlogged = 0           # errors since the last log line
+        self.timeouts_in_a_row = 0
+        self.suspended_until = -1e18
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def resolve(name: str) -> Any:
+    """``package.module:attr.attr`` -> the object. Raises ImportError/AttributeError."""
+    module_name, _, attr = name.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_hook(spec: HookSpec, key: str) -> LoadedHook:
+    """One hook entry -> the callable, or ConfigError naming ``key``."""
+    from shardlog import builtin_hooks
+
+    if ":" not in spec.use:  # a built-in: always a factory, its args validated by a Struct
+        if spec.use not in builtin_hooks.BUILTINS:
+            raise ConfigError(f"{key}: no built-in hook named {spec.use!r} (built-ins: "
+                              f"{', '.join(sorted(builtin_hooks.BUILTINS))}; write module:function "
+                              "for your own)")
+        return LoadedHook(spec.use, builtin_hooks.make(spec.use, spec.args, f"{key}.args"))
+    try:
+        obj = resolve(spec.use)
+    except Exception as exc:  # noqa: BLE001 - whatever the module raised on import
+        raise ConfigError(f"{key}: cannot import {spec.use!r}: {_error_text(exc)} "
+                          f"(sys.path starts {sys.path[:3]})") from None
+    if spec.args:
+        try:
+            obj = obj(**spec.args)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{key}.args: {spec.use}(**args) raised {_error_text(exc)}") from None
+    if not callable(obj):
+        raise ConfigError(f"{key}: {spec.use!r} is a {type(obj).__name__}, not a callable")
+    return LoadedHook(spec.use, obj)
+
+
+def load_hooks(smap: ShardMap, shard: Shard) -> list[LoadedHook]:
+    """Import a shard's hooks (its hooks_path first on sys.path). Raises ConfigError."""
+    for path in reversed(shard.hooks_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    return [load_hook(spec, hook_key(smap, shard, j)) for j, spec in enumerate(hook_specs(shard))]
+
+
+def check_hooks(smap: ShardMap) -> int:
+    """Import every shard's hooks (``shardlog check``); the number of hooks. Raises ConfigError."""
+    return sum(len(load_hooks(smap, s)) for s in smap.shards)
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+def checked(m: Any) -> Message:
+    """A hook's output as a valid Message (a str payload becomes UTF-8), or BadOutput."""
+    if m.__class__ is not Message:
+        raise BadOutput(f"returned {type(m).__name__} {_short(m)}, expected a Message, a list of "
+                        "them or None")
+    topic, payload, ts, qos, retain = m
+    if topic.__class__ is not str or not topic:
+        raise BadOutput(f"returned a message whose topic is {_short(topic)}, expected a non-empty str")
+    if payload.__class__ is not bytes:
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        else:
+            raise BadOutput(f"returned a message whose payload is a {type(payload).__name__}, "
+                            "expected bytes or str")
+    if ts.__class__ is not int or ts < 0:
+        raise BadOutput(f"returned a message whose ts is {_short(ts)}, expected microseconds (int)")
+    if qos not in (0, 1, 2) or qos.__class__ is not int:
+        raise BadOutput(f"returned a message whose qos is {_short(qos)}, expected 0, 1 or 2")
+    if retain.__class__ is not bool:
+        raise BadOutput(f"returned a message whose retain is {_short(retain)}, expected a bool")
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadOutput(f"returned a message whose topic {topic!r} is not valid UTF-8") from None
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise BadOutput(f"returned a message whose topic {topic!r} holds a wildcard or NUL "
+                        "(not a topic name)")
+    return m if payload is m.payload else m._replace(payload=payload)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Chain:
+    """A shard's hooks, applied in order with their errors isolated.
+
+    ``owns(topic)``: None if this shard records ``topic``, else why not (a hook may move a
+    message within the shard's branch only). Not thread-safe: the recording thread only.
+    """
+
+    def __init__(self, hooks: list[LoadedHook], timeout: float, owns: Callable[[str], str | None],
+                 watchdog: Watchdog | None = None) -> None:
+        self.hooks = hooks
+        self.timeout = timeout
+        self.owns = owns
+        self.watchdog = watchdog or Watchdog(timeout)
+        self.current = 0  # index of the hook running (the one a timeout blames)
+        self.strikes = 0  # timeouts since a message last went through (for the suspension)
+
+    def run(self, msg: Message) -> list[Message] | HookFailure:
+        """The messages ``msg`` becomes (empty: dropped), or why it must be quarantined."""
+        wd = self.watchdog
+        started = _monotonic()
+        wd.started = started
+        wd.seq += 1
+        wd.busy = True
+        try:
+            try:
+                out = self._apply(msg, started)
+                wd.busy = False
+            except Exception as exc:  # noqa: BLE001 - the hook's error, isolated
+                wd.busy = False
+                text = str(exc) if exc.__class__ is BadOutput else _error_text(exc)
+                return self._failed(self.current, text, started)
+        except HookTimeout:  # raised once per call at most (the handler clears busy first)
+            wd.busy = False
+            return self._timed_out(started)
+        if out.__class__ is HookFailure:
+            return out
+        if _monotonic() - started > self.timeout:  # interrupted too late, or no watchdog
+            return self._timed_out(started)
+        if self.strikes:
+            self._clear_strikes()
+        topic = msg.topic
+        for m in out:  # type: ignore[union-attr]
+            if m.topic is not topic and m.topic != topic:
+                problem = self.owns(m.topic)
+                if problem is not None:
+                    return self._failed(self.current, f"produced topic {m.topic!r}: {problem}", started)
+        return out
+
+    def _apply(self, msg: Message, now: float) -> list[Message] | HookFailure:
+        batch = [msg]
+        i = 0
+        for hook in self.hooks:
+            self.current = i
+            if hook.suspended_until > now:
+                return HookFailure(f"hook {hook.name}: suspended after {TIMEOUTS_TO_SUSPEND} timeouts "
+                                   f"in a row (retried {hook.suspended_until - now:.0f}s from now)", i)
+            fn = hook.fn
+            out: list[Message] = []
+            for m in batch:
+                r = fn(m)
+                if r is m:
+                    out.append(m)
+                elif r is None:
+                    continue
+                elif r.__class__ is Message:
+                    out.append(checked(r))
+                elif isinstance(r, (list, tuple)) or (hasattr(r, "__next__") and hasattr(r, "__iter__")):
+                    out.extend(checked(x) for x in r)  # a generator runs here, timed too
+                else:
+                    checked(r)  # raises BadOutput naming what it got
+            batch = out
+            if not batch:
+                break
+            i += 1
+        return batch
+
+    def _clear_strikes(self) -> None:
+        """A message went through: every hook's run of timeouts is broken."""
+        for hook in self.hooks:
+            hook.timeouts_in_a_row = 0
+        self.strikes = 0
+
+    def _timed_out(self, started: float) -> HookFailure:
+        i = self.current
+        hook = self.hooks[i]
+        hook.timeouts_in_a_row += 1
+        self.strikes += 1
+        elapsed = _monotonic() - started
+        failure = self._failed(i, f"timed out: ran {elapsed:.3f}s, over hook_timeout "
+                                  f"{self.timeout:g}s", started)
+        if hook.timeouts_in_a_row >= TIMEOUTS_TO_SUSPEND:
+            hook.suspended_until = started + elapsed + SUSPEND_FOR
+            hook.timeouts_in_a_row = 0
+            log.error("hook %s: %d timeouts in a row; suspended for %.0fs (messages that reach it "
+                      "are quarantined meanwhile)", hook.name, TIMEOUTS_TO_SUSPEND, SUSPEND_FOR)
+        return failure
+
+    def _failed(self, i: int, text: str, now: float) -> HookFailure:
+        hook = self.hooks[i] if i < len(self.hooks) else self.hooks[-1]
+        hook.errors += 1
+        hook.unlogged += 1
+        if len(text) > MAX_REASON:  # an exception's text can be anything
+            text = text[:MAX_REASON] + f"... ({len(text)} characters)"
+        reason = f"hook {hook.name}: {text}"
+        if log_due(hook.logged_at, now, LOG_EVERY):
+            log.error("%s (%d error(s) from this hook since its last report; the messages are "
+                      "quarantined, at most one report a minute)", reason, hook.unlogged)
+            hook.logged_at = now
+            hook.unlogged = 0
+        return HookFailure(reason, i)
+
+
+def log_due(last: float, now: float, every: float) -> bool:
+    """Log again? At most once per ``every`` seconds."""
+    return now - last >= every
+
+
+# -- time limit ------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Interrupts a hook that runs past ``timeout``: a thread looks every ``tick`` and, if
+    the same call has been running too long, sends SIGALRM to the main thread, whose handler
+    raises HookTimeout in the hook (once per call). Python runs signal handlers between
+    bytecodes: code stuck inside one C call (a long regex match, a C extension's loop) is
+    interrupted only when that call returns. Without :meth:`start` (not in the main thread),
+    a hook's time is only measured after it returns (the message is still quarantined)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.tick = min(0.05, timeout / 4)
+        self.seq = 0          # calls started (written by the main thread only)
+        self.started = 0.0    # monotonic start of call number ``seq``
+        self.busy = False
+        self.target = -1      # the call the watchdog thread asked to interrupt
+        self.fired = 0        # interrupts raised
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("hooks run outside the main thread: a hook past hook_timeout is not "
+                        "interrupted, only quarantined once it returns")
+            return False
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        main = threading.main_thread().ident
+        assert main is not None
+        self._thread = threading.Thread(target=self._watch, args=(main,), name="hook-watchdog", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def overdue(self, now: float) -> int | None:
+        """The call to interrupt now, if one is overdue (read in the watchdog thread: seq
+        first, then started, then seq again, so a call that just ended is not blamed)."""
+        seq = self.seq
+        started = self.started
+        if self.busy and self.seq == seq and seq != self.target and now - started > self.timeout:
+            return seq
+        return None
+
+    def _watch(self, main: int) -> None:
+        while not self._stop.wait(self.tick):
+            seq = self.overdue(_monotonic())
+            if seq is not None:
+                self.target = seq
+                signal.pthread_kill(main, signal.SIGALRM)
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        if self.busy and self.seq == self.target:
+            self.busy = False  # at most one interrupt per call
+            self.fired += 1
+            raise HookTimeout()

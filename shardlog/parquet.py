@@ -1,0 +1,136 @@
+"""Export a branch to one Parquet file, written by DuckDB over the ``records`` view.
+
+Columns: ``topic, ts (TIMESTAMP, µs), qos, retain, enc, payload (JSON text)``, then a
+typed column ``payload.<key>`` for each top-level member of JSON object payloads that
+holds a scalar somewhere (as ``history.export_sqlite`` does; nested values stay in
+``payload``). Parquet wants one type per column, so a key's type is decided from all
+its values (``column_type``): booleans -> BOOLEAN, integers -> BIGINT, integers and
+floats -> DOUBLE, strings -> VARCHAR, anything mixed (or integers beyond 64 bits) ->
+VARCHAR holding each value's JSON text. Rows are ordered by topic, then ts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from shardlog import history, sql
+
+__all__ = ["column_type", "export_parquet", "flat_columns"]
+
+_SCALARS = ("BOOLEAN", "BIGINT", "UBIGINT", "DOUBLE", "VARCHAR")
+_INTS = {"BIGINT", "UBIGINT"}
+
+
+def pointer(key: str) -> str:
+    """The JSON pointer (RFC 6901) of a top-level member."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def column_type(json_types: set[str], big_int: bool) -> str:
+    """The Parquet (DuckDB) type of a payload key from the JSON types of its values
+    (DuckDB's ``json_type`` names); ``big_int``: an integer does not fit 64 bits."""
+    kinds = json_types & set(_SCALARS)
+    if kinds == {"BOOLEAN"}:
+        return "BOOLEAN"
+    if kinds and kinds <= _INTS and not big_int:
+        return "BIGINT"
+    if kinds and kinds <= _INTS | {"DOUBLE"} and "DOUBLE" in kinds:
+        return "DOUBLE"
+    return "VARCHAR"
+
+
+def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str, str]]:
+    """(column name, type, JSON pointer) for (key, json types, big int) in first-seen
+    order: keys that only ever hold nested values get none; a name equal to an earlier
+    one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
+    ``history.MAX_FLAT_COLUMNS``."""
+    taken = {"topic", "ts", "qos", "retain", "enc", "payload"}
+    out = []
+    for key, types, big in keys:
+        if not types & (set(_SCALARS) | {"NULL"}) or not history._utf8_ok(key):
+            continue
+        if len(out) >= history.MAX_FLAT_COLUMNS:
+            break
+        name = "payload." + key.replace("\x00", "\\u0000")
+        base, k = name, 2
+        while name.casefold() in taken:
+            name, k = f"{base}~{k}", k + 1
+        taken.add(name.casefold())
+        out.append((name, column_type(types, big), pointer(key)))
+    return out
+
+
+_KEYS = """
+WITH kv AS (
+    SELECT ts_us, k, '/' || replace(replace(k, '~', '~0'), '/', '~1') AS p, payload
+    FROM (SELECT ts_us, payload, unnest(json_keys(payload)) AS k FROM records
+          WHERE enc IS NULL AND json_type(payload) = 'OBJECT'))
+SELECT k, list(DISTINCT json_type(payload, p)),
+       bool_or(json_type(payload, p) = 'UBIGINT' AND TRY_CAST(payload ->> p AS BIGINT) IS NULL),
+       min(ts_us) AS first
+FROM kv GROUP BY k ORDER BY first, k
+"""
+
+
+def _column(name: str, typ: str, ptr: str) -> str:
+    p = sql._lit(ptr)
+    scalars = ", ".join(sql._lit(s) for s in _SCALARS)
+    value = f"payload ->> {p}"
+    if typ != "VARCHAR":
+        value = f"TRY_CAST({value} AS {typ})"
+    quoted = '"' + name.replace('"', '""') + '"'
+    return (f"CASE WHEN enc IS NULL AND json_type(payload) = 'OBJECT' AND json_type(payload, {p}) IN ({scalars}) "
+            f"THEN {value} END AS {quoted}")
+
+
+def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
+                   since: object = None, until: object = None,
+                   progress: Callable[[int, int], None] | None = None) -> int:
+    """Write the records of ``prefix`` (and below) in ``[since, until)`` to a new Parquet
+    file ``path`` (refuses an existing one). ``progress(done, total)`` is called about ten
+    times a second while DuckDB writes (``done`` estimated from its query progress).
+    Returns the number of rows. A failed or interrupted export leaves no file."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; remove it first")
+    con = sql.connect(root, prefix, since, until)  # TopicNotFound before anything is created
+    try:
+        total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
+        keys = [(k, set(types), bool(big)) for k, types, big, _ in con.execute(_KEYS).fetchall()]
+        cols = ["topic", "ts", "qos", "retain", "enc", "payload"]
+        cols += [_column(*c) for c in flat_columns(keys)]
+        copy = (f"COPY (SELECT {', '.join(cols)} FROM records ORDER BY topic, ts_us) "
+                f"TO {sql._lit(path)} (FORMAT parquet, COMPRESSION zstd)")
+        _run_with_progress(con, copy, total, progress)
+        return total
+    except BaseException:
+        if os.path.exists(path):
+            os.unlink(path)  # never half an export
+        raise
+    finally:
+        con.close()
+
+
+def _run_with_progress(con: object, statement: str, total: int,
+                       progress: Callable[[int, int], None] | None) -> None:
+    if progress is None:
+        con.execute(statement)  # type: ignore[attr-defined]
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            pct = con.query_progress()  # type: ignore[attr-defined]
+            if pct >= 0:
+                progress(int(total * min(pct, 100.0) / 100), total)
+
+    t = threading.Thread(target=watch, name="shardlog-export-progress", daemon=True)
+    t.start()
+    try:
+        con.execute(statement)  # type: ignore[attr-defined]
+    finally:
+        done.set()
+        t.join()
+    progress(total, total)

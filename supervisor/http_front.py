@@ -1,0 +1,386 @@
+"""The supervisor's HTTP connections: accept, read each request whole, within limits, then hand it
+to a small pool of worker threads (supervisor.http handles it).
+
+A thread per connection (``ThreadingHTTPServer``) let every slow or idle client hold a thread for
+as long as it liked: 200 slowloris connections were 200 threads, each waiting forever for a header
+line. Here one selector thread owns every socket while a request arrives, so a slow client costs a
+file descriptor and a buffer, never a worker, and:
+
+- at most ``max_connections`` are open (the next gets ``503`` and is closed at once);
+- a request's head (request line and headers) is at most ``max_head`` bytes (``431``), and its
+  body at most ``max_body`` (``413``, unread); a body needs a ``Content-Length`` (``411`` for
+  ``Transfer-Encoding``); a malformed ``Content-Length`` is ``400``;
+- a request must arrive whole within ``request_timeout`` of its first byte (``408``), and an idle
+  keep-alive connection is closed after ``idle_timeout``;
+- GETs and control POSTs have their own workers (a control command waits up to 30 s for a shard;
+  it never holds up ``/status``), each pool with a bounded queue (``503`` when full);
+- a response is written with ``write_timeout`` on the socket, so a client that does not read
+  holds a worker for that long at most.
+
+The framing decision is the pure :func:`frame`; the rest is the selector loop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import re
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 512
+    max_head: int = 16 * 1024
+    max_body: int = 64 * 1024
+    request_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    write_timeout: float = 5.0
+    workers: int = 4
+    control_workers: int = 2
+    # requests read whole and waiting for a worker; a connection has at most one in the queue, so
+    # this equals max_connections: a burst of every connection at once waits, it is not refused
+    queue: int = 512
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What :func:`frame` makes of a connection's buffer: ``size`` bytes form one complete
+    request (0: not yet), or ``status`` is the error to answer before closing."""
+
+    size: int = 0
+    status: int = 0
+    reason: str = ""
+    expect_continue: bool = False
+
+
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[01]\r?\n")
+_LINE_SO_FAR = re.compile(rb"[ -~]*\r?")  # what a request line may start with (garbage fails at once)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.I | re.M)
+_EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r?$", re.I | re.M)
+
+
+def frame(buf: bytes | bytearray, limits: Limits) -> Frame:
+    """Is there one whole request at the start of ``buf``, and how long is it? Pure."""
+    eol = buf.find(b"\n", 0, limits.max_head)
+    if (not _REQUEST_LINE.match(buf, 0, eol + 1) if eol >= 0
+            else not _LINE_SO_FAR.fullmatch(buf, 0, min(len(buf), limits.max_head))):
+        return Frame(status=400, reason="malformed request line (expected METHOD /path HTTP/1.x)")
+    m = _HEAD_END.search(buf, 0, limits.max_head + 4)
+    if m is None:
+        if len(buf) > limits.max_head:
+            return Frame(status=431, reason=f"request head larger than {limits.max_head} bytes")
+        return Frame()
+    head = bytes(buf[:m.start()])
+    if _TRANSFER_ENCODING.search(head):
+        return Frame(status=411, reason="send the body with Content-Length (Transfer-Encoding is not supported)")
+    lengths = {v.strip() for v in _CONTENT_LENGTH.findall(head)}
+    length = 0
+    if lengths:
+        value = lengths.pop()
+        if lengths or not value.isdigit() or len(value) > 18:
+            return Frame(status=400, reason="malformed Content-Length")
+        length = int(value)
+    if length > limits.max_body:
+        return Frame(status=413, reason=f"a body of at most {limits.max_body} bytes")
+    total = m.end() + length
+    if len(buf) < total:
+        return Frame(expect_continue=bool(_EXPECT_CONTINUE.search(head)))
+    return Frame(size=total)
+
+
+#: seconds a refused connection is read (and discarded) before it is closed
+LINGER = 2.0
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def error_response(status: int, reason: str) -> bytes:
+    body = ('{"ok": false, "reason": "%s"}\n' % reason.replace('"', "'")).encode()
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n").encode() + body
+
+
+class Conn:
+    __slots__ = ("sock", "addr", "buf", "started", "idle_since", "continued", "linger_until")
+
+    def __init__(self, sock: socket.socket, addr: tuple, now: float) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.buf = bytearray()
+        self.started: float | None = None  # first byte of the request being received
+        self.idle_since = now
+        self.continued = False  # "100 Continue" sent for this request
+        self.linger_until: float | None = None  # refused: reading what still comes, then closing
+
+
+class SocketWriter(io.BufferedIOBase):
+    """``wfile`` for a handler: every write goes out at once (sendall, with the socket's timeout)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self._sock.sendall(b)
+        return len(b)
+
+
+#: (connection, one whole request) -> keep the connection open?
+Handle = Callable[[Conn, bytes], bool]
+
+
+class Front:
+    """The listening socket, the selector thread and the worker pools."""
+
+    def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits()) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        # "[::]:PORT" takes IPv4 too, as the stdlib server's socket did (create_server sets V6ONLY)
+        dual = family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
+        self.listener = socket.create_server(address, family=family, backlog=1024, dualstack_ipv6=dual)
+        self.listener.setblocking(False)
+        self.handle = handle
+        self.limits = limits
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.returned: queue.SimpleQueue[Conn] = queue.SimpleQueue()
+        self.conns: set[Conn] = set()  # every open connection, reading or being handled
+        self.lock = threading.Lock()   # guards conns (the selector thread and the workers)
+        self.stopping = threading.Event()
+        self.accept_paused_until: float | None = None
+        self.pools = {"get": queue.Queue[tuple[Conn, bytes] | None](limits.queue),
+                      "control": queue.Queue[tuple[Conn, bytes] | None](limits.queue)}
+        self.threads = [threading.Thread(target=self._loop, name="shardlog-http", daemon=True)]
+        for pool, n in (("get", limits.workers), ("control", limits.control_workers)):
+            self.threads += [threading.Thread(target=self._work, args=(self.pools[pool],),
+                                              name=f"shardlog-http-{pool}-{i}", daemon=True) for i in range(n)]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> Front:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake()
+        for q in self.pools.values():
+            for _ in range(self.limits.workers + self.limits.control_workers):
+                try:
+                    q.put_nowait(None)
+                except queue.Full:
+                    break
+        self.threads[0].join(5)
+        with self.lock:
+            for c in list(self.conns):
+                self._close(c)
+        self.listener.close()
+
+    def open_connections(self) -> int:
+        return len(self.conns)
+
+    # -- the selector thread ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        next_sweep = time.monotonic()
+        while not self.stopping.is_set():
+            for key, _ in self.sel.select(timeout=0.25):
+                if key.data is None:
+                    self._accept()
+                elif key.data == "wake":
+                    self._returned()
+                else:
+                    self._read(key.data)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + 0.25
+        self.sel.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: stop accepting for a moment, keep serving
+                log.warning("http: cannot accept a connection (%s); pausing accept for 0.5s", exc)
+                self.sel.unregister(self.listener)
+                self.accept_paused_until = time.monotonic() + 0.5
+                return
+            sock.setblocking(False)
+            if len(self.conns) >= self.limits.max_connections:
+                self._refuse(sock, 503, f"too many connections (at most {self.limits.max_connections})")
+                continue
+            c = Conn(sock, addr, time.monotonic())
+            with self.lock:
+                self.conns.add(c)
+            self.sel.register(sock, selectors.EVENT_READ, c)
+
+    def _refuse(self, sock: socket.socket, status: int, reason: str) -> None:
+        try:
+            sock.send(error_response(status, reason))  # non-blocking: what fits, then close
+        except OSError:
+            pass
+        sock.close()
+
+    def _read(self, c: Conn) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(c)
+            return
+        if c.linger_until is not None:
+            return  # discarded: the client is still sending what was refused
+        if c.started is None:
+            c.started = time.monotonic()
+        c.buf += data
+        self._advance(c)
+
+    def _advance(self, c: Conn) -> None:
+        """Dispatch the request in ``c.buf`` if it is whole, refuse it if it cannot be."""
+        f = frame(c.buf, self.limits)
+        if f.status:
+            self._drop(c, f.status, f.reason)
+        elif f.size:
+            request = bytes(c.buf[:f.size])
+            del c.buf[:f.size]
+            pool = self.pools["control" if request.startswith(b"POST ") else "get"]
+            self.sel.unregister(c.sock)
+            try:
+                pool.put_nowait((c, request))
+            except queue.Full:
+                self._forget(c)
+                self._refuse(c.sock, 503, "too many requests waiting")
+        elif f.expect_continue and not c.continued:
+            c.continued = True
+            try:
+                c.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                pass
+        elif len(c.buf) > self.limits.max_head + self.limits.max_body + 4:
+            self._drop(c, 413, "request too large")  # pragma: no cover - frame() refuses first
+
+    def _returned(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                c = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            if self.stopping.is_set():
+                self._drop(c)
+                continue
+            now = time.monotonic()
+            c.started = now if c.buf else None  # pipelined bytes start the next request's clock
+            c.idle_since = now
+            c.continued = False
+            self.sel.register(c.sock, selectors.EVENT_READ, c)
+            if c.buf:
+                self._advance(c)
+
+    def _sweep(self, now: float) -> None:
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.sel.register(self.listener, selectors.EVENT_READ, None)
+        for key in list(self.sel.get_map().values()):
+            c = key.data
+            if not isinstance(c, Conn):
+                continue
+            if c.linger_until is not None:
+                if now > c.linger_until:
+                    self._drop(c)
+            elif c.started is not None and now - c.started > self.limits.request_timeout:
+                self._drop(c, 408, f"the request did not arrive within {self.limits.request_timeout:g}s")
+            elif c.started is None and now - c.idle_since > self.limits.idle_timeout:
+                self._drop(c)
+
+    def _drop(self, c: Conn, status: int = 0, reason: str = "") -> None:
+        """Close ``c``; with a status, answer it first and linger: a close with unread bytes would
+        reset the connection and the client would never see the answer (nginx's lingering_close)."""
+        if status and c.linger_until is None:
+            c.linger_until = time.monotonic() + LINGER
+            c.buf = bytearray()
+            try:
+                c.sock.send(error_response(status, reason))
+                c.sock.shutdown(socket.SHUT_WR)
+                return
+            except OSError:
+                pass
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        self._forget(c)
+        c.sock.close()
+
+    def _forget(self, c: Conn) -> None:
+        with self.lock:
+            self.conns.discard(c)
+
+    def _close(self, c: Conn) -> None:
+        self.conns.discard(c)
+        try:
+            c.sock.close()
+        except OSError:
+            pass
+
+    # -- the workers ----------------------------------------------------------------------------
+
+    def _work(self, q: queue.Queue[tuple[Conn, bytes] | None]) -> None:
+        while True:
+            item = q.get()
+            if item is None or self.stopping.is_set():
+                return
+            c, request = item
+            keep = False
+            try:
+                c.sock.settimeout(self.limits.write_timeout)
+                keep = self.handle(c, request)
+            except Exception as exc:  # noqa: BLE001 - a client gone mid-answer, or a handler bug
+                log.debug("http: %s: %s", c.addr[0], exc)
+            if keep and not self.stopping.is_set():
+                try:
+                    c.sock.setblocking(False)
+                except OSError:
+                    keep = False
+            if keep:
+                self.returned.put(c)
+                self._wake()
+            else:
+                with self.lock:
+                    self._close(c)
