@@ -341,3 +341,11 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
         assert ids("a/x") == [5] and ids("a/keep") == [4]
     r2.materializer.stop()
     r2._close_store()
+
+
+@pytest.mark.parametrize("extra, key", [({"payload_only": True}, "payload_only"),
+                                        ({"hooks": ["drop"]}, "hooks")])
+def test_journal_refuses_what_it_cannot_replay(extra: dict, key: str) -> None:
+    from shardlog.config import ConfigError
+    with pytest.raises(ConfigError, match=rf"shards\[0\]\.journal\.enabled: not with {key}"):
+        parse_map({"shards": [{"name": "s", "prefix": "#", "journal": {"enabled": True}, **extra}]}, env={})
