@@ -44,8 +44,9 @@ STOP_CATCH_UP = 5.0
 #: before a control operation: the topic files must catch up with the journal this fast
 OPERATION_CATCH_UP = 5.0
 #: records that may wait for their new topics' preparation before the materializer waits
-#: for the preparer (~1.5 KB each): known topics keep being written through a burst this big
-MAX_WAITING = 50_000
+#: for the preparer (~1.5 KB each, ~300 MB at most): known topics keep being written through
+#: a burst of this many new topics (direct mode cannot: receive_maximum caps its unacked ids)
+MAX_WAITING = 200_000
 _QUARANTINE = journal.QUARANTINE_KEY + b"\t"
 
 
