@@ -133,10 +133,10 @@ def summary(xs: list[float]) -> str:
             f"max {1000 * xs[-1]:.1f} ms ({len(xs):,} records)")
 
 
-def one_run(src: Path, args: argparse.Namespace, run: int) -> dict[str, object]:
+def one_run(src: Path, args: argparse.Namespace, run: int, extra: tuple[str, ...] = ()) -> dict[str, object]:
     base = Path(tempfile.mkdtemp(prefix="shardlog-newtopics-", dir=args.tmpdir))
     broker = tp.Broker(base)
-    side = tp.Shardlog(base, args.protocol, src, args.map_set, heartbeat=0.1)
+    side = tp.Shardlog(base, args.protocol, src, args.map_set + list(extra), heartbeat=0.1)
     steady = watcher = None
     try:
         side.write_map(broker.port)
@@ -204,15 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     p.add_argument("--src", type=Path, action="append", help="shardlog source dirs (repeatable)")
     p.add_argument("--set", dest="map_set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="another side: the first --src with these shard-map settings (repeatable)")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--tmpdir", default=None)
     args = p.parse_args(argv)
     srcs = [s.resolve() for s in (args.src or [tp.REPO])]
+    sides: list[tuple[Path, tuple[str, ...]]] = [(s, ()) for s in srcs]
+    sides += [(srcs[0], tuple(v.split(","))) for v in args.variant]
     results = []
     try:
         for run in range(1, args.runs + 1):
-            for src in (srcs if run % 2 else list(reversed(srcs))):
-                results.append(one_run(src, args, run))
+            for src, extra in (sides if run % 2 else list(reversed(sides))):
+                res = one_run(src, args, run, extra)
+                res["side"] = f"{src}" + (f" {' '.join(extra)}" if extra else "")
+                results.append(res)
     finally:
         for d in tp.TO_DELETE:
             shutil.rmtree(d, ignore_errors=True)
@@ -221,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| shardlog | new topics/s (median) | min - max | known topics before: median / p99 / max ms "
           "| during the burst: median / p99 / max ms | CPU s | RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for src in srcs:
-        rs = [r for r in results if r["src"] == str(src)]
+    for name in dict.fromkeys(str(r["side"]) for r in results):
+        rs = [r for r in results if r["side"] == name]
         rates = [r["rate"] for r in rs]
 
         def pct(key: str) -> str:
@@ -231,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                 return "-"
             return (f"{1000 * statistics.median(xs):.1f} / {1000 * xs[int(len(xs) * 0.99)]:.1f} / "
                     f"{1000 * xs[-1]:.1f}")
-        print(f"| {src} | {statistics.median(rates):,.0f} | {min(rates):,.0f} - {max(rates):,.0f} "
+        print(f"| {name} | {statistics.median(rates):,.0f} | {min(rates):,.0f} - {max(rates):,.0f} "
               f"| {pct('before_lat')} | {pct('burst_lat')} | {statistics.median(r['cpu_s'] for r in rs):.1f} "
               f"| {statistics.median(r['rss_mib'] for r in rs):.0f} |")
     bad = [r for r in results if r["missing"]]
     for r in bad:
-        print(f"- CHECK FAILED: run {r['run']} {r['src']}: {r['missing']} burst topics missing")
+        print(f"- CHECK FAILED: run {r['run']} {r['side']}: {r['missing']} burst topics missing")
     return 1 if bad else 0
 
 

@@ -300,6 +300,7 @@ class Result:
     ok: bool = True
     duplicates: int = 0
     qos: int = 1
+    files_seconds: float | None = None  # shardlog: until every record is in its topic file
 
     @property
     def rate(self) -> float:
@@ -429,12 +430,16 @@ VARIANTS: dict[str, dict[str, str]] = {
     "shardlog-2": {},          # `shardlog supervise`: two shards, bench/a and bench/b
     "shardlog-2-scraped": {},  # the same, /metrics and /status scraped once a second
     "shardlog-tls": {},        # one shard over TLS (--tls)
+    "shardlog-journal": {},    # journal.enabled: acknowledged after the journal write
 }
+#: extra shard-map settings of a side (on top of --set)
+SIDE_SET: dict[str, list[str]] = {"shardlog-journal": ["defaults.journal.enabled=true"]}
 LABELS = {"mosquitto_sub": "`mosquitto_sub -q 1 -v`", "shardlog": "shardlog (1 shard)",
           "shardlog-stock": "shardlog, stock paho", "shardlog-before": "shardlog, --before-src",
           "shardlog-2": "shardlog supervise, 2 shards",
           "shardlog-2-scraped": "2 shards, scraped 1/s",
-          "mosquitto_sub-tls": "`mosquitto_sub -q 1 -v`, TLS", "shardlog-tls": "shardlog (1 shard), TLS"}
+          "mosquitto_sub-tls": "`mosquitto_sub -q 1 -v`, TLS", "shardlog-tls": "shardlog (1 shard), TLS",
+          "shardlog-journal": "shardlog, journal"}
 #: the sides that connect over TLS (the publisher stays on the plain listener)
 TLS_SIDES = ("mosquitto_sub-tls", "shardlog-tls")
 
@@ -528,6 +533,15 @@ class Shardlog:
             return True, got, cpu
         return False, got, None
 
+    def files_done(self, n: int) -> bool:
+        """Every record in its topic file (later than ``acked`` with a journal)."""
+        s = self.stats()
+        if s is not None and s.messages >= n:
+            self.final = s
+            return True
+        self._alive()
+        return False
+
     def rss(self) -> int:
         try:
             return self.ps.memory_info().rss
@@ -573,6 +587,9 @@ class Supervised(Shardlog):
         self.scrape = scrape
         self.listen = f"127.0.0.1:{free_port()}"
         self._stop_scraping = threading.Event()
+
+    def files_done(self, n: int) -> bool:
+        return True  # poll() already waits for every shard's records
 
     def write_map(self, port: int) -> None:
         super().write_map(port)
@@ -662,8 +679,8 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
                           scrape=1.0 if side_name.endswith("scraped") else None, qos=qos)
     else:
         src = args.before_src if side_name == "shardlog-before" else args.src
-        side = Shardlog(base, args.protocol, src, args.map_set, python_args,
-                        env=VARIANTS[side_name], qos=qos, ca_file=ca.ca_file if ca else None)
+        side = Shardlog(base, args.protocol, src, args.map_set + SIDE_SET.get(side_name, []),
+                        python_args, env=VARIANTS[side_name], qos=qos, ca_file=ca.ca_file if ca else None)
     n = work.messages
     tag = f"{mode} QoS {qos} run {run}: {side_name}"
     try:
@@ -720,6 +737,17 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
             time.sleep(0.005)
         broker_cpu = broker.cpu() - b0
         others = (busy_cpu() - m0) - (cpu_of(ME) - self0) - broker_cpu
+        files_s = None
+        if isinstance(side, Shardlog):  # and until every record is in its topic file (journal)
+            while not side.files_done(n):
+                now = time.monotonic()
+                if now > deadline:
+                    raise RuntimeError(f"{tag}: timed out waiting for the topic files")
+                if now >= next_sample:  # the peak includes filling the topic files
+                    peak = max(peak, side.rss())
+                    next_sample = now + 0.1
+                time.sleep(0.005)
+            files_s = time.monotonic() - t0
         assert cpu is not None
         if mode == "live":
             cpu = (cpu[0] - sub0[0], cpu[1] - sub0[1])  # not its start-up before the clock
@@ -731,10 +759,11 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
             pub_seconds = pub_result[0] if pub_result else 0.0
         side.stop()
         res = Result(side_name, mode, run, n, t1 - t0, cpu[0] + cpu[1], cpu[1], broker_cpu, pub_seconds,
-                     max(0.0, others / (t1 - t0)), peak, samples, qos=qos)
+                     max(0.0, others / (t1 - t0)), peak, samples, qos=qos, files_seconds=files_s)
         res.ok, res.check, res.duplicates = side.verify(n)
         sys_share = 100 * res.cpu_sys / max(res.cpu, 1e-9)
-        say(f"{tag}: {res.rate:,.0f} msg/s, {res.cpu_per_m:.1f} CPU s/1M ({sys_share:.0f}% system; "
+        files = f" (in the topic files after {files_s:.2f}s)" if files_s is not None else ""
+        say(f"{tag}: {res.rate:,.0f} msg/s{files}, {res.cpu_per_m:.1f} CPU s/1M ({sys_share:.0f}% system; "
             f"broker {res.broker_cpu_per_m:.1f}), "
             f"peak RSS {peak / 2**20:.0f} MiB; other processes used {res.others_cores:.2f} cores; "
             f"check: {res.check}")

@@ -74,8 +74,12 @@ def _cmd_record(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EX_CONFIG
-    recorder = Recorder(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
-                        heartbeat=args.heartbeat, control_path=args.control)
+    cls = Recorder
+    if shard.journal.enabled:
+        from shardlog.journal_recorder import JournalRecorder
+        cls = JournalRecorder
+    recorder = cls(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
+                   heartbeat=args.heartbeat, control_path=args.control)
     return recorder.run()
 
 

@@ -139,6 +139,15 @@ class Batch(Struct, **_STRICT):
     max_delay: Duration = Duration(0.02)
 
 
+class Journal(Struct, **_STRICT):
+    """Acknowledge after one sequential write, fill the topic files behind it
+    (shardlog/journal.py; docs/journal.md)."""
+
+    enabled: bool = False
+    segment_bytes: SegmentSize = SegmentSize(64 * 1024 * 1024)
+    # journal bytes not yet in the topic files past which the shard stops acknowledging
+    # (the broker keeps the rest), so a lagging file system cannot fill the disk
+    max_lag: SegmentSize = SegmentSize(1024 * 1024 * 1024)
 #: ``package.module:attribute``, or a built-in's name alone (shardlog/builtin_hooks.py)
 HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                                        r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$")]
@@ -170,6 +179,7 @@ class Settings(Struct, **_STRICT):
     # how segments are written (shardlog/formats.py, docs/history.md "Write formats")
     format: Literal["jsonl", "json", "csv"] = "jsonl"
     payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
+    journal: Journal = msgspec.field(default_factory=Journal)
     # Python callables applied in order to each message before it is stored (docs/hooks.md);
     # a shard's list replaces the defaults' one. Imported by `shardlog check` and at start.
     hooks: list[HookName | HookSpec] = []
@@ -437,6 +447,12 @@ def _check_shards(smap: ShardMap) -> None:
         if s.payload_only and s.format == "csv":
             raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
                               "always holds ts, qos, retain and payload)")
+        if s.journal.enabled and s.hooks:
+            raise ConfigError(f"{where}.journal.enabled: not with hooks yet (a hook's records are "
+                              "stored by the recording thread, which a journal leaves to its materializer)")
+        if s.journal.enabled and s.payload_only:
+            raise ConfigError(f"{where}.journal.enabled: not with payload_only (replaying the "
+                              "journal after a crash needs each record's ts in the topic files)")
         if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
             raise ConfigError(f"{where}.qos: expected 0 or 1")
 

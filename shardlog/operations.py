@@ -112,7 +112,9 @@ class Operations:
             if got is None:
                 return
             data, addr = got
-            self.channel.reply(addr, self.handle(data))
+            with self.rec.quiesced() as busy:  # busy: why the shard cannot act now
+                answer = {"ok": False, "reason": busy} if busy else self.handle(data)
+            self.channel.reply(addr, answer)
 
     def handle(self, data: bytes) -> dict[str, Any]:
         try:
@@ -177,7 +179,7 @@ class Operations:
         if stuck:
             raise Refused(f"{len(stuck)} topic(s) there have records the disk refused "
                           f"({store.counters.degraded_reason}); try again when the shard is no longer degraded")
-        return [(k, st) for k, st in rec.states.items()
+        return [(k, st) for k, st in rec.topic_states().items()
                 if isinstance(st, TopicState) and any(is_under(st.topic, p) for p in prefixes)]
 
     def _let_go(self, affected: list[tuple[bytes, TopicState]]) -> None:
@@ -185,7 +187,7 @@ class Operations:
         assert store is not None
         for key, st in affected:
             store.forget(st)
-            self.rec.states.pop(key, None)
+            self.rec.topic_states().pop(key, None)
 
     def _compressor_lock(self) -> Any:
         c = self.rec.store.compressor  # type: ignore[union-attr]
@@ -202,15 +204,16 @@ class Operations:
         now_us = time.time_ns() // 1000
         rotated: list[str] = []
         base = self._path(prefix)
+        states = rec.topic_states()
         for topic in self._topics_on_disk(base, prefix):
-            key = topic.encode()
-            st = rec.states.get(key)
+            key = rec.state_key(topic)
+            st = states.get(key)
             if not isinstance(st, TopicState):
                 try:
                     st = store.new_state(topic)
                 except TopicError:
                     continue
-                rec.states[key] = st
+                states[key] = st
             if store.rotate_now(st, now_us):
                 rotated.append(topic)
         return {"rotated": len(rotated), "topics": rotated[:100]}

@@ -20,11 +20,13 @@ Exit codes follow sysexits: 0 stopped cleanly, 64 usage, 70 internal error,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
 import signal
 import time
+import typing
 from collections import deque
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -349,8 +351,7 @@ class Recorder:
             topic = topic_from_bytes(raw)
         except TopicError as exc:
             return f"topic not storable: {exc}"
-        owner = self.router.owner(topic)
-        if owner != self.shard.name or any(topic_filter_matches(t, topic) for t in self.unrecorded):
+        if self._not_mine(topic):
             self.states[raw] = _DISCARD
             return _DISCARD
         assert self.store is not None
@@ -360,6 +361,11 @@ class Recorder:
             return f"topic not storable: {exc}"
         self.states[raw] = st
         return st
+
+    def _not_mine(self, topic: str) -> bool:
+        """Owned by a more specific shard, or a control topic: acknowledged, not recorded."""
+        return (self.router.owner(topic) != self.shard.name
+                or any(topic_filter_matches(t, topic) for t in self.unrecorded))
 
     # -- flushing and acknowledging -----------------------------------------------------
 
@@ -503,6 +509,7 @@ class Recorder:
         self.ops.clean_leftovers()
         assert self.store is not None
         self.store.start_preparer()  # new topics' directories and files: off the hot path
+        self._started()
         self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -513,13 +520,33 @@ class Recorder:
         finally:
             if channel is not None:
                 channel.close()
+            self._close_store()
             if compressor is not None:
                 compressor.stop(timeout=30.0)
-            self.store.close()
             self._write_stats()
         log.info("stopped: %d messages, %d acknowledged, %d quarantined",
                  self.counters.messages, self.counters.acked, self.counters.quarantined)
         return EX_OK
+
+    def _started(self) -> None:
+        """The store is open and the preparer runs (a journal's materializer starts here)."""
+
+    def _close_store(self) -> None:
+        assert self.store is not None
+        self.store.close()
+
+    def quiesced(self) -> typing.ContextManager[str | None]:
+        """A block in which the recording thread may use the store and the topic states
+        (control operations); nothing else touches them meanwhile. It yields None, or why
+        the shard cannot act now (then do nothing)."""
+        return contextlib.nullcontext()
+
+    def topic_states(self) -> dict[bytes, TopicState | str]:
+        """Topic states by key (in ``quiesced``); see :meth:`state_key`."""
+        return self.states
+
+    def state_key(self, topic: str) -> bytes:
+        return topic.encode()
 
     def open_store(self, root_real: str, branch_root: str) -> Compressor | None:
         compressor = Compressor(self.counters) if self.shard.compress == "gzip" else None
@@ -569,15 +596,17 @@ class Recorder:
 
     def _tick(self, now: float) -> None:
         """About once a heartbeat: housekeeping, stats (the heartbeat), parent check."""
-        store = self.store
-        assert store is not None
-        store.sweep_recent(now)
-        self.counters.topics_cached = len(self.states)
+        self._housekeeping(now)
         self.counters.pending = self.pending
         self._write_stats()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.error("supervisor (pid %d) is gone; stopping", self.parent_pid)
             self.stop_requested = True
+
+    def _housekeeping(self, now: float) -> None:
+        assert self.store is not None
+        self.store.sweep_recent(now)
+        self.counters.topics_cached = len(self.states)
 
     def _shutdown(self) -> None:
         """Flush, acknowledge, and disconnect keeping the session."""
@@ -589,6 +618,11 @@ class Recorder:
             log.error("stopping with %d record(s) not written; the broker keeps them unacknowledged",
                       self.pending)
         self.store.sweep_recent(time.monotonic(), force=True)
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        client = self.client
+        assert client is not None
         if client.socket() is not None:
             if self.status_topic and self.connected:
                 client.publish(self.status_topic, "offline", qos=1, retain=True)  # no Will on DISCONNECT

@@ -32,6 +32,7 @@ class Counters(msgspec.Struct, kw_only=True):
     repaired: int = 0          # torn tails cut back on reopen
     errors: int = 0            # I/O errors (each logged)
     pending: int = 0           # records received, not yet written
+    journal_lag_bytes: int | None = None  # journal.enabled: journal bytes not yet in topic files
     connected: bool = False
     subscribed: bool = False   # the broker granted this connection's subscription
     connects: int = 0

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -303,10 +304,27 @@ def safe_join(root_real: str, relpath: str, resolve: bool = True) -> str:
         if part in ("", ".", ".."):
             raise PathEscapeError(f"path has an empty, '.' or '..' component: {relpath!r}")
     joined = os.path.join(root_real, relpath)
-    if not resolve:
-        return joined
+    if not resolve or not _has_symlink(root_real, parts):
+        return joined  # no symlink below the (resolved) root: the path is inside it
     real = os.path.realpath(joined)
     root = root_real.rstrip(os.sep) or os.sep
     if real != root and not real.startswith(root if root == os.sep else root + os.sep):
         raise PathEscapeError(f"path resolves outside the root: {relpath!r} -> {real!r}")
     return joined
+
+
+def _has_symlink(root_real: str, parts: list[str]) -> bool:
+    """Is any existing level of ``root_real/parts...`` a symlink? One lstat per level
+    below the root (realpath would lstat the root's own levels too); a missing level
+    ends the walk, since nothing below it exists."""
+    path = root_real
+    for part in parts:
+        path = os.path.join(path, part)
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return True
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            return False  # a file where a directory should be: opening below it fails
+    return False

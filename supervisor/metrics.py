@@ -135,6 +135,7 @@ GAUGES = [
     ("topics_open", "topics_open", "Topic files open"),
     ("topics_cached", "topics_cached", "Topics with in-memory state"),
     ("pending", "pending_records", "Records received, not yet written"),
+    ("journal_lag_bytes", "journal_lag_bytes", "Journal bytes not yet in the topic files (journal.enabled)"),
     ("connected", "connected", "1 if connected to the broker"),
     ("subscribed", "subscribed", "1 if the broker granted the subscription"),
     ("degraded", "degraded", "1 if the shard cannot write (disk full or read-only)"),

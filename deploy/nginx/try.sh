@@ -18,7 +18,8 @@ nginx=$(command -v nginx || echo /usr/sbin/nginx)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/shardlog-nginx.XXXXXX")
 pid=""
 trap '[ -z "$pid" ] || { kill -TERM "$pid" 2>/dev/null; wait "$pid" || true; }; rm -rf "$tmp"' EXIT
-trap 'exit 130' INT TERM
+interrupted=""
+trap 'interrupted=1' INT TERM  # Ctrl-C: exit 130 below, also when nginx (same group) exits first
 # the shipped config, pointed at ROOT and deploy/www/ (both of its roots become ROOT: the example
 # map writes every shard there)
 sed -e "s|listen 80;|listen 127.0.0.1:$port;|" -e '/listen \[::\]:80;/d' \
@@ -48,4 +49,7 @@ EOF
 echo "serving $root on http://127.0.0.1:$port/  history page: http://127.0.0.1:$port/+www/?topic=chat/room42" >&2
 "$nginx" -e stderr -p "$tmp" -c "$tmp/nginx.conf" -g 'daemon off;' &
 pid=$!
-wait "$pid"
+status=0
+wait "$pid" || status=$?
+[ -z "$interrupted" ] || exit 130
+exit "$status"

@@ -1,0 +1,310 @@
+"""Journal -> topic files, in a thread of its own (``journal.enabled``).
+
+The recording thread appends batches to the journal and acknowledges them
+(shardlog/journal.py); this thread reads the journal from its checkpoint on and
+hands the records to the :class:`shardlog.store.Store`, which writes the topic
+files exactly as a shard without a journal does (one write per topic per batch,
+new topics prepared in the background, +recent.json at most every
+``recent_interval``). Once every record before a journal position is in the topic
+files, the position becomes the checkpoint; segments wholly before it are deleted.
+
+Crash recovery is the same loop. Records between the checkpoint and the journal's
+end at start-up may be in the topic files already (written, not yet checkpointed).
+Record ts values are strictly increasing within the shard, and each topic file
+receives its records in journal order, so a record is in its topic file exactly
+when its ts is at most that of the file's newest record: replay skips those and
+writes the rest. So a kill at any point neither loses nor duplicates a journal
+record (tests/shardlog/test_journal.py kills it at random points).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import msgspec
+
+from shardlog import journal
+from shardlog.journal import JournalReader, JournalWriter, Position
+from shardlog.segments import QUARANTINE
+from shardlog.store import Store
+from shardlog.topicfiles import TopicState
+from shardlog.topics import TopicError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20                # journal bytes read per step
+#: While the recording thread is saturated (it journaled a big batch less than SATURATED
+#: seconds ago: a backlog is draining; journal_recorder.py) and the files are less than ``soft_lag`` bytes
+#: behind, the materializer reads no more of the journal: the two threads share one GIL
+#: and two cores with the broker, and giving way doubles the drain (docs/benchmarks.md).
+#: What it holds is still written, new topics are still prepared; the files catch up at
+#: full speed when the drain ends or the lag passes ``soft_lag``. Live traffic that does
+#: not fill batches is materialized at once.
+SATURATED = 0.2
+CHECKPOINT_EVERY = 0.2         # seconds between checkpoint writes (and on demand)
+_decode_topic = msgspec.json.Decoder(str).decode
+
+
+class Materializer:
+    """Copies journal records into topic files; one thread, paused on demand.
+
+    ``states`` (journal key -> TopicState, or the reason a topic cannot be stored) is
+    touched by the thread only, or by another thread inside :meth:`paused`."""
+
+    def __init__(self, store: Store, writer: JournalWriter, checkpoint: journal.Checkpoint | None,
+                 max_states: int, max_waiting: int, soft_lag: int = 64 << 20) -> None:
+        self.store = store
+        self.writer = writer
+        self.dir = writer.dir
+        numbers = journal.segment_numbers(os.listdir(self.dir))
+        start = checkpoint.pos if checkpoint else Position(numbers[0] if numbers else writer.segment, 0)
+        self.reader = JournalReader(self.dir, start)
+        self.done = start                      # every record before it is in the topic files
+        self.saved = start                     # the checkpoint on disk
+        self.replay_end = writer.end           # before it, records may be on disk already
+        self.replayed = [0, 0]                 # records replayed, of which already on disk
+        self.states: dict[bytes, TopicState | str] = {}
+        self.max_states = max_states
+        self.max_waiting = max_waiting
+        self.soft_lag = soft_lag
+        self.seq = 0                           # record numbers (the store's "mids")
+        self.marks: collections.deque[tuple[int, Position]] = collections.deque()
+        self.blocked: set[int] = set()         # numbers the store still holds
+        self.quarantine_ts: int | None = None  # replay: ts of the quarantine file's last line
+        self.next_retry = 0.0
+        self.saved_at = 0.0
+        self.swept_at = 0.0
+        self.wake = threading.Event()
+        self._cond = threading.Condition()
+        self._pauses = 0
+        self._busy = False
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="materializer", daemon=True)
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pauses and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._busy = True
+            try:
+                progressed = self.step()
+            except Exception:  # noqa: BLE001 - logged; the loop goes on after a pause
+                log.exception("materializer: unexpected error; retrying in 1s")
+                self.store.counters.errors += 1
+                progressed = False
+                self.next_retry = time.monotonic() + 1.0
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+            if not progressed:
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The thread stays out of the store and ``states`` until the block ends."""
+        with self._cond:
+            self._pauses += 1
+            while self._busy:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pauses -= 1
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(30)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self, wait: bool = False) -> bool:
+        """Read a chunk of the journal into the store and flush it; True if anything was
+        read. ``wait``: prepare new topics in place (everything read gets written)."""
+        store = self.store
+        now = time.monotonic()
+        if store.degraded_reason is not None and now < self.next_retry and not wait:
+            return False
+        data = b""
+        if not wait and self._giving_way(now):
+            pass
+        elif store.degraded_reason is None:  # while the disk refuses, read nothing more
+            replaying = self.reader.pos < self.replay_end
+            end = self.replay_end if replaying else self.writer.end
+            data, pos = self.reader.read(CHUNK, end)
+            if data:
+                self._apply(data, replaying)
+                self.marks.append((self.seq, pos))
+                if replaying and pos >= self.replay_end:
+                    log.info("journal: replayed %d record(s) written before the last stop "
+                             "(%d of them were in the topic files already)", *self.replayed)
+        if data or store.dirty or store.waiting or store.quarantine_lines:
+            held = store.flush(time.time_ns() // 1000, now,
+                               wait or store.waiting_lines >= self.max_waiting)
+            self.blocked.update(held)
+            self.blocked.difference_update(store.released)
+            store.released = []
+            if store.degraded_reason is not None:
+                self.next_retry = now + 1.0
+            self._advance()
+        if now - self.swept_at >= 0.1:
+            self.swept_at = now
+            store.sweep_recent(now)
+            if len(self.states) > self.max_states:
+                self._trim_states()
+        if self.done != self.saved and (wait or now - self.saved_at >= CHECKPOINT_EVERY):
+            self.save()
+        return bool(data)
+
+    def _giving_way(self, now: float) -> bool:
+        """Leave the CPU to the recording thread for now? (See SATURATED.)"""
+        return now - self.writer.full_at < SATURATED and self.lag_bytes() < self.soft_lag
+
+    def _apply(self, data: bytes, replaying: bool) -> None:
+        states = self.states
+        store = self.store
+        add = store.add
+        seq = self.seq
+        for item in data.splitlines(keepends=True):
+            i = item.index(b"\t")
+            key = item[:i]
+            line = item[i + 1:]
+            seq += 1
+            st = states.get(key)
+            if st is None:
+                st = self._state(key)
+            if replaying and self._on_disk(st, line):
+                continue
+            if st.__class__ is TopicState:
+                add(st, line, seq)  # type: ignore[arg-type]
+            elif key == journal.QUARANTINE_KEY:
+                store.quarantine_lines.append(line)
+                store.quarantine_mids.append(seq)
+            else:  # the topic cannot be stored: its record goes to the quarantine file
+                topic = _decode_topic(key)
+                rec_ts = journal.record_ts(line)
+                store.quarantine(rec_ts, str(st), topic.encode("utf-8", "surrogateescape"),
+                                 0, False, line, seq)
+        self.seq = seq
+
+    def _state(self, key: bytes) -> TopicState | str:
+        if key == journal.QUARANTINE_KEY:
+            return "quarantine"
+        try:
+            st: TopicState | str = self.store.new_state(_decode_topic(key))
+        except TopicError as exc:
+            st = f"topic not storable: {exc}"
+        self.states[key] = st
+        return st
+
+    def _on_disk(self, st: TopicState | str, line: bytes) -> bool:
+        """Replay: is this record in its file already? (ts at most the file's newest.)"""
+        self.replayed[0] += 1
+        ts = journal.record_ts(line)
+        if st.__class__ is TopicState:
+            assert isinstance(st, TopicState)
+            if not st.loaded:
+                try:
+                    self.store.files.open_fd(st)  # loads it: repairs the tail, notes last_ts
+                except (OSError, TopicError):
+                    return False  # the flush reports (or quarantines) it
+            newest = self.store.files.last_ts_on_disk(st)
+        elif st == "quarantine":
+            if self.quarantine_ts is None:
+                self.quarantine_ts = _last_line_ts(os.path.join(self.store.branch_root, QUARANTINE))
+            newest = self.quarantine_ts
+        else:
+            return False
+        if newest is not None and ts <= newest:
+            self.replayed[1] += 1
+            return True
+        return False
+
+    def _advance(self) -> None:
+        """Move ``done`` past every chunk whose records are all written."""
+        first_held = min(self.blocked) if self.blocked else self.seq + 1
+        marks = self.marks
+        while marks and marks[0][0] < first_held:
+            self.done = marks.popleft()[1]
+
+    def _trim_states(self) -> None:
+        excess = len(self.states) - self.max_states * 3 // 4
+        store = self.store
+        drop = [k for k, st in self.states.items()
+                if not isinstance(st, TopicState) or store.evictable(st)][:excess]
+        for k in drop:
+            del self.states[k]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the checkpoint, delete the segments wholly before it."""
+        try:
+            if self.store.fsync:
+                self.store.files.sync([])  # directories created for this checkpoint's records
+            journal.write_checkpoint(self.dir, journal.Checkpoint(self.done, self.writer.last_ts))
+        except OSError as exc:
+            log.warning("journal: cannot write the checkpoint: %s", exc)
+            return
+        self.saved = self.done
+        self.saved_at = time.monotonic()
+        if journal.delete_before(self.dir, self.done.segment):
+            self.writer.forget_before(self.done.segment)
+
+    def catch_up(self, deadline: float | None = None) -> bool:
+        """Materialize everything journaled so far (call inside :meth:`paused`, or after
+        :meth:`stop`), then checkpoint. False if the disk refused or time ran out."""
+        while True:
+            self.step(wait=True)
+            if self.store.degraded_reason is not None:
+                return False
+            if (self.reader.pos >= self.writer.end and not self.store.pending_records()
+                    and not self.marks):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        if self.done != self.saved:
+            self.save()
+        return True
+
+    def lag_bytes(self) -> int:
+        w = self.writer
+        return journal.lag_bytes(w.end, self.done, w.sizes)
+
+
+def _last_line_ts(path: str) -> int:
+    """ts of the last complete line of a JSON Lines file (0: none)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - (1 << 20)))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return journal.record_ts(line)
+        except ValueError:
+            continue
+    return 0

@@ -1,0 +1,437 @@
+"""One topic's files on disk: the system calls of the write path.
+
+:class:`TopicFiles` opens, appends to, rotates, prunes and repairs the segments of a
+topic directory and rewrites its ``+recent.json``; it keeps the open descriptors in
+a bounded LRU. It decides nothing about *what* to write or acknowledge (that is
+:class:`shardlog.store.Store`), and the decisions it follows are pure functions of
+:mod:`shardlog.segments` (rotation, retention) and :mod:`shardlog.formats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import gzip
+import logging
+import os
+import time
+import typing
+
+from shardlog import formats, segments
+from shardlog.atomic import swap_in
+from shardlog.compressor import Compressor
+from shardlog.config import Shard
+from shardlog.records import decode_record
+from shardlog.segments import RECENT, RECENT_TMP, TOPIC_FILE
+from shardlog.stats import Counters
+from shardlog.topics import TopicError, is_hashed_name, safe_join
+
+log = logging.getLogger(__name__)
+
+#: errors after which a write is retried later: the disk may come back.
+TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                       errno.EINTR, errno.ESTALE})
+TAIL_CHUNK = 64 * 1024
+OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: positioned writes
+
+
+class TopicState:
+    """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
+
+    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size",
+                 "first_ts", "last_ts", "recent", "recent_dirty", "recent_at", "recent_versions",
+                 "loaded", "prep")
+
+    def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
+        self.topic = topic
+        self.relpath = relpath
+        self.path = path              # the topic's directory
+        self.lines: list[bytes] = []
+        self.mids: list[int] = []     # QoS 1 message ids (journal: record numbers) of the lines
+        #: how many of ``mids`` (the oldest) an earlier flush returned as held: the store
+        #: reports them in ``Store.released`` once they are written
+        self.held = 0
+        self.dirty = False            # in Store.dirty: the next flush looks at it
+        self.fd = -1
+        self.size = 0                 # bytes in the current segment
+        self.first_ts: int | None = None  # ts of the current segment's first record
+        #: ts of the newest record on disk when the topic was loaded (None: none, or a
+        #: format without ts); a journal replay skips records at or before it
+        self.last_ts: int | None = None
+        self.recent: collections.deque[bytes] = collections.deque(maxlen=recent)
+        self.recent_dirty = False
+        self.recent_at = -1e18        # monotonic time of the last +recent.json write
+        self.recent_versions: set[tuple[int, int]] = set()  # (mtime second, size) this second
+        self.loaded = False           # tail repaired and recent loaded (once per state)
+        #: background preparation (Preparer): None, _QUEUED, or its Prepared result
+        self.prep: object = None
+
+
+class TopicFiles:
+    """The files of every topic of one shard, and the LRU of their descriptors."""
+
+    def __init__(self, shard: Shard, root_real: str, counters: Counters,
+                 compressor: Compressor | None,
+                 on_torn: typing.Callable[[TopicState, bytes], None]) -> None:
+        self.shard = shard
+        self.root = root_real
+        self.counters = counters
+        self.compressor = compressor
+        self.on_torn = on_torn            # a torn tail was cut off: the store quarantines it
+        self.open: dict[TopicState, None] = {}   # LRU of states holding an fd, oldest first
+        self.fsync = shard.fsync != "never"
+        self.max_bytes = shard.rotate.max_bytes
+        self.max_age = shard.rotate.max_age
+        self.dirs_to_sync: set[str] = set()
+        # the write format (formats.py); jsonl keeps the plain append path below
+        self.fmt = fmt = formats.get(shard.format, shard.payload_only)
+        self.current = fmt.current
+        self.flags = OPEN_FLAGS if fmt.append else PWRITE_FLAGS
+        self.plain = fmt is formats.JSONL
+        if not self.plain:
+            self.emit = self.emit_format  # type: ignore[method-assign]
+
+    # -- writing ------------------------------------------------------------------
+
+    def write(self, st: TopicState, now_us: int) -> None:
+        """Append ``st.lines`` (rotating first or between lines as the limits say) and
+        empty the buffer. Raises OSError or TopicError with the buffer untouched."""
+        if st.fd < 0:
+            self.open_fd(st)
+        lines = st.lines
+        data = b"".join(lines) if len(lines) > 1 else lines[0]
+        size = st.size
+        n = len(data)
+        if size and segments.should_rotate(size, n, st.first_ts, now_us, self.max_bytes, self.max_age):
+            self.rotate(st, now_us)
+            size = st.size
+        if self.max_bytes is None or size + n <= self.max_bytes:
+            if self.plain:  # jsonl: one append, without append_rest's bookkeeping
+                try:
+                    done = os.write(st.fd, data)
+                except OSError:
+                    done = 0
+                if done == n:  # nearly always
+                    st.size = size + n
+                else:  # a short or failed write: go on (or fail and cut back) the careful way
+                    self.append_rest(st, data, size, done)
+            else:
+                self.emit(st, lines, data)
+        else:  # the batch itself crosses max_bytes: write line by line, rotating between
+            chunk: list[bytes] = []
+            chunk_len = 0
+            for line in lines:
+                if chunk_len and st.size + chunk_len + len(line) > self.max_bytes:
+                    self.emit(st, chunk, b"".join(chunk))
+                    self.rotate(st, now_us)
+                    chunk, chunk_len = [], 0
+                elif not chunk_len and segments.should_rotate(st.size, len(line), None, now_us,
+                                                               self.max_bytes, None):
+                    self.rotate(st, now_us)
+                chunk.append(line)
+                chunk_len += len(line)
+            self.emit(st, chunk, b"".join(chunk))
+        if st.first_ts is None:
+            st.first_ts = now_us
+        c = self.counters
+        c.messages += len(lines)
+        c.bytes += len(data)
+        if st.recent.maxlen:
+            st.recent.extend(lines)
+            st.recent_dirty = True
+        st.lines = []
+        st.mids = []
+        st.held = 0
+        st.dirty = False
+
+    def emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
+        """Write buffered ``lines`` (``data``: them joined). jsonl: ``data`` itself."""
+        self.append_rest(st, data, st.size, 0)
+
+    def emit_format(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
+        """Another format: its bytes for ``lines``, written at the end of the segment (json:
+        over its closing bracket). On failure the segment is put back as it was."""
+        fmt = self.fmt
+        before = st.size
+        offset = before - len(fmt.closer) if before else 0
+        out = fmt.pack(lines, before)
+        view = memoryview(out)
+        pos = offset
+        try:
+            while view:
+                n = os.pwrite(st.fd, view, pos)
+                view = view[n:]
+                pos += n
+        except OSError:
+            if pos > offset:  # part of it was written: put the segment back as it was
+                try:
+                    os.ftruncate(st.fd, offset)
+                    if before and fmt.closer:
+                        os.pwrite(st.fd, fmt.closer, offset)
+                except OSError as exc2:  # the disk refuses even that
+                    log.error("cannot put %s back after a failed write: %s", st.relpath, exc2)
+                    st.loaded = False  # repaired when it is opened again
+            raise
+        st.size = offset + len(out)
+
+    def append_rest(self, st: TopicState, data: bytes, before: int, done: int) -> None:
+        """Append ``data[done:]`` (the first ``done`` bytes are in); on failure cut the
+        file back to ``before``, so no partial line stays."""
+        try:
+            view = memoryview(data)[done:]
+            while view:
+                n = os.write(st.fd, view)
+                view = view[n:]
+        except OSError:
+            if len(view) < len(data):  # part of it was written: cut it off
+                try:
+                    os.ftruncate(st.fd, before)
+                except OSError as exc2:  # the disk refuses even that: cut when reopened
+                    log.error("cannot cut %s back after a failed write: %s", st.relpath, exc2)
+            raise
+        st.size = before + len(data)
+
+    # -- opening ------------------------------------------------------------------
+
+    def open_fd(self, st: TopicState) -> None:
+        if len(self.open) >= self.shard.max_open_files:
+            self.evict(max(1, self.shard.max_open_files // 8))
+        if not st.loaded:  # the first open in this process: nothing on disk may lead out
+            safe_join(self.root, st.relpath)
+        created = not os.path.isdir(st.path)
+        if created:
+            self.make_dirs(st)
+        path = os.path.join(st.path, self.current)
+        try:
+            fd = os.open(path, self.flags, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot open {self.current}: {exc.strerror}") from None
+            raise
+        st.fd = fd
+        st.size = os.fstat(fd).st_size
+        if not created and not st.loaded and st.size == 0:
+            self.retire_other_currents(st)
+        self.open[st] = None
+        self.counters.topics_open = len(self.open)
+        if created and self.fsync:
+            self.dirs_to_sync.add(st.path)
+        if not st.loaded:
+            torn = self.load(st, path)
+            st.loaded = True
+            if torn is not None:
+                self.on_torn(st, torn)
+
+    def make_dirs(self, st: TopicState) -> None:
+        try:
+            os.makedirs(st.path, exist_ok=True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot create the directory: {exc.strerror}") from None
+            raise
+        # the last guard: nothing may have swapped a level for a symlink meanwhile
+        safe_join(self.root, st.relpath)
+        levels = st.relpath.split("/")
+        if any(is_hashed_name(level) for level in levels):
+            topic_levels = st.topic.split("/")
+            for depth, level in enumerate(levels, 1):
+                if is_hashed_name(level):
+                    target = os.path.join(self.root, *levels[:depth], TOPIC_FILE)
+                    with open(target, "w", encoding="utf-8") as f:
+                        f.write("/".join(topic_levels[:depth]))
+
+    def retire_other_currents(self, st: TopicState) -> None:
+        """The shard's format changed: rotate a current segment of another format away
+        (renamed to the next number, with its own extension), so only one grows."""
+        for name in formats.CURRENTS:
+            if name != self.current and os.path.exists(os.path.join(st.path, name)):
+                rotated = segments.rotated_segments(os.listdir(st.path))
+                seq = rotated[-1].seq + 1 if rotated else 1
+                new = segments.segment_name(seq, key=formats.of_name(name).key)
+                os.rename(os.path.join(st.path, name), os.path.join(st.path, new))
+                log.info("%s: format is now %s: %s rotated to %s", st.relpath, self.fmt.key, name, new)
+                if self.compressor is not None:
+                    self.compressor.submit(os.path.join(st.path, new))
+
+    def evict(self, n: int) -> None:
+        for st in list(self.open)[:n]:
+            self.close_fd(st)
+
+    def close_fd(self, st: TopicState) -> None:
+        if st.fd >= 0:
+            try:
+                os.close(st.fd)
+            except OSError:  # pragma: no cover
+                pass
+            st.fd = -1
+        self.open.pop(st, None)
+        self.counters.topics_open = len(self.open)
+
+    def touch(self, st: TopicState) -> None:
+        """``st`` was just written: most recently used."""
+        self.open.pop(st, None)
+        if st.fd >= 0:
+            self.open[st] = None
+
+    # -- loading (first open in this process) --------------------------------------
+
+    def load(self, st: TopicState, path: str) -> bytes | None:
+        """First open of a topic in this process: cut a torn or garbage tail back to
+        the last valid record, then fill the recent buffer from the tail and note the
+        newest record's ts (``st.last_ts``, of the current segment). Returns the bytes
+        cut off (for the quarantine), if any.
+        Touches only ``st`` and the disk, so the preparer may run it in its thread."""
+        if st.size == 0:
+            return None
+        fmt = self.fmt
+        garbage = None
+        with open(path, "rb") as f:
+            start, tail, keep = formats.valid_tail(f, st.size, fmt.valid_line, TAIL_CHUNK)
+            keep, suffix = fmt.finish(tail, keep, start == 0)
+            f.seek(0)
+            head = [f.readline(4096) for _ in range(1 + fmt.extra_lines)]
+        if keep < len(tail) or suffix:
+            garbage = tail[keep:]
+            os.truncate(path, start + keep)
+            if suffix:
+                with open(path, "ab") as f:
+                    f.write(suffix)
+            st.size = start + keep + len(suffix)
+            tail = tail[:keep] + suffix
+            keep = len(tail)
+        if st.size:
+            st.first_ts = fmt.first_ts([h for h in head if h.endswith(b"\n")])
+            if st.first_ts is None and not fmt.has_ts:
+                st.first_ts = int(os.stat(path).st_mtime * 1e6)  # no ts stored: its last write
+        lines = tail[:keep].split(b"\n")[:-1]
+        if start > 0:
+            lines = lines[1:]  # the first piece may be a partial line
+        n = st.recent.maxlen or 0
+        items = list(fmt.items([ln + b"\n" for ln in lines[-max(n, 1) - fmt.extra_lines:]]))
+        st.last_ts = _last_ts(fmt, items)
+        if n:
+            recent = items[-n:]
+            if start == 0 and len(recent) < n:
+                recent = self.previous_tail(st, n - len(recent)) + recent
+            st.recent.extend(recent)
+        return garbage
+
+    def last_ts_on_disk(self, st: TopicState) -> int | None:
+        """ts of the topic's newest record on disk, for a loaded ``st``: in the current
+        segment, else in the newest rotated one (a rotation right before a crash)."""
+        if st.last_ts is None and self.fmt.has_ts:
+            st.last_ts = _last_ts(self.fmt, self.previous_tail(st, 1)) or 0  # 0: none
+        return st.last_ts
+
+    def previous_tail(self, st: TopicState, n: int) -> list[bytes]:
+        """The last ``n`` items of the newest rotated segment."""
+        try:
+            rotated = segments.rotated_segments(os.listdir(st.path))
+        except OSError:
+            return []
+        if not rotated:
+            return []
+        last = rotated[-1]
+        path = os.path.join(st.path, last.name)
+        fmt = formats.of_name(last.name)
+        if fmt.payload_only != self.fmt.payload_only:
+            return []  # the format changed: its records are not what +recent.json holds now
+        try:
+            if last.compressed:
+                with gzip.open(path, "rb") as f:
+                    data = f.read()
+            else:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(0, size - TAIL_CHUNK))
+                    data = f.read()
+        except (OSError, EOFError, gzip.BadGzipFile):
+            return []
+        lines = [ln + b"\n" for ln in data.split(b"\n")[-n - 1 - fmt.extra_lines:-1]]
+        return list(fmt.items([ln for ln in lines if fmt.valid_line(ln)]))[-n:]
+
+    # -- rotation and retention --------------------------------------------------------
+
+    def rotate(self, st: TopicState, now_us: int) -> None:
+        names = os.listdir(st.path)
+        rotated = segments.rotated_segments(names)
+        seq = rotated[-1].seq + 1 if rotated else 1
+        name = segments.segment_name(seq, key=self.fmt.key)
+        if self.fsync:
+            os.fsync(st.fd)
+        os.rename(os.path.join(st.path, self.current), os.path.join(st.path, name))
+        os.close(st.fd)
+        st.fd = os.open(os.path.join(st.path, self.current), self.flags, 0o644)
+        st.size = 0
+        st.first_ts = None
+        self.counters.rotations += 1
+        if self.fsync:
+            self.dirs_to_sync.add(st.path)
+        log.debug("%s: rotated to %s", st.relpath, name)
+        if self.compressor is not None:
+            for seg in rotated:
+                if not seg.compressed:  # left over by a crash or a stop
+                    self.compressor.submit(os.path.join(st.path, seg.name))
+            self.compressor.submit(os.path.join(st.path, name))
+        self.apply_retention(st, rotated + [segments.Segment(seq, name, False)])
+
+    def apply_retention(self, st: TopicState, rotated: list[segments.Segment]) -> None:
+        r = self.shard.retention
+        if r.max_segments is None and r.max_age is None:
+            return
+        infos = []
+        names: dict[int, tuple[str, str]] = {}
+        for seg in rotated:
+            plain = seg.name[:-3] if seg.compressed else seg.name
+            names[seg.seq] = (plain, plain + ".gz")
+            # the compressor may turn name into name.gz at any moment: look for both
+            for name in names[seg.seq]:
+                try:
+                    infos.append((seg.seq, os.stat(os.path.join(st.path, name)).st_mtime))
+                    break
+                except FileNotFoundError:
+                    continue
+        for seq in segments.segments_to_delete(infos, time.time(), r.max_segments, r.max_age):
+            for name in names[seq]:
+                try:
+                    os.unlink(os.path.join(st.path, name))
+                    self.counters.deleted_segments += 1
+                except FileNotFoundError:
+                    pass
+
+    # -- +recent.json and syncing ---------------------------------------------------------
+
+    def write_recent(self, st: TopicState) -> None:
+        """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
+        body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
+        swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,
+                st.recent_versions)
+
+    def sync(self, written: list[TopicState]) -> None:
+        """fdatasync the written topics and fsync the directories created or renamed in."""
+        try:
+            for st in written:
+                if st.fd >= 0:
+                    os.fdatasync(st.fd)
+            for d in self.dirs_to_sync:
+                dfd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self.dirs_to_sync.clear()
+        except OSError as exc:
+            # data may not be on disk: keep the whole batch unacknowledged by failing loudly
+            raise OSError(exc.errno, f"fsync failed: {exc.strerror}") from exc
+
+
+def _last_ts(fmt: formats.Format, items: list[bytes]) -> int | None:
+    """ts of the last of a segment's items (envelope lines), None without one."""
+    if not items or not fmt.has_ts:
+        return None
+    try:
+        return decode_record(items[-1]).ts
+    except Exception:  # noqa: BLE001 - a valid_line passed it; be safe anyway
+        return None
