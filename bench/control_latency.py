@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor.control_cli import post_control  # noqa: E402
+from supervisor.control.cli import post_control  # noqa: E402
 from tests.helpers import Mosquitto, Publisher, wait_for  # noqa: E402
 from tests.supervisor.helpers import SupervisorProc, make_map, read_records  # noqa: E402
 

@@ -15,14 +15,14 @@ from typing import Any
 
 from shardlog.argtypes import http_url, seconds
 from shardlog.cli import EX_CONFIG, add_log_level, format_table, load_or_exit, setup_logging
-from supervisor.arbiter import Arbiter
-from supervisor.broker import ports_taken
-from supervisor.control import Controller
-from supervisor.mqtt_control import MqttControl
-from supervisor.http import bind, parse_listen
-from supervisor.metrics import Sampler
-from supervisor.sdnotify import Notifier
-from supervisor.status import StatusDoc, build_status, encode
+from supervisor.arbiter.loop import Arbiter
+from supervisor.broker.supervised import ports_taken
+from supervisor.control.controller import Controller
+from supervisor.control.mqtt import MqttControl
+from supervisor.serve.http import bind, parse_listen
+from supervisor.serve.metrics import Sampler
+from supervisor.arbiter.sdnotify import Notifier
+from supervisor.serve.status import StatusDoc, build_status, encode
 
 log = logging.getLogger(__name__)
 

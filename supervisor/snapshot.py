@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardlog.stats import Counters
-from supervisor.process import ExitInfo
+from supervisor.shards.process import ExitInfo
 
 
 @dataclass(frozen=True)

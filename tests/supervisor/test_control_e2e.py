@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from supervisor.control_cli import post_control
+from supervisor.control.cli import post_control
 from tests.supervisor.helpers import (
     Flow,
     Listener,

@@ -21,7 +21,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shardlog.config import ConfigError, load_map, parse_map
-from supervisor.broker import config_toml
+from supervisor.broker.supervised import config_toml
 from tests.supervisor.helpers import SupervisorProc, free_port, make_map, read_records, wait_for
 
 pytest.importorskip("iotcore", reason="iotcore (the embedded broker) is a dependency: pip install -e .")
@@ -193,8 +193,8 @@ def test_embedded_config_is_checked(tmp_path: Path) -> None:
 
 def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path: Path, monkeypatch) -> None:
     from shardlog.config import load_map as load
-    from supervisor import broker as broker_mod
-    from supervisor.arbiter import Arbiter
+    from supervisor.broker import supervised as broker_mod
+    from supervisor.arbiter.loop import Arbiter
     from tests.supervisor.helpers import FakeClock, FakeSpawner
 
     listening = {"on": False}
@@ -270,7 +270,7 @@ def test_record_alone_with_sys_topics_off_keeps_its_connection_to_iotcore(tmp_pa
     broker = subprocess.Popen([sys.executable, "-m", "supervisor.broker", str(conf), "--parent-pid", str(os.getpid())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        from supervisor.broker import accepts
+        from supervisor.broker.supervised import accepts
         wait_for(lambda: accepts("127.0.0.1", port), 10, "iotcore to listen")
         m = make_map(tmp_path / "shards.yaml", port, [{"name": "all", "prefix": "#"}])
         doc = yaml.safe_load(m.read_text())

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.http import StatusServer
-from supervisor.http_front import Frame, Limits, frame
+from supervisor.serve.http import StatusServer
+from supervisor.serve.front import Frame, Limits, frame
 from supervisor.snapshot import EMPTY
-from supervisor.status import Sample, build_status
+from supervisor.serve.status import Sample, build_status
 from tests.http_attack import BAD_REQUESTS, Slowloris, concurrent_gets, exchange, latencies, read_response, summary
 from tests.supervisor.helpers import Flow, SupervisorProc, make_map, payload_ids, wait_for
 

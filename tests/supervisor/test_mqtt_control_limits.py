@@ -15,7 +15,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from supervisor.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
+from supervisor.control.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
 from tests.supervisor.helpers import Listener, SupervisorProc, make_map, read_records, topic_dir, wait_for
 
 pytestmark = pytest.mark.timeout(180)

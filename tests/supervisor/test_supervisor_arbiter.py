@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from shardlog.config import load_map
-from supervisor.arbiter import Arbiter
-from supervisor.status import Sample, StatusDoc, build_status, encode
+from supervisor.arbiter.loop import Arbiter
+from supervisor.serve.status import Sample, StatusDoc, build_status, encode
 from tests.supervisor.helpers import FakeChild, FakeClock, FakeSpawner
 
 SUP = {"heartbeat_timeout": "5s", "stop_timeout": "10s", "start_jitter": "200ms",
@@ -292,7 +292,7 @@ def test_host_runs_only_its_shards(tmp_path: Path) -> None:
 
 def test_a_stop_command_keeps_the_shard_stopped_until_started(tmp_path: Path) -> None:
     from shardlog.control import ALL, Target
-    from supervisor.control import Job
+    from supervisor.control.controller import Job
 
     h = Harness(tmp_path, [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}])
     h.start_all()

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.status import StatusDoc, json_schema
+from supervisor.serve.status import StatusDoc, json_schema
 from tests.supervisor.helpers import (
     Flow,
     SupervisorProc,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from shardlog.config import Restart, parse_map
-from supervisor import backoff
-from supervisor.shardmap import diff, specs
-from supervisor.states import (
+from supervisor.shards import backoff
+from supervisor.shards.shardmap import diff, specs
+from supervisor.shards.states import (
     TRANSITIONS,
     Event,
     InvalidTransition,

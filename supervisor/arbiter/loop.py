@@ -30,10 +30,10 @@ from typing import Protocol
 from shardlog.config import ConfigError, ShardMap, load_map, shards_for_host
 from shardlog.control import ALL
 from shardlog.stats import Counters, read_stats
-from supervisor import backoff
-from supervisor.broker import EmbeddedBroker
-from supervisor.control import Job, control_path
-from supervisor.process import (
+from supervisor.shards import backoff
+from supervisor.broker.supervised import EmbeddedBroker
+from supervisor.control.controller import Job, control_path
+from supervisor.shards.process import (
     Child,
     ExitInfo,
     Spawn,
@@ -44,10 +44,10 @@ from supervisor.process import (
     send,
     signal_name,
 )
-from supervisor.sdnotify import Notifier
-from supervisor.shardmap import ShardSpec, diff, specs, write_copy
+from supervisor.arbiter.sdnotify import Notifier
+from supervisor.shards.shardmap import ShardSpec, diff, specs, write_copy
 from supervisor.snapshot import EMPTY, BrokerView, ShardView, Snapshot
-from supervisor.states import DEGRADED, PROCESS_STATES, Event, ShardState, transition
+from supervisor.shards.states import DEGRADED, PROCESS_STATES, Event, ShardState, transition
 
 log = logging.getLogger(__name__)
 

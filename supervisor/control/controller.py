@@ -29,7 +29,7 @@ import msgspec
 from shardlog.control import ALL, RECORDER_OPS, Command, CommandError, ShardRef, Target, parse_command, route
 
 if TYPE_CHECKING:  # pragma: no cover
-    from supervisor.arbiter import Arbiter
+    from supervisor.arbiter.loop import Arbiter
 
 log = logging.getLogger(__name__)
 

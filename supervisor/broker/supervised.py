@@ -26,7 +26,7 @@ import sys
 import threading
 
 from shardlog.config import Broker, ShardMap
-from supervisor.process import Child, ExitInfo, Spawn, send
+from supervisor.shards.process import Child, ExitInfo, Spawn, send
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from http.server import BaseHTTPRequestHandler
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from supervisor.http_front import Conn, Front, Limits, SocketWriter
-from supervisor.metrics import make_registry
-from supervisor.status import StatusDoc, encode
+from supervisor.serve.front import Conn, Front, Limits, SocketWriter
+from supervisor.serve.metrics import make_registry
+from supervisor.serve.status import StatusDoc, encode
 
 log = logging.getLogger(__name__)
 

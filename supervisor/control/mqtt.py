@@ -34,8 +34,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from shardlog.client import apply_credentials
 from shardlog.config import ShardMap
 from shardlog.control import control_topics
-from supervisor.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
-from supervisor.control import Controller, _loose_id
+from supervisor.control.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
+from supervisor.control.controller import Controller, _loose_id
 
 log = logging.getLogger(__name__)
 

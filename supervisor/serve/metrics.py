@@ -27,8 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from supervisor.snapshot import Snapshot
-from supervisor.states import REPORTED_STATES
-from supervisor.status import Disk, ProcessFigures, Sample, StatusDoc
+from supervisor.shards.states import REPORTED_STATES
+from supervisor.serve.status import Disk, ProcessFigures, Sample, StatusDoc
 
 log = logging.getLogger(__name__)
 
