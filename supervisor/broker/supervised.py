@@ -1,78 +1,24 @@
-"""The embedded broker: ``broker.embedded: true`` in the shard map.
+"""The embedded broker as the supervisor runs it (``broker.embedded: true`` in the shard map).
 
 ``shardlog supervise`` starts it as a child process (``python -m supervisor.broker
 CONFIG.toml``, spawned with ``sys.executable`` like the recorders, never forked) before
 the shards, waits until its port accepts connections, restarts it if it dies, and stops
-it last, after the recorders have flushed and disconnected.
-
-The broker is iotcore (PyPI), a wheel wrapping rumqttd, a Rust MQTT broker: no system
-package, nothing to compile. Its quirks, all handled here: it listens on 0.0.0.0 unless
-told otherwise (we bind the map's loopback host), MQTT 5 needs its own listener (the
-map's ``port`` speaks the map's ``protocol``; ``embedded_port_311`` adds a 3.1.1 one),
-payloads are capped at 20 KiB by default (raised to the shards' largest ``max_payload``),
-and its routing logs a line per message at ERROR (silenced unless ``--log-level debug``).
-Sessions and queues live in memory only: a broker restart forgets them, which is why
-production uses a real broker with persistence (mosquitto).
+it last, after the recorders have flushed and disconnected. Sessions and queues live in
+memory only: a broker restart forgets them, which is why production uses a real broker
+with persistence (mosquitto).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
 import socket
-import sys
-import threading
 
-from shardlog.config import Broker, ShardMap
+from shardlog.config import ShardMap
+from supervisor.broker.config import NAME, address, argv, config_toml, listen_host
 from supervisor.shards.process import Child, ExitInfo, Spawn, send
 
 log = logging.getLogger(__name__)
-
-#: the name supervise logs the embedded broker under
-NAME = "embedded-broker"
-
-
-def listen_host(b: Broker) -> str:
-    """The address to bind: loopback (config validation guarantees host is loopback)."""
-    host = b.host.strip("[]")
-    return "127.0.0.1" if host.lower().startswith("localhost") or host.startswith("ip6-") else host
-
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def max_payload(smap: ShardMap) -> int:
-    """What the broker accepts: the largest payload any shard records (at least 1 MiB)."""
-    return max([1 << 20] + [int(s.max_payload) for s in smap.shards])
-
-
-def config_toml(smap: ShardMap) -> str:
-    """rumqttd's configuration for the map's broker."""
-    b = smap.broker
-    host = listen_host(b)
-    inflight = max(100, int(b.receive_maximum))
-    conn = (f"connection_timeout_ms = 60000\nmax_payload_size = {max_payload(smap)}\n"
-            f"max_inflight_count = {inflight}\ndynamic_filters = true\n")
-    listeners = []
-    main_kind = "v5" if b.mqtt5 else "v4"
-    listeners.append((main_kind, b.port))
-    if b.embedded_port_311 is not None:
-        listeners.append(("v4", b.embedded_port_311))
-    out = ["# written by shardlog supervise for broker.embedded: true", "id = 0", "",
-           "[router]", "id = 0", "max_connections = 10010", f"max_outgoing_packet_count = {inflight}",
-           "max_segment_size = 104857600", "max_segment_count = 10", ""]
-    for i, (kind, port) in enumerate(listeners, 1):
-        out += [f"[{kind}.{i}]", f'name = "{kind}-{i}"', f'listen = "{_addr(host, port)}"',
-                "next_connection_delay_ms = 1", f"[{kind}.{i}.connections]", conn]
-    return "\n".join(out)
-
-
-def argv(config_path: str, log_level: str, parent_pid: int) -> list[str]:
-    return [sys.executable, "-m", "supervisor.broker", config_path, "--log-level", log_level,
-            "--parent-pid", str(parent_pid)]
 
 
 def accepts(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -92,10 +38,8 @@ def ports_taken(smap: ShardMap) -> list[str]:
     b = smap.broker
     host = listen_host(b)
     ports = [b.port] + ([b.embedded_port_311] if b.embedded_port_311 is not None else [])
-    return [_addr(host, port) for port in ports if accepts(host, port)]
+    return [address(host, port) for port in ports if accepts(host, port)]
 
-
-# -- the supervisor's side ------------------------------------------------------------------------
 
 #: restart backoff of the embedded broker: initial, longest
 BACKOFF_INITIAL, BACKOFF_MAX = 0.5, 10.0
@@ -144,7 +88,7 @@ class EmbeddedBroker:
 
     @property
     def listen(self) -> str:
-        return _addr(self.host, self.port)
+        return address(self.host, self.port)
 
     def step(self, now: float, wall: float) -> None:
         if self.child is not None:
@@ -155,10 +99,10 @@ class EmbeddedBroker:
             if accepts(self.host, self.port, 0.05):
                 self.ready = True
                 log.info("%s (pid %d) accepts connections on %s", NAME, self.child.pid,
-                         _addr(self.host, self.port))
+                         address(self.host, self.port))
             elif now - self.started_at > READY_TIMEOUT and self.kill_at is None:
                 log.error("%s (pid %d) does not accept connections on %s after %gs: killing it",
-                          NAME, self.child.pid, _addr(self.host, self.port), READY_TIMEOUT)
+                          NAME, self.child.pid, address(self.host, self.port), READY_TIMEOUT)
                 send(self.child, signal.SIGKILL)
                 self.kill_at = None
         if self.child is not None and self.kill_at is not None and now >= self.kill_at:
@@ -180,7 +124,7 @@ class EmbeddedBroker:
         self.started_at = now
         self.next_start = None
         self.ready = False
-        log.info("started %s (pid %d) on %s%s", NAME, self.child.pid, _addr(self.host, self.port),
+        log.info("started %s (pid %d) on %s%s", NAME, self.child.pid, address(self.host, self.port),
                  f" (restart {self.restarts})" if self.restarts else "")
 
     def _exited(self, code: int, now: float, wall: float) -> None:
@@ -225,70 +169,3 @@ class EmbeddedBroker:
         if not self.ready:
             return now + 0.05  # probe the port again soon
         return self.kill_at
-
-
-# -- the child process ----------------------------------------------------------------------------
-
-EX_UNAVAILABLE, EX_CONFIG = 69, 78
-
-
-def main(args: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m supervisor.broker",
-                                description="the embedded MQTT broker that shardlog supervise runs")
-    p.add_argument("config", help="rumqttd TOML (written by shardlog supervise)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
-    a = p.parse_args(args)
-    debug = a.log_level.lower() == "debug"
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s {NAME}: %(message)s")
-    # rumqttd logs every packet at ERROR through its tracing spans: silence it unless debugging
-    # (must happen before the native module caches the level)
-    logging.getLogger("rumqttd").setLevel(logging.DEBUG if debug else logging.CRITICAL)
-    try:
-        from iotcore.iotcore import IotCoreBroker
-    except ImportError as exc:
-        print(f"{NAME}: iotcore is not installed ({exc}); pip install 'iotcore>=0.4,<0.5', "
-              "or set broker.embedded: false and run a broker", file=sys.stderr)
-        return EX_CONFIG
-    try:
-        broker = IotCoreBroker(config_path=a.config)
-        broker.check_ports()
-    except OSError as exc:
-        print(f"{NAME}: {exc} (another broker running? use it with broker.embedded: false)", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except Exception as exc:  # noqa: BLE001 - a bad config from the native side
-        print(f"{NAME}: cannot start: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    # The native run_forever never returns and has no shutdown API: run it in a daemon
-    # thread and let the main thread wait for SIGTERM/SIGINT (blocked in every thread, taken
-    # with sigtimedwait) or the supervisor's death, then exit at once. Nothing is lost by
-    # exiting: the broker holds nothing on disk.
-    stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            broker.run_forever()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=serve, name="rumqttd", daemon=True).start()
-    print(f"{NAME}: listening on {', '.join(broker.listeners())} (iotcore; pid {os.getpid()})",
-          file=sys.stderr, flush=True)
-    while True:
-        info = signal.sigtimedwait(stop, 1.0)
-        if errors:
-            print(f"{NAME}: stopped: {errors[0]}", file=sys.stderr, flush=True)
-            os._exit(EX_UNAVAILABLE)
-        if info is not None:
-            os._exit(0)
-        if a.parent_pid and os.getppid() != a.parent_pid:
-            os._exit(0)  # the supervisor is gone: do not outlive it
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,4 @@
-"""Process and disk figures (the sampler thread) and the Prometheus exposition.
-
-The sampler thread wakes about once a second, reads the main loop's last
-snapshot, and gathers for each shard's pid the psutil figures (one cached
-``psutil.Process`` per pid, so ``cpu_percent`` measures between samples) and
-for each root ``shutil.disk_usage``. It publishes an immutable
-:class:`~supervisor.status.Sample` by replacing one attribute. The work runs in
-its own thread because ``statvfs`` on a wedged disk or NFS mount can block; the
-main loop must never wait on a shard's disk.
+"""The Prometheus exposition of ``/metrics``.
 
 ``/metrics`` is rendered by a custom prometheus_client collector from the same
 document as ``/status``: names start with ``shardlog_``, counters end in
@@ -15,102 +7,14 @@ document as ``/status``: names start with ``shardlog_``, counters end in
 
 from __future__ import annotations
 
-import logging
-import shutil
 import signal
-import threading
-import time
 from collections.abc import Callable, Iterator
 
-import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from supervisor.snapshot import Snapshot
+from supervisor.serve.status import StatusDoc
 from supervisor.shards.states import REPORTED_STATES
-from supervisor.serve.status import Disk, ProcessFigures, Sample, StatusDoc
-
-log = logging.getLogger(__name__)
-
-SAMPLE_INTERVAL = 1.0
-
-
-class Sampler:
-    """Owns the psutil.Process cache; only its thread touches it."""
-
-    def __init__(self, source: Callable[[], Snapshot], interval: float = SAMPLE_INTERVAL) -> None:
-        self.source = source
-        self.interval = interval
-        self.sample = Sample()
-        self._procs: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardlog-sampler", daemon=True)
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.collect()
-            except Exception:
-                log.exception("sampling process and disk figures failed")
-            self._stop.wait(self.interval)
-
-    def collect(self) -> Sample:
-        snap = self.source()
-        pids = {v.pid for v in snap.shards if v.pid is not None}
-        for pid in list(self._procs):
-            if pid not in pids:
-                del self._procs[pid]
-        procs: dict[int, ProcessFigures] = {}
-        for pid in pids:
-            figures = self._process(pid)
-            if figures is not None:
-                procs[pid] = figures
-        disks: dict[str, Disk] = {}
-        for root in {v.root for v in snap.shards}:
-            try:
-                du = shutil.disk_usage(root)
-            except OSError:
-                continue  # not created yet, or unusable (the shard's state says why)
-            disks[root] = Disk(free=du.free, total=du.total)
-        self.sample = Sample(ts=time.time(), process=procs, disk=disks)
-        return self.sample
-
-    def _process(self, pid: int) -> ProcessFigures | None:
-        p = self._procs.get(pid)
-        try:
-            if p is None or not p.is_running():  # is_running also catches a reused pid
-                p = psutil.Process(pid)
-                p.cpu_percent(None)  # prime: the first call has nothing to compare with
-                self._procs[pid] = p
-            with p.oneshot():
-                cpu = p.cpu_times()
-                try:
-                    io = p.io_counters()
-                    read_bytes, write_bytes = io.read_bytes, io.write_bytes
-                except (psutil.AccessDenied, AttributeError, NotImplementedError):
-                    read_bytes = write_bytes = None
-                try:
-                    fds: int | None = p.num_fds()
-                except (psutil.AccessDenied, AttributeError):
-                    fds = None
-                return ProcessFigures(cpu_percent=round(p.cpu_percent(None), 1),
-                                      cpu_seconds=round(cpu.user + cpu.system, 3),
-                                      rss=p.memory_info().rss, read_bytes=read_bytes,
-                                      write_bytes=write_bytes, open_fds=fds, threads=p.num_threads())
-        except psutil.Error:
-            self._procs.pop(pid, None)
-            return None
-
-
-# -- Prometheus -----------------------------------------------------------------------------------
 
 #: recorder counters exported as Prometheus counters: (counter field, metric name, help)
 COUNTERS = [

@@ -21,7 +21,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shardlog.config import ConfigError, load_map, parse_map
-from supervisor.broker.supervised import config_toml
+from supervisor.broker.config import config_toml
 from tests.supervisor.helpers import SupervisorProc, free_port, make_map, read_records, wait_for
 
 pytest.importorskip("iotcore", reason="iotcore (the embedded broker) is a dependency: pip install -e .")
