@@ -8,10 +8,13 @@
 2. ``rotate``/``delete``/``move``: send one JSON datagram to each target recorder's control socket
    (``<run dir>/<shard>.ctl``) and wait for its answer; the recorder does the work in its own
    thread between batches (:mod:`shardlog.operations`);
-3. ``stop``/``start``: hand the job to the arbiter's main loop (which owns the processes) and wait.
+3. ``stop``/``start``: hand the job to the main loop (which owns the processes) and wait.
 
-Nothing here changes the arbiter's state directly: it reads its last published snapshot and map,
-both replaced atomically by the main loop. Every command and its outcome is logged.
+Nothing here changes the main loop's state directly: it reads its last published snapshot and
+map, both replaced atomically by the loop, and submits jobs. The controller sees the loop only
+through :class:`MainLoop` (the arbiter is one), so this module never imports the arbiter: the
+arbiter depends on control (:class:`Job`, :func:`control_path`), not the reverse. Every command
+and its outcome is logged.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
+from shardlog.config import ShardMap
 from shardlog.control import ALL, RECORDER_OPS, Command, CommandError, ShardRef, Target, parse_command, route
-
-if TYPE_CHECKING:  # pragma: no cover
-    from supervisor.arbiter.loop import Arbiter
+from supervisor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ _RUNNING = ("running", "degraded")
 
 @dataclass
 class Job:
-    """A stop or start for the arbiter's main loop; ``result`` is set there."""
+    """A stop or start for the main loop; ``result`` is set there."""
 
     target: Target
     source: str
@@ -54,9 +56,23 @@ class Job:
         self.done.set()
 
 
+class MainLoop(Protocol):
+    """What the controller needs of the main loop (:class:`supervisor.arbiter.loop.Arbiter`)."""
+
+    @property
+    def smap(self) -> ShardMap: ...  # the map it runs (replaced whole on reload)
+
+    @property
+    def snapshot(self) -> Snapshot: ...  # its last published snapshot
+
+    def submit(self, job: Job) -> None: ...  # thread-safe: queue a stop/start and wake the loop
+
+    def control_path(self, name: str) -> str | None: ...  # shard ``name``'s control socket
+
+
 class Controller:
-    def __init__(self, arbiter: Arbiter, timeout: float = TIMEOUT) -> None:
-        self.arbiter = arbiter
+    def __init__(self, loop: MainLoop, timeout: float = TIMEOUT) -> None:
+        self.loop = loop
         self.timeout = timeout
 
     def execute(self, body: bytes | dict[str, Any], op: str | None, source: str,
@@ -75,7 +91,7 @@ class Controller:
             reply = {"ok": False, "reason": f"internal error: {exc}"}
         if cmd is not None:
             reply = {"id": cmd.id, "op": cmd.op, **reply}
-        elif isinstance(ident := _loose_id(body), (str, int)):
+        elif isinstance(ident := loose_id(body), (str, int)):
             reply = {"id": ident, **reply}
         what = _describe(cmd) if cmd is not None else "a command"
         if reply["ok"]:
@@ -85,15 +101,15 @@ class Controller:
         return reply
 
     def _check_token(self, cmd: Command, check: bool) -> None:
-        token = self.arbiter.smap.control.token
+        token = self.loop.smap.control.token
         if not check or not token:
             return
         if cmd.token is None or not hmac.compare_digest(cmd.token.encode(), token.encode()):
             raise CommandError("bad or missing token")
 
     def _run(self, cmd: Command, source: str) -> dict[str, Any]:
-        smap = self.arbiter.smap
-        views = {v.name: v for v in self.arbiter.snapshot.shards}
+        smap = self.loop.smap
+        views = {v.name: v for v in self.loop.snapshot.shards}
         refs = [ShardRef(s.name, s.branch, s.name in views) for s in smap.shards]
         targets = route(cmd, refs)
         if cmd.op in ("stop", "start"):
@@ -117,14 +133,14 @@ class Controller:
 
     def _to_main_loop(self, target: Target, source: str) -> dict[str, Any]:
         job = Job(target, source)
-        self.arbiter.submit(job)
+        self.loop.submit(job)
         if not job.done.wait(self.timeout):
             return {"ok": False, "reason": "the supervisor's main loop did not answer in time"}
         assert job.result is not None
         return job.result
 
     def _to_recorder(self, t: Target) -> dict[str, Any]:
-        path = self.arbiter.control_path(t.shard)
+        path = self.loop.control_path(t.shard)
         if path is None:
             return {"ok": False, "reason": f"shard {t.shard!r} has no control socket (its path would be too long)"}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -155,7 +171,7 @@ def control_path(run_dir: str, shard: str) -> str | None:
     return path if len(os.fsencode(path)) <= MAX_SOCKET_PATH else None
 
 
-def _loose_id(body: bytes | dict[str, Any]) -> object:
+def loose_id(body: bytes | dict[str, Any]) -> object:
     """The ``id`` of a command that did not parse, so that its refusal can still name it."""
     if not isinstance(body, dict):
         try:
@@ -177,4 +193,4 @@ def _brief(reply: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in reply.items() if k not in ("ok", "id", "op", "topics"))
 
 
-__all__ = ["ALL", "RECORDER_OPS", "Controller", "Job", "control_path"]
+__all__ = ["ALL", "RECORDER_OPS", "Controller", "Job", "MainLoop", "control_path", "loose_id"]

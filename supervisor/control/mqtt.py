@@ -3,13 +3,13 @@
 Off unless the shard map's ``control`` section asks for it (``control.mqtt: true`` or
 ``control.supervisor_topic``). paho runs its network loop in its own thread (``loop_start``);
 received commands go through a queue to one worker thread, which carries them out with
-:class:`supervisor.control.Controller` (the same path as the HTTP API, plus the token check) and
+:class:`supervisor.control.controller.Controller` (the same path as the HTTP API, plus the token check) and
 publishes the reply on the request's MQTT 5 response topic (with its correlation data), else on
 ``control.reply_topic``. The worker also publishes the /status document, retained, every
 ``control.supervisor_interval``. Who may publish commands is the broker's business (ACLs, see
 docs/control.md); retained commands are never carried out.
 
-Bad input (:mod:`supervisor.admission`): a command over 64 KiB is refused unread, commands beyond
+Bad input (:mod:`supervisor.control.admission`): a command over 64 KiB is refused unread, commands beyond
 the rate limit are refused in paho's thread (they never reach the queue), and a command carried
 out once is answered from memory, not carried out again, when the same bytes with the same ``id``
 (or correlation data) come again (a QoS 1 redelivery). Every refusal is answered with a reason.
@@ -35,7 +35,7 @@ from shardlog.client import apply_credentials
 from shardlog.config import ShardMap
 from shardlog.control import control_topics
 from supervisor.control.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
-from supervisor.control.controller import Controller, _loose_id
+from supervisor.control.controller import Controller, loose_id
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class MqttControl:
         if now - self.refused_logged >= 1.0:
             self.refused_logged = now
             log.warning("control from mqtt %s: refused: %s (%d refused so far)", msg.topic, why, self.refused)
-        ident = _loose_id(msg.payload) if len(msg.payload) <= MAX_COMMAND else None
+        ident = loose_id(msg.payload) if len(msg.payload) <= MAX_COMMAND else None
         self._reply(msg, {**({"id": ident} if isinstance(ident, (str, int)) else {}), "ok": False, "reason": why})
 
     # -- the worker --------------------------------------------------------------------------
@@ -159,10 +159,10 @@ class MqttControl:
                                             "(and clear the retained one with an empty retained message)"}
             if not msg.payload:
                 return  # the clearing message itself
-            if isinstance(ident := _loose_id(msg.payload), (str, int)):
+            if isinstance(ident := loose_id(msg.payload), (str, int)):
                 reply = {"id": ident, **reply}
         else:
-            ident = _loose_id(msg.payload)
+            ident = loose_id(msg.payload)
             key = dedup_key(ident, correlation, msg.payload)
             now = time.monotonic()
             done = self.recent.get(key, now) if key is not None else None
