@@ -66,7 +66,7 @@ def test_a_shard_surviving_sigkill_is_reported(tmp_path: Path) -> None:
     """Found by test_blocking_write_on_a_frozen_file_system: a recorder blocked in a write on
     a frozen file system survives SIGKILL until the thaw, and the supervisor said nothing
     after "SIGKILL". Now its log and /status (the shard's reason) say what is going on."""
-    from supervisor.arbiter.loop import STUCK_REASON, UNKILLABLE_GRACE
+    from supervisor.arbiter.stops import STUCK_REASON, UNKILLABLE_GRACE
     from tests.supervisor.test_supervisor_arbiter import Harness
 
     h = Harness(tmp_path, [{"name": "a", "prefix": "a"}])

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.arbiter.loop import STUCK_REASON, UNKILLABLE_GRACE
+from supervisor.arbiter.stops import STUCK_REASON, UNKILLABLE_GRACE
 from tests.faults.loopfs import Ext4
 from tests.faults.test_faults import report
 from tests.helpers import FastFlow, FastPublisher, Mosquitto, wait_for

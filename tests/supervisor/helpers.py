@@ -1,6 +1,6 @@
 """Helpers for the supervisor tests (imported as ``tests.supervisor.helpers``).
 
-Unit tests drive :class:`supervisor.arbiter.Arbiter` with a fake clock, fake
+Unit tests drive :class:`supervisor.arbiter.loop.Arbiter` with a fake clock, fake
 children and injected signals (no sleeps). End-to-end tests run the real
 ``python -m shardlog supervise`` against the real mosquitto of tests/conftest.py
 and poll its ``/status`` with deadlines.
