@@ -1,5 +1,5 @@
 """The supervisor's HTTP connections: accept, read each request whole, within limits, then hand it
-to a small pool of worker threads (supervisor.http handles it).
+to a small pool of worker threads (supervisor.serve.http handles it).
 
 A thread per connection (``ThreadingHTTPServer``) let every slow or idle client hold a thread for
 as long as it liked: 200 slowloris connections were 200 threads, each waiting forever for a header

@@ -2,12 +2,12 @@
 control API (``POST /control/<op>``, docs/control.md).
 
 Connections are accepted and each request is read whole, within limits, by
-:mod:`supervisor.http_front` (one selector thread; slow clients hold no thread); a worker
+:mod:`supervisor.serve.front` (one selector thread; slow clients hold no thread); a worker
 then runs one request through :class:`_Handler` (the stdlib's request parsing). Handlers build their answer
 from the last published snapshot and sample (immutable objects read through one
 attribute each); they take no lock and do no file or process I/O, so a scrape
 never waits on, or slows, the main loop or a recorder. A control request waits in its own
-handler thread for the shard that carries it out (supervisor.control).
+handler thread for the shard that carries it out (supervisor.control.controller).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``/status`` document: its schema (msgspec Structs) and how it is built.
 
 These Structs *are* the documented schema: docs/supervisor.md shows the JSON
-Schema generated from :class:`StatusDoc` (``python -m supervisor.status``
+Schema generated from :class:`StatusDoc` (``python -m supervisor.serve.status``
 prints it) and a test checks both that the page is current and that a live
 ``/status`` validates against it.
 

@@ -4,7 +4,7 @@ Modelled on supervisord's ``states.py``: the states are an Enum, and every
 change of a shard's state goes through :func:`transition`, which looks the
 (state, event) pair up in :data:`TRANSITIONS` and refuses anything not listed.
 Which event happens (a crash that is retried, or one that gives up) is decided
-by the restart policy in :mod:`supervisor.backoff`; this module only says where
+by the restart policy in :mod:`supervisor.shards.backoff`; this module only says where
 each event leads.
 
 ``degraded`` is not a state of the machine: ``/status`` reports a *running*

@@ -1,7 +1,7 @@
 """The MQTT control topic under bad input (issue 17): malformed JSON, wrong types, huge messages,
 a flood; each refused with a reason on the reply topic, rate-limited, and a command sent again
 (a QoS 1 redelivery) never carried out twice. Against a real mosquitto and a real supervisor; the
-admission decisions (supervisor.admission) are pure and tested with an explicit clock."""
+admission decisions (supervisor.control.admission) are pure and tested with an explicit clock."""
 
 from __future__ import annotations
 

@@ -346,7 +346,7 @@ def test_metrics_parse_and_status_validates_against_the_documented_schema(broker
     assert body is not None
     # the documented schema is the one in the code, and the live document validates against both
     schema = documented_schema()
-    assert schema == json_schema(), "docs/supervisor.md is stale: regenerate with `python -m supervisor.status`"
+    assert schema == json_schema(), "docs/supervisor.md is stale: regenerate with `python -m supervisor.serve.status`"
     try:  # a second, independent validator where installed (not a dependency of the test extra)
         import jsonschema
     except ImportError:
