@@ -47,6 +47,17 @@ CHUNK = 4 << 20                # journal bytes read per step
 #: full speed when the drain ends or the lag passes ``soft_lag``. Live traffic that does
 #: not fill batches is materialized at once.
 SATURATED = 0.2
+#: ... but it reads a step's worth at least this often: the known topics' records keep
+#: reaching their files while a backlog or a burst of new topics drains (bench/new_topics.py)
+GIVE_WAY_STEP = 0.25
+#: new topics taken in one step (a new topic's state and preparation cost ~10-20 µs of
+#: this thread, and the records after it in the chunk wait for them): a burst of 100,000
+#: new topics is taken in small steps, each flushed, so the known topics' records in the
+#: same chunk are written within milliseconds, not after the whole chunk
+NEW_PER_STEP = 2_000
+#: a trim of ``states`` that found too few idle topics (all waiting for the preparer, say)
+#: is not tried again for this long: each try walks the states
+TRIM_RETRY = 1.0
 CHECKPOINT_EVERY = 0.2         # seconds between checkpoint writes (and on demand)
 _decode_topic = msgspec.json.Decoder(str).decode
 
@@ -80,6 +91,8 @@ class Materializer:
         self.next_retry = 0.0
         self.saved_at = 0.0
         self.swept_at = 0.0
+        self.read_at = 0.0
+        self.trim_at = 0.0                     # no trim before (see TRIM_RETRY)
         self.wake = threading.Event()
         self._cond = threading.Condition()
         self._pauses = 0
@@ -147,14 +160,17 @@ class Materializer:
         if store.degraded_reason is not None and now < self.next_retry and not wait:
             return False
         data = b""
-        if not wait and self._giving_way(now):
+        if not wait and self._giving_way(now) and now - self.read_at < GIVE_WAY_STEP:
             pass
         elif store.degraded_reason is None:  # while the disk refuses, read nothing more
+            self.read_at = now
             replaying = self.reader.pos < self.replay_end
             end = self.replay_end if replaying else self.writer.end
             data, pos = self.reader.read(CHUNK, end)
             if data:
-                self._apply(data, replaying)
+                used = self._apply(data, replaying)
+                if used < len(data):  # NEW_PER_STEP new topics: the rest in the next step
+                    pos = self.reader.rewind(len(data) - used)
                 self.marks.append((self.seq, pos))
                 if replaying and pos >= self.replay_end:
                     log.info("journal: replayed %d record(s) written before the last stop "
@@ -171,8 +187,9 @@ class Materializer:
         if now - self.swept_at >= 0.1:
             self.swept_at = now
             store.sweep_recent(now)
-            if len(self.states) > self.max_states:
-                self._trim_states()
+            if len(self.states) > self.max_states and now >= self.trim_at:
+                if not self._trim_states():
+                    self.trim_at = now + TRIM_RETRY
         if self.done != self.saved and (wait or now - self.saved_at >= CHECKPOINT_EVERY):
             self.save()
         return bool(data)
@@ -181,12 +198,19 @@ class Materializer:
         """Leave the CPU to the recording thread for now? (See SATURATED.)"""
         return now - self.writer.full_at < SATURATED and self.lag_bytes() < self.soft_lag
 
-    def _apply(self, data: bytes, replaying: bool) -> None:
+    def _apply(self, data: bytes, replaying: bool) -> int:
+        """Hand the records of ``data`` to the store; the bytes taken (all of them, or
+        up to the line that brought the step's NEW_PER_STEP-th new topic)."""
         states = self.states
         store = self.store
         add = store.add
         seq = self.seq
-        for item in data.splitlines(keepends=True):
+        new = 0
+        items = data.splitlines(keepends=True)
+        used, last = len(data), len(items)
+        for n, item in enumerate(items):
+            if n == last:
+                break
             i = item.index(b"\t")
             key = item[:i]
             line = item[i + 1:]
@@ -194,6 +218,10 @@ class Materializer:
             st = states.get(key)
             if st is None:
                 st = self._state(key)
+                new += 1
+                if new == NEW_PER_STEP and n + 1 < last:
+                    last = n + 1  # this line is the last one taken
+                    used = sum(map(len, items[:last]))
             if replaying and self._on_disk(st, line):
                 continue
             if st.__class__ is TopicState:
@@ -207,6 +235,7 @@ class Materializer:
                 store.quarantine(rec_ts, str(st), topic.encode("utf-8", "surrogateescape"),
                                  0, False, line, seq)
         self.seq = seq
+        return used
 
     def _state(self, key: bytes) -> TopicState | str:
         if key == journal.QUARANTINE_KEY:
@@ -248,13 +277,20 @@ class Materializer:
         while marks and marks[0][0] < first_held:
             self.done = marks.popleft()[1]
 
-    def _trim_states(self) -> None:
+    def _trim_states(self) -> bool:
+        """Forget idle topics, oldest first, down to 3/4 of ``max_states`` (they are loaded
+        again if they speak); False if too few were idle."""
         excess = len(self.states) - self.max_states * 3 // 4
         store = self.store
-        drop = [k for k, st in self.states.items()
-                if not isinstance(st, TopicState) or store.evictable(st)][:excess]
+        drop = []
+        for k, st in self.states.items():
+            if not isinstance(st, TopicState) or store.evictable(st):
+                drop.append(k)
+                if len(drop) >= excess:
+                    break
         for k in drop:
             del self.states[k]
+        return len(drop) >= excess
 
     # -- checkpoints ---------------------------------------------------------------------------
 

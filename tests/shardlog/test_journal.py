@@ -24,7 +24,7 @@ import pytest
 from shardlog import journal
 from shardlog.config import parse_map
 from shardlog.journal import Checkpoint, JournalReader, JournalWriter, Position
-from shardlog.materializer import Materializer
+from shardlog.materializer import NEW_PER_STEP, Materializer
 from shardlog.records import encode_record
 from shardlog.stats import Counters
 from shardlog.store import Store
@@ -167,12 +167,50 @@ def test_replay_skips_what_is_on_disk_and_writes_the_rest(tmp_path: Path) -> Non
     assert topic_files(root) == want
 
 
+def test_a_burst_of_new_topics_is_taken_in_steps_and_known_topics_go_on(tmp_path: Path) -> None:
+    """A chunk of the journal full of new topics: one step takes NEW_PER_STEP of them (and
+    gives the rest of the chunk back to the reader, cut at a line), and the known topic's
+    records among them are written by that step, before the new topics are prepared."""
+    root = tmp_path / "data"
+    root.mkdir()
+    store, c = make_store(root)
+    store.start_preparer()
+    w = JournalWriter(str(root), 64 << 20, False, None)
+    m = Materializer(store, w, None, 100_000, 200_000)
+    first = line("known/k", T0, -1)
+    w.write(first)
+    assert m.catch_up() and (root / "known" / "k" / "+log.jsonl").exists()
+    start = m.reader.pos
+    burst, ts = [], T0 + 1
+    for i in range(3 * NEW_PER_STEP):
+        if i % 100 == 0:
+            burst.append(line("known/k", ts, i))
+            ts += 1
+        burst.append(line(f"new/{i:05d}", ts, i))
+        ts += 1
+        if i == NEW_PER_STEP - 1:
+            taken = len(burst)  # the step takes up to this line
+    w.write(b"".join(burst))
+    m.step()
+    assert sum(1 for k in m.states if k.startswith(b'"new/')) == NEW_PER_STEP
+    assert m.reader.pos == Position(start.segment, start.offset + sum(map(len, burst[:taken])))
+    on_disk = (root / "known" / "k" / "+log.jsonl").read_bytes().splitlines(keepends=True)
+    want_known = [b.split(b"\t", 1)[1] for b in [first] + burst[:taken] if b.startswith(b'"known/')]
+    assert on_disk == want_known, "the known topic waited for the new ones"
+    assert m.catch_up()
+    store.close()
+    w.close()
+    got = topic_files(root)
+    assert len(got) == 1 + 3 * NEW_PER_STEP and c.messages == 1 + len(burst)
+    assert got["new/00000"] == [burst[1].split(b"\t", 1)[1]]
+
+
 _CHILD = """
 import os, sys, time
 from shardlog import journal
 from shardlog.config import parse_map
 from shardlog.journal import JournalWriter
-from shardlog.materializer import Materializer
+from shardlog.materializer import NEW_PER_STEP, Materializer
 from shardlog.recorder import _raise_fd_limit
 from shardlog.stats import Counters
 from shardlog.store import Store
