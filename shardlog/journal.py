@@ -252,13 +252,6 @@ class JournalReader:
             self.fd = -1
             self.pos = Position(seg + 1, 0)
 
-    def rewind(self, n: int) -> Position:
-        """Give back the last ``n`` bytes :meth:`read` returned (whole lines): they are
-        read again next time. The new position."""
-        seg, off = self.pos
-        self.pos = Position(seg, off - n)
-        return self.pos
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

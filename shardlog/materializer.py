@@ -47,13 +47,14 @@ CHUNK = 4 << 20                # journal bytes read per step
 #: full speed when the drain ends or the lag passes ``soft_lag``. Live traffic that does
 #: not fill batches is materialized at once.
 SATURATED = 0.2
-#: ... but it reads a step's worth at least this often: the known topics' records keep
-#: reaching their files while a backlog or a burst of new topics drains (bench/new_topics.py)
+#: ... but it reads a chunk at least this often: the known topics' records keep reaching
+#: their files while a backlog or a burst of new topics drains (bench/new_topics.py)
 GIVE_WAY_STEP = 0.25
-#: new topics taken in one step (a new topic's state and preparation cost ~10-20 µs of
-#: this thread, and the records after it in the chunk wait for them): a burst of 100,000
-#: new topics is taken in small steps, each flushed, so the known topics' records in the
-#: same chunk are written within milliseconds, not after the whole chunk
+#: A new topic costs this thread ~10-20 µs (its state, its submission to the preparer)
+#: where a known topic's record costs ~1 µs. So the records of topics without a state are
+#: set aside (``deferred``, cheaply, in order) and at most NEW_PER_STEP new topics are
+#: taken up per step, none while giving way: through a burst of 100,000 new topics the
+#: known topics' records are written within a step, not after every new topic before them.
 NEW_PER_STEP = 2_000
 #: a trim of ``states`` that found too few idle topics (all waiting for the preparer, say)
 #: is not tried again for this long: each try walks the states
@@ -86,7 +87,11 @@ class Materializer:
         self.soft_lag = soft_lag
         self.seq = 0                           # record numbers (the store's "mids")
         self.marks: collections.deque[tuple[int, Position]] = collections.deque()
-        self.blocked: set[int] = set()         # numbers the store still holds
+        self.blocked: set[int] = set()         # numbers the store (or ``deferred``) still holds
+        #: journal key of a topic without a state -> its records (line, number, replaying)
+        self.deferred: collections.OrderedDict[bytes, list[tuple[bytes, int, bool]]] = \
+            collections.OrderedDict()
+        self.deferred_lines = 0
         self.quarantine_ts: int | None = None  # replay: ts of the quarantine file's last line
         self.next_retry = 0.0
         self.saved_at = 0.0
@@ -153,29 +158,33 @@ class Materializer:
     # -- one step ------------------------------------------------------------------------------
 
     def step(self, wait: bool = False) -> bool:
-        """Read a chunk of the journal into the store and flush it; True if anything was
-        read. ``wait``: prepare new topics in place (everything read gets written)."""
+        """Read a chunk of the journal into the store, take up some new topics, flush;
+        True if anything was read or taken up. ``wait``: take up every new topic and
+        prepare them in place (everything read gets written)."""
         store = self.store
         now = time.monotonic()
         if store.degraded_reason is not None and now < self.next_retry and not wait:
             return False
         data = b""
-        if not wait and self._giving_way(now) and now - self.read_at < GIVE_WAY_STEP:
-            pass
-        elif store.degraded_reason is None:  # while the disk refuses, read nothing more
+        giving_way = not wait and self._giving_way(now)
+        if ((giving_way and now - self.read_at < GIVE_WAY_STEP) or store.degraded_reason is not None
+                or self.deferred_lines >= self.max_waiting):
+            pass  # nothing more read: while the disk refuses, or too many records wait
+        else:
             self.read_at = now
             replaying = self.reader.pos < self.replay_end
             end = self.replay_end if replaying else self.writer.end
             data, pos = self.reader.read(CHUNK, end)
             if data:
-                used = self._apply(data, replaying)
-                if used < len(data):  # NEW_PER_STEP new topics: the rest in the next step
-                    pos = self.reader.rewind(len(data) - used)
+                self._apply(data, replaying)
                 self.marks.append((self.seq, pos))
                 if replaying and pos >= self.replay_end:
                     log.info("journal: replayed %d record(s) written before the last stop "
                              "(%d of them were in the topic files already)", *self.replayed)
-        if data or store.dirty or store.waiting or store.quarantine_lines:
+        took = 0
+        if self.deferred and not giving_way and store.degraded_reason is None:
+            took = self._take_new(len(self.deferred) if wait else NEW_PER_STEP)
+        if data or took or store.dirty or store.waiting or store.quarantine_lines:
             held = store.flush(time.time_ns() // 1000, now,
                                wait or store.waiting_lines >= self.max_waiting)
             self.blocked.update(held)
@@ -192,53 +201,73 @@ class Materializer:
                     self.trim_at = now + TRIM_RETRY
         if self.done != self.saved and (wait or now - self.saved_at >= CHECKPOINT_EVERY):
             self.save()
-        return bool(data)
+        return bool(data or took)
 
     def _giving_way(self, now: float) -> bool:
         """Leave the CPU to the recording thread for now? (See SATURATED.)"""
         return now - self.writer.full_at < SATURATED and self.lag_bytes() < self.soft_lag
 
-    def _apply(self, data: bytes, replaying: bool) -> int:
-        """Hand the records of ``data`` to the store; the bytes taken (all of them, or
-        up to the line that brought the step's NEW_PER_STEP-th new topic)."""
+    def _apply(self, data: bytes, replaying: bool) -> None:
         states = self.states
-        store = self.store
-        add = store.add
+        add = self.store.add
+        deferred = self.deferred
+        blocked = self.blocked
         seq = self.seq
-        new = 0
-        items = data.splitlines(keepends=True)
-        used, last = len(data), len(items)
-        for n, item in enumerate(items):
-            if n == last:
-                break
+        n_deferred = 0
+        for item in data.splitlines(keepends=True):
             i = item.index(b"\t")
             key = item[:i]
             line = item[i + 1:]
             seq += 1
             st = states.get(key)
-            if st is None:
-                st = self._state(key)
-                new += 1
-                if new == NEW_PER_STEP and n + 1 < last:
-                    last = n + 1  # this line is the last one taken
-                    used = sum(map(len, items[:last]))
-            if replaying and self._on_disk(st, line):
-                continue
-            if st.__class__ is TopicState:
+            if st is None:  # a new topic (or a forgotten one): set aside, see NEW_PER_STEP
+                d = deferred.get(key)
+                if d is None:
+                    deferred[key] = d = []
+                d.append((line, seq, replaying))
+                blocked.add(seq)
+                n_deferred += 1
+            elif st.__class__ is TopicState and not replaying:
                 add(st, line, seq)  # type: ignore[arg-type]
-            elif key == journal.QUARANTINE_KEY:
-                store.quarantine_lines.append(line)
-                store.quarantine_mids.append(seq)
-            else:  # the topic cannot be stored: its record goes to the quarantine file
-                topic = _decode_topic(key)
-                rec_ts = journal.record_ts(line)
-                store.quarantine(rec_ts, str(st), topic.encode("utf-8", "surrogateescape"),
-                                 0, False, line, seq)
+            else:
+                self._hand(key, st, line, seq, replaying)
         self.seq = seq
-        return used
+        self.deferred_lines += n_deferred
+
+    def _take_new(self, limit: int) -> int:
+        """Give up to ``limit`` set-aside topics a state and hand their records to the store
+        (in the order they first came; each topic's records in journal order)."""
+        deferred = self.deferred
+        blocked = self.blocked
+        n = 0
+        while deferred and n < limit:
+            key, items = deferred.popitem(last=False)
+            st = self._state(key)
+            for line, seq, replaying in items:
+                blocked.discard(seq)  # the store's from now on (flush says if it holds it)
+                self._hand(key, st, line, seq, replaying)
+            self.deferred_lines -= len(items)
+            n += 1
+        return n
+
+    def _hand(self, key: bytes, st: TopicState | str, line: bytes, seq: int, replaying: bool) -> None:
+        """One record to the store: to its topic file, or to the quarantine file."""
+        store = self.store
+        if replaying and self._on_disk(st, line):
+            return
+        if st.__class__ is TopicState:
+            store.add(st, line, seq)  # type: ignore[arg-type]
+        elif key == journal.QUARANTINE_KEY:
+            store.quarantine_lines.append(line)
+            store.quarantine_mids.append(seq)
+        else:  # the topic cannot be stored: its record goes to the quarantine file
+            topic = _decode_topic(key)
+            store.quarantine(journal.record_ts(line), str(st), topic.encode("utf-8", "surrogateescape"),
+                             0, False, line, seq)
 
     def _state(self, key: bytes) -> TopicState | str:
         if key == journal.QUARANTINE_KEY:
+            self.states[key] = "quarantine"
             return "quarantine"
         try:
             st: TopicState | str = self.store.new_state(_decode_topic(key))
@@ -316,7 +345,7 @@ class Materializer:
             if self.store.degraded_reason is not None:
                 return False
             if (self.reader.pos >= self.writer.end and not self.store.pending_records()
-                    and not self.marks):
+                    and not self.marks and not self.deferred):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 return False
