@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -87,7 +88,8 @@ class Materializer:
         self.soft_lag = soft_lag
         self.seq = 0                           # record numbers (the store's "mids")
         self.marks: collections.deque[tuple[int, Position]] = collections.deque()
-        self.blocked: set[int] = set()         # numbers the store (or ``deferred``) still holds
+        self.blocked: set[int] = set()         # numbers the store still holds
+        self.blocked_heap: list[int] = []      # the same and some gone since (see _advance)
         #: journal key of a topic without a state -> its records (line, number, replaying)
         self.deferred: collections.OrderedDict[bytes, list[tuple[bytes, int, bool]]] = \
             collections.OrderedDict()
@@ -187,7 +189,10 @@ class Materializer:
         if data or took or store.dirty or store.waiting or store.quarantine_lines:
             held = store.flush(time.time_ns() // 1000, now,
                                wait or store.waiting_lines >= self.max_waiting)
-            self.blocked.update(held)
+            if held:
+                self.blocked.update(held)
+                for n in held:
+                    heapq.heappush(self.blocked_heap, n)
             self.blocked.difference_update(store.released)
             store.released = []
             if store.degraded_reason is not None:
@@ -211,7 +216,6 @@ class Materializer:
         states = self.states
         add = self.store.add
         deferred = self.deferred
-        blocked = self.blocked
         seq = self.seq
         n_deferred = 0
         for item in data.splitlines(keepends=True):
@@ -225,7 +229,6 @@ class Materializer:
                 if d is None:
                     deferred[key] = d = []
                 d.append((line, seq, replaying))
-                blocked.add(seq)
                 n_deferred += 1
             elif st.__class__ is TopicState and not replaying:
                 add(st, line, seq)  # type: ignore[arg-type]
@@ -238,13 +241,11 @@ class Materializer:
         """Give up to ``limit`` set-aside topics a state and hand their records to the store
         (in the order they first came; each topic's records in journal order)."""
         deferred = self.deferred
-        blocked = self.blocked
         n = 0
         while deferred and n < limit:
             key, items = deferred.popitem(last=False)
             st = self._state(key)
-            for line, seq, replaying in items:
-                blocked.discard(seq)  # the store's from now on (flush says if it holds it)
+            for line, seq, replaying in items:  # the store's from now on (flush says if it holds them)
                 self._hand(key, st, line, seq, replaying)
             self.deferred_lines -= len(items)
             n += 1
@@ -301,7 +302,15 @@ class Materializer:
 
     def _advance(self) -> None:
         """Move ``done`` past every chunk whose records are all written."""
-        first_held = min(self.blocked) if self.blocked else self.seq + 1
+        blocked, heap = self.blocked, self.blocked_heap
+        while heap and heap[0] not in blocked:  # written since: gone lazily, O(log n) each
+            heapq.heappop(heap)
+        if len(heap) > 2 * len(blocked) + 1024:  # one held long, many written after it
+            heap[:] = blocked
+            heapq.heapify(heap)
+        first_held = heap[0] if heap else self.seq + 1
+        if self.deferred:  # set aside in order: the first one's first record is the oldest
+            first_held = min(first_held, next(iter(self.deferred.values()))[0][1])
         marks = self.marks
         while marks and marks[0][0] < first_held:
             self.done = marks.popleft()[1]
