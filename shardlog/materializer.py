@@ -170,7 +170,7 @@ class Materializer:
         data = b""
         giving_way = not wait and self._giving_way(now)
         if ((giving_way and now - self.read_at < GIVE_WAY_STEP) or store.degraded_reason is not None
-                or self.deferred_lines >= self.max_waiting):
+                or self.deferred_lines + store.waiting_lines >= self.max_waiting):
             pass  # nothing more read: while the disk refuses, or too many records wait
         else:
             self.read_at = now
