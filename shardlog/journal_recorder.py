@@ -43,9 +43,10 @@ MAX_ROUTES = 200_000
 STOP_CATCH_UP = 5.0
 #: before a control operation: the topic files must catch up with the journal this fast
 OPERATION_CATCH_UP = 5.0
-#: records that may wait for their new topics' preparation before the materializer waits
-#: for the preparer (~1.5 KB each, ~300 MB at most): known topics keep being written through
-#: a burst of this many new topics (direct mode cannot: receive_maximum caps its unacked ids)
+#: records that may wait for their new topics (set aside, ~0.25 KB each; at most the recorder's
+#: max_waiting of them with a topic state, ~1.5 KB, waiting for the preparer): known topics keep
+#: being written through a burst of this many new topics (materializer.py, NEW_PER_STEP;
+#: without a journal a shard cannot: receive_maximum caps its unacknowledged messages)
 MAX_WAITING = 200_000
 _QUARANTINE = journal.QUARANTINE_KEY + b"\t"
 
@@ -73,7 +74,8 @@ class JournalRecorder(Recorder):
         j = self.shard.journal
         self.writer = JournalWriter(branch_root, j.segment_bytes, self.shard.fsync != "never", cp)
         self.materializer = Materializer(self.store, self.writer, cp, self.max_states,
-                                         max(MAX_WAITING, self.max_waiting), soft_lag=j.max_lag // 16)
+                                         max(MAX_WAITING, self.max_waiting), soft_lag=j.max_lag // 16,
+                                         max_preparing=self.max_waiting)
         self.store.report_degraded = self._report  # type: ignore[method-assign]
         return compressor
 

@@ -71,7 +71,8 @@ class Materializer:
     touched by the thread only, or by another thread inside :meth:`paused`."""
 
     def __init__(self, store: Store, writer: JournalWriter, checkpoint: journal.Checkpoint | None,
-                 max_states: int, max_waiting: int, soft_lag: int = 64 << 20) -> None:
+                 max_states: int, max_waiting: int, soft_lag: int = 64 << 20,
+                 max_preparing: int = 12_000) -> None:
         self.store = store
         self.writer = writer
         self.dir = writer.dir
@@ -84,7 +85,8 @@ class Materializer:
         self.replayed = [0, 0]                 # records replayed, of which already on disk
         self.states: dict[bytes, TopicState | str] = {}
         self.max_states = max_states
-        self.max_waiting = max_waiting
+        self.max_waiting = max_waiting          # records set aside or waiting, at most
+        self.max_preparing = max_preparing      # records waiting for the preparer (with a state)
         self.soft_lag = soft_lag
         self.seq = 0                           # record numbers (the store's "mids")
         self.marks: collections.deque[tuple[int, Position]] = collections.deque()
@@ -185,7 +187,10 @@ class Materializer:
                              "(%d of them were in the topic files already)", *self.replayed)
         took = 0
         if self.deferred and not giving_way and store.degraded_reason is None:
-            took = self._take_new(len(self.deferred) if wait else NEW_PER_STEP)
+            # a state costs ~1.5 KB, a record set aside ~0.25: take up no more than the
+            # preparer has room for (with ``wait`` all: the flush prepares them in place)
+            took = self._take_new(len(self.deferred) if wait else
+                                  min(NEW_PER_STEP, self.max_preparing - store.waiting_lines))
         if data or took or store.dirty or store.waiting or store.quarantine_lines:
             held = store.flush(time.time_ns() // 1000, now,
                                wait or store.waiting_lines >= self.max_waiting)
@@ -242,7 +247,7 @@ class Materializer:
         (in the order they first came; each topic's records in journal order)."""
         deferred = self.deferred
         n = 0
-        while deferred and n < limit:
+        while deferred and n < limit:  # (limit may be negative: nothing)
             key, items = deferred.popitem(last=False)
             st = self._state(key)
             for line, seq, replaying in items:  # the store's from now on (flush says if it holds them)
