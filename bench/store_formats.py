@@ -20,10 +20,10 @@ import statistics
 import tempfile
 import time
 
-from shardlog.config import parse_map
+from shardlog.config.schema import parse_map
 from shardlog.records import encode_record
-from shardlog.stats import Counters
-from shardlog.store import Store
+from shardlog.recording.stats import Counters
+from shardlog.writing.store import Store
 
 COMBOS = {"jsonl": ("jsonl", False), "json": ("json", False), "csv": ("csv", False),
           "payload.jsonl": ("jsonl", True), "payload.json": ("json", True)}

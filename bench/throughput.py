@@ -490,7 +490,7 @@ class Shardlog:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, cwd=self.dir, env=env)
 
     def stats(self) -> Any:
-        from shardlog.stats import read_stats
+        from shardlog.recording.stats import read_stats
         return read_stats(str(self.stats_file))
 
     def _alive(self) -> None:

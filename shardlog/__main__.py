@@ -1,5 +1,5 @@
 import sys
 
-from shardlog.cli import main
+from shardlog.cli.main import main
 
 sys.exit(main())

@@ -38,10 +38,10 @@ from typing import NamedTuple
 
 import msgspec
 
-from shardlog import formats
-from shardlog.formats import CURRENTS, Format
+from shardlog.ondisk import formats
+from shardlog.ondisk.formats import CURRENTS, Format
 from shardlog.records import Record, decode_record
-from shardlog.segments import TOPIC_FILE, parse_segment, rotated_segments
+from shardlog.ondisk.segments import TOPIC_FILE, parse_segment, rotated_segments
 from shardlog.topics import (
     HashedNameError,
     TopicError,
@@ -853,7 +853,7 @@ def _tail_and_follow(root: str | os.PathLike[str], topic: str, n: int, poll: flo
 
 def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None):  # noqa: ANN201
     """An in-process DuckDB connection with a ``records`` view (see shardlog.sql)."""
-    from shardlog import sql
+    from shardlog.reading import sql
 
     return sql.connect(root, prefix, since, until)
 
@@ -861,7 +861,7 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
 def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
                    since: object = None, until: object = None, progress: Callable[[int, int], None] | None = None) -> int:
     """One Parquet file of ``prefix`` and below, payload keys as typed columns (see shardlog.parquet)."""
-    from shardlog import parquet
+    from shardlog.reading import parquet
 
     return parquet.export_parquet(root, prefix, path, since, until, progress)
 

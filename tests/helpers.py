@@ -22,7 +22,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shardlog.stats import Counters, read_stats
+from shardlog.recording.stats import Counters, read_stats
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -215,7 +215,7 @@ class RecorderProc:
 
 def gate_preparer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Hold every new topic's preparation (shardlog.store.Preparer) until the event is set."""
-    from shardlog.store import Preparer
+    from shardlog.writing.preparer import Preparer
 
     gate = threading.Event()
     prepare = Preparer.prepare
@@ -435,7 +435,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from shardlog.cli import main
+    from shardlog.cli.main import main
 
     import logging
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.cli import build_parser
+from shardlog.cli.main import build_parser
 from tests.helpers import free_port, run_cli, write_map
 
 BUILTIN = {"record", "check", "init", "topics", "tail", "cat", "export", "sql", "replay", "nginx-routes"}

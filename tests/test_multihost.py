@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config import parse_map
-from shardlog.nginx_routes import MissingUpstream, parse_upstreams, render
+from shardlog.config.schema import parse_map
+from shardlog.reading.nginx_routes import MissingUpstream, parse_upstreams, render
 from tests.helpers import free_port, wait_for
 from tests.supervisor.helpers import SupervisorProc, make_map, topic_dir
 from tests.test_nginx import CONF, NGINX, Http, nginx_t, wrapper

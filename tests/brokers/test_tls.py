@@ -200,14 +200,14 @@ def test_sigkill_over_tls_loses_nothing(tmp_path: Path, mosquitto_tls: Mosquitto
 
 
 class Probe:
-    """A :class:`~shardlog.client.BufferedClient` subscribed over TLS at QoS 0 to ``topic/#``,
+    """A :class:`~shardlog.recording.client.BufferedClient` subscribed over TLS at QoS 0 to ``topic/#``,
     driven as the recorder drives it: paho's ``loop()``, then :meth:`read_buffered`."""
 
     def __init__(self, name: str, ca: TestCA, port: int, topic: str) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from shardlog.client import BufferedClient
+        from shardlog.recording.client import BufferedClient
 
         self.got: list[int] = []
         subscribed: list[int] = []
@@ -244,7 +244,7 @@ def test_small_reads_over_tls_lose_no_packet(mosquitto_tls: MosquittoTLS, test_c
     ``SSLSocket.pending()`` before selecting, then :meth:`read_buffered`) must take them all.
     With the default read size (64 KiB, above the 16 KiB TLS record maximum) no read leaves
     bytes inside the SSL object at all; docs/brokers.md, "TLS"."""
-    import shardlog.client
+    import shardlog.recording.client
 
     monkeypatch.setattr(shardlog.client, "READ_SIZE", 1000)  # below a 16 KiB TLS record
     probe = Probe("pending-probe", test_ca, mosquitto_tls.tls_port, "pending")

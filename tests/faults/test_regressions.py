@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.atomic import swap_in
+from shardlog.writing.atomic import swap_in
 from tests.supervisor.helpers import FakeChild, FakeSpawner
 
 pytestmark = pytest.mark.faults

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shardlog.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
+from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
 
 BASE = dict(mqtt5=True, asked_expiry=604800, client_id="shardlog-all")
 

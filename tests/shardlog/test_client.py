@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shardlog.client import BufferedClient, Publish, StockClient, make_client
+from shardlog.recording.client import BufferedClient, Publish, StockClient, make_client
 
 PROTOCOLS = [mqtt.MQTTv311, mqtt.MQTTv5]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config import ConfigError, load_map, parse_map, shards_for_host
-from shardlog.routing import Router, subscription
-from shardlog.units import parse_duration, parse_size
+from shardlog.config.schema import ConfigError, load_map, parse_map, shards_for_host
+from shardlog.config.routing import Router, subscription
+from shardlog.config.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 

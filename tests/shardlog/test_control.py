@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardlog.config import ConfigError, parse_map
-from shardlog.control import (
+from shardlog.config.schema import ConfigError, parse_map
+from shardlog.control.commands import (
     ALL,
     CommandError,
     ShardRef,

@@ -19,9 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog import formats, history
-from shardlog.config import ConfigError, parse_map
-from shardlog.formats import FORMATS
+from shardlog import history
+from shardlog.ondisk import formats
+from shardlog.config.schema import ConfigError, parse_map
+from shardlog.ondisk.formats import FORMATS
 from shardlog.records import decode_record, encode_record
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 
@@ -207,7 +208,7 @@ def test_payload_item_of_text_and_binary_is_none() -> None:
 
 
 def test_segment_names_and_format_of_names() -> None:
-    from shardlog.segments import parse_segment, rotated_segments, segment_name
+    from shardlog.ondisk.segments import parse_segment, rotated_segments, segment_name
     for key in KEYS:
         name = segment_name(7, key=key)
         assert name == f"+log.00000007.{key}"
@@ -236,7 +237,7 @@ def test_config_format_fields() -> None:
 def test_nginx_and_apache_serve_every_format() -> None:
     conf = (REPO / "deploy" / "nginx" / "shardlog.conf").read_text()
     assert "text/csv" in conf and "application/x-ndjson" in conf
-    from shardlog.nginx_routes import _PRIVATE_MAP
+    from shardlog.reading.nginx_routes import _PRIVATE_MAP
     pattern = re.search(r'"~(.*)"\s+1;', _PRIVATE_MAP).group(1)  # type: ignore[union-attr]
     assert pattern in conf
     private = re.compile(pattern)
@@ -488,8 +489,8 @@ def test_format_change_on_restart_keeps_reading(tmp_path: Path, broker: Mosquitt
 def test_store_repairs_a_torn_segment_on_open_and_quarantines_the_cut(key: str, tmp_path: Path) -> None:
     """The store's first open of a topic cuts a torn tail back (json: closes the array
     again), keeps the cut bytes in the quarantine file, and appends after it."""
-    from shardlog.stats import Counters
-    from shardlog.store import Store
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.store import Store
     fmt = FORMATS[key]
     fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
     shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(tmp_path), "format": fmt_name,
@@ -524,8 +525,8 @@ def test_store_repairs_a_torn_segment_on_open_and_quarantines_the_cut(key: str, 
 
 
 def test_payload_only_store_quarantines_a_non_json_payload(tmp_path: Path) -> None:
-    from shardlog.stats import Counters
-    from shardlog.store import Store
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.store import Store
     shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(tmp_path), "format": "json",
                                    "payload_only": True}]}).shards[0]
     counters = Counters()
@@ -574,8 +575,8 @@ def test_follower_reads_every_format_across_appends_and_rotation(key: str, tmp_p
 
 @pytest.mark.parametrize("key", KEYS)
 def test_store_rotation_and_retention_in_every_format(key: str, tmp_path: Path) -> None:
-    from shardlog.stats import Counters
-    from shardlog.store import Store
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.store import Store
     fmt = FORMATS[key]
     fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
     shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(tmp_path), "format": fmt_name,
@@ -643,8 +644,9 @@ def test_nginx_serves_every_format_with_its_type(tmp_path: Path) -> None:
     from tests.test_nginx import NGINX, shipped_nginx
     if NGINX is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/run installs it, so CI runs this)")
-    from shardlog.stats import Counters
-    from shardlog.store import Compressor, Store
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.compressor import Compressor
+    from shardlog.writing.store import Store
     data = tmp_path / "data"
     data.mkdir()
     for key in KEYS:
@@ -682,8 +684,8 @@ def test_rotate_operation_in_another_format(fmt_name: str, tmp_path: Path) -> No
     versions it under its own extension, a complete file."""
     import msgspec
 
-    from shardlog.operations import Operations
-    from shardlog.recorder import Recorder
+    from shardlog.control.operations import Operations
+    from shardlog.recording.recorder import Recorder
     smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
                                   "format": fmt_name}]}, env={})
     rec = Recorder(smap, smap.shards[0])

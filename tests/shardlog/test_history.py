@@ -19,7 +19,7 @@ import pytest
 
 from shardlog import history
 from shardlog.records import decode_record, encode_record
-from shardlog.segments import segment_name
+from shardlog.ondisk.segments import segment_name
 from shardlog.topics import topic_to_relpath
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 

@@ -16,10 +16,19 @@ import cbor2
 import msgpack
 import pytest
 
-from shardlog import builtin_hooks
-from shardlog.config import ConfigError, HookSpec, parse_map
-from shardlog.hook_path import FIRST_STANDIN, FanOut
-from shardlog.hooks import Chain, HookFailure, LoadedHook, Message, Watchdog, checked, load_hooks, log_due
+from shardlog.hooks import builtin as builtin_hooks
+from shardlog.config.schema import ConfigError, HookSpec, parse_map
+from shardlog.hooks.path import FIRST_STANDIN, FanOut
+from shardlog.hooks.chain import (
+    Chain,
+    HookFailure,
+    LoadedHook,
+    Message,
+    Watchdog,
+    checked,
+    load_hooks,
+    log_due,
+)
 from tests.helpers import SocketpairClient, gate_preparer
 
 MSG = Message("s/a", b'{"v": 1}', 1_700_000_000_000_000, 1, False)
@@ -296,7 +305,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     """A real Recorder and store, a real client on a socketpair (no broker): a message that
     a hook turns into a record of a known topic and one of a new topic (held by the preparer)
     is acknowledged only once both are written, and once."""
-    from shardlog.recorder import Recorder
+    from shardlog.recording.recorder import Recorder
 
     (tmp_path / "hk").mkdir()
     (tmp_path / "hk" / "fan_hooks_mod.py").write_text(

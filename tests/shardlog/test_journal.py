@@ -21,13 +21,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shardlog import journal
-from shardlog.config import parse_map
-from shardlog.journal import Checkpoint, JournalReader, JournalWriter, Position
-from shardlog.materializer import NEW_PER_STEP, Materializer
+from shardlog.writing import journal
+from shardlog.config.schema import parse_map
+from shardlog.writing.journal import Checkpoint, JournalReader, JournalWriter, Position
+from shardlog.writing.materializer import NEW_PER_STEP, Materializer
 from shardlog.records import encode_record
-from shardlog.stats import Counters
-from shardlog.store import Store
+from shardlog.recording.stats import Counters
+from shardlog.writing.store import Store
 from tests.helpers import FastPublisher, RecorderProc, wait_for, write_map
 
 T0 = time.time_ns() // 1000  # records of now: a year-old first record would rotate by max_age
@@ -205,13 +205,13 @@ def test_a_burst_of_new_topics_is_taken_in_steps_and_known_topics_go_on(tmp_path
 
 _CHILD = """
 import os, sys, time
-from shardlog import journal
-from shardlog.config import parse_map
-from shardlog.journal import JournalWriter
-from shardlog.materializer import NEW_PER_STEP, Materializer
-from shardlog.recorder import _raise_fd_limit
-from shardlog.stats import Counters
-from shardlog.store import Store
+from shardlog.writing import journal
+from shardlog.config.schema import parse_map
+from shardlog.writing.journal import JournalWriter
+from shardlog.writing.materializer import NEW_PER_STEP, Materializer
+from shardlog.recording.recorder import _raise_fd_limit
+from shardlog.recording.stats import Counters
+from shardlog.writing.store import Store
 root = sys.argv[1]
 smap = parse_map({"defaults": {"root": root, "max_open_files": 4096},
                   "shards": [{"name": "s", "prefix": "#"}]}, env={})
@@ -336,8 +336,8 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
     """A delete on a journaled shard: the topic files first catch up with the journal (so
     nothing journaled before it is written after it), and a restart replays nothing of
     the deleted branch."""
-    from shardlog.journal_recorder import JournalRecorder
-    from shardlog.operations import Operations
+    from shardlog.recording.journal_recorder import JournalRecorder
+    from shardlog.control.operations import Operations
 
     def start() -> JournalRecorder:
         smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
@@ -382,6 +382,6 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
 @pytest.mark.parametrize("extra, key", [({"payload_only": True}, "payload_only"),
                                         ({"hooks": ["drop"]}, "hooks")])
 def test_journal_refuses_what_it_cannot_replay(extra: dict, key: str) -> None:
-    from shardlog.config import ConfigError
+    from shardlog.config.schema import ConfigError
     with pytest.raises(ConfigError, match=rf"shards\[0\]\.journal\.enabled: not with {key}"):
         parse_map({"shards": [{"name": "s", "prefix": "#", "journal": {"enabled": True}, **extra}]}, env={})

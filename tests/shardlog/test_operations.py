@@ -12,10 +12,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shardlog.config import parse_map
-from shardlog.operations import ASIDE, ControlSocket, Operations
-from shardlog.recorder import Recorder
-from shardlog.segments import LOCK, QUARANTINE, TOPIC_FILE
+from shardlog.config.schema import parse_map
+from shardlog.control.operations import ASIDE, ControlSocket, Operations
+from shardlog.recording.recorder import Recorder
+from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
 from shardlog.topics import topic_to_relpath
 from tests.helpers import wait_for
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from shardlog.config import parse_map
+from shardlog.config.schema import parse_map
 from shardlog.records import decode_record
-from shardlog.recorder import Recorder
+from shardlog.recording.recorder import Recorder
 from shardlog.topics import HashedNameError, relpath_to_topic
 from tests import hostile
 from tests.fallback_broker import mosquitto_only

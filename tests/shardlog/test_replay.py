@@ -24,9 +24,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shardlog import history
-from shardlog.cli import main as cli_main
+from shardlog.cli.main import main as cli_main
 from shardlog.records import encode_record
-from shardlog.replay import (
+from shardlog.replay.publisher import (
     Rename,
     broker_from_url,
     delay,

@@ -18,9 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog import formats, history, sql
+from shardlog import history
+from shardlog.ondisk import formats
+from shardlog.reading import sql
 from shardlog.records import encode_record
-from shardlog.segments import TOPIC_FILE, segment_name
+from shardlog.ondisk.segments import TOPIC_FILE, segment_name
 from shardlog.topics import topic_to_relpath
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 

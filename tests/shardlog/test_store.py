@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config import Shard, parse_map
+from shardlog.config.schema import Shard, parse_map
 from shardlog.records import encode_record
-from shardlog.stats import Counters
-from shardlog.store import Compressor, Preparer, Store, TopicState
+from shardlog.recording.stats import Counters
+from shardlog.writing.compressor import Compressor
+from shardlog.writing.preparer import Preparer
+from shardlog.writing.store import Store
+from shardlog.writing.topicfiles import TopicState
 from tests.helpers import wait_for
 
 T0 = 1_763_815_800_000_000  # µs

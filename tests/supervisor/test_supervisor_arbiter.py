@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import yaml
 
-from shardlog.config import load_map
+from shardlog.config.schema import load_map
 from supervisor.arbiter.loop import Arbiter
 from supervisor.serve.status import Sample, StatusDoc, build_status, encode
 from tests.supervisor.helpers import FakeChild, FakeClock, FakeSpawner
@@ -291,7 +291,7 @@ def test_host_runs_only_its_shards(tmp_path: Path) -> None:
 
 
 def test_a_stop_command_keeps_the_shard_stopped_until_started(tmp_path: Path) -> None:
-    from shardlog.control import ALL, Target
+    from shardlog.control.commands import ALL, Target
     from supervisor.control.controller import Job
 
     h = Harness(tmp_path, [{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}])

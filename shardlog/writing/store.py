@@ -24,13 +24,13 @@ import logging
 import os
 import time
 
-from shardlog.compressor import Compressor
-from shardlog.config import Shard
-from shardlog.preparer import _QUEUED, Prepared, Preparer
+from shardlog.writing.compressor import Compressor
+from shardlog.config.schema import Shard
+from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
 from shardlog.records import decode_record, encode_quarantine
-from shardlog.segments import QUARANTINE, RECENT
-from shardlog.stats import Counters
-from shardlog.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles, TopicState
+from shardlog.ondisk.segments import QUARANTINE, RECENT
+from shardlog.recording.stats import Counters
+from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles, TopicState
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 
 __all__ = ["Compressor", "Preparer", "Store", "TopicState", "TRANSIENT"]

@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from shardlog.config import ConfigError, PositiveDuration, _convert
-from shardlog.hooks import Hook, Message
+from shardlog.config.schema import ConfigError, PositiveDuration, _convert
+from shardlog.hooks.chain import Hook, Message
 
 _STRICT = {"forbid_unknown_fields": True, "kw_only": True}
 _json_decode = msgspec.json.decode

@@ -50,7 +50,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 if TYPE_CHECKING:
-    from shardlog.config import Broker
+    from shardlog.config.schema import Broker
 
 log = logging.getLogger(__name__)
 

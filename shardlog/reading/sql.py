@@ -50,10 +50,11 @@ import tempfile
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
-from shardlog import formats, history
-from shardlog.formats import CURRENTS
+from shardlog import history
+from shardlog.ondisk import formats
+from shardlog.ondisk.formats import CURRENTS
 from shardlog.records import encode_record
-from shardlog.segments import rotated_segments
+from shardlog.ondisk.segments import rotated_segments
 
 if TYPE_CHECKING:
     import duckdb

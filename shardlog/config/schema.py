@@ -23,8 +23,8 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from shardlog import yamlsafe
-from shardlog.units import format_duration, format_size, parse_duration, parse_size
+from shardlog.config import yamlsafe
+from shardlog.config.units import format_duration, format_size, parse_duration, parse_size
 
 
 class ConfigError(Exception):

@@ -75,7 +75,7 @@ def _cell(s: str) -> str:
 
 def write_result(cur: Any, fmt: str, out: io.TextIOBase) -> int:
     """Print a DuckDB result in ``fmt`` (table, csv, json); returns the row count."""
-    from shardlog.cli import format_table
+    from shardlog.cli.main import format_table
 
     names = [d[0] for d in cur.description]
     is_json = [str(d[1]).upper() == "JSON" for d in cur.description]
@@ -106,7 +106,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     except ImportError:
         print("shardlog: sql needs DuckDB (pip install duckdb)", file=sys.stderr)
         return EX_UNAVAILABLE
-    from shardlog import sql
+    from shardlog.reading import sql
 
     fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
     try:
@@ -126,7 +126,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def add_sql(sub: argparse._SubParsersAction) -> None:
-    from shardlog.cli import _history_errors, _time_arg
+    from shardlog.cli.main import _history_errors, _time_arg
 
     p = sub.add_parser("sql", help="SQL (DuckDB) over the records of a root: a view `records`",
                        description="Run a query over the view records(topic, ts, ts_us, qos, retain, enc, "

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from shardlog.config import ConfigError, HookSpec, ShardMap, Shard, hook_key, hook_specs
+from shardlog.config.schema import ConfigError, HookSpec, ShardMap, Shard, hook_key, hook_specs
 
 log = logging.getLogger(__name__)
 _monotonic = time.monotonic
@@ -118,7 +118,7 @@ def _error_text(exc: BaseException) -> str:
 
 def load_hook(spec: HookSpec, key: str) -> LoadedHook:
     """One hook entry -> the callable, or ConfigError naming ``key``."""
-    from shardlog import builtin_hooks
+    from shardlog.hooks import builtin as builtin_hooks
 
     if ":" not in spec.use:  # a built-in: always a factory, its args validated by a Struct
         if spec.use not in builtin_hooks.BUILTINS:

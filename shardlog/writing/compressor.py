@@ -10,7 +10,7 @@ import queue
 import shutil
 import threading
 
-from shardlog.stats import Counters
+from shardlog.recording.stats import Counters
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 
 import msgspec
 
-from shardlog import journal
-from shardlog.compressor import Compressor
-from shardlog.journal import JournalWriter
-from shardlog.materializer import Materializer
+from shardlog.writing import journal
+from shardlog.writing.compressor import Compressor
+from shardlog.writing.journal import JournalWriter
+from shardlog.writing.materializer import Materializer
 from shardlog.records import encode_quarantine, encode_record
-from shardlog.recorder import _BROKER_DROPPED, _DISCARD, Recorder
-from shardlog.topicfiles import TopicState
+from shardlog.recording.recorder import _BROKER_DROPPED, _DISCARD, Recorder
+from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import TopicError, topic_from_bytes
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shardlog.routing import Router
+from shardlog.config.routing import Router
 from shardlog.topics import MAX_TOPIC_BYTES, TopicError, topic_to_relpath
 
 OPS = ("rotate", "delete", "move", "stop", "start")

@@ -30,11 +30,11 @@ from collections.abc import Iterator
 
 import msgspec
 
-from shardlog import journal
-from shardlog.journal import JournalReader, JournalWriter, Position
-from shardlog.segments import QUARANTINE
-from shardlog.store import Store
-from shardlog.topicfiles import TopicState
+from shardlog.writing import journal
+from shardlog.writing.journal import JournalReader, JournalWriter, Position
+from shardlog.ondisk.segments import QUARANTINE
+from shardlog.writing.store import Store
+from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import TopicError
 
 log = logging.getLogger(__name__)

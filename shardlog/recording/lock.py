@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from shardlog.segments import LOCK
+from shardlog.ondisk.segments import LOCK
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import queue
 import threading
 import typing
 
-from shardlog.atomic import swap_in
-from shardlog.segments import RECENT, RECENT_TMP
-from shardlog.topicfiles import TopicFiles, TopicState
+from shardlog.writing.atomic import swap_in
+from shardlog.ondisk.segments import RECENT, RECENT_TMP
+from shardlog.writing.topicfiles import TopicFiles, TopicState
 from shardlog.topics import safe_join
 
 

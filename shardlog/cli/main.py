@@ -20,8 +20,8 @@ from collections.abc import Callable
 from importlib import resources
 
 from shardlog import __version__
-from shardlog.argtypes import integer, seconds
-from shardlog.config import ConfigError, ShardMap, load_map
+from shardlog.cli.argtypes import integer, seconds
+from shardlog.config.schema import ConfigError, ShardMap, load_map
 
 EX_USAGE, EX_SOFTWARE, EX_CONFIG = 64, 70, 78
 
@@ -61,7 +61,7 @@ def load_or_exit(path: str) -> ShardMap:
 # -- record -----------------------------------------------------------------------------
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from shardlog.recorder import Recorder
+    from shardlog.recording.recorder import Recorder
 
     try:
         faulthandler.enable()  # a supervisor's SIGABRT on a hung shard prints every thread's stack
@@ -76,7 +76,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
         return EX_CONFIG
     cls = Recorder
     if shard.journal.enabled:
-        from shardlog.journal_recorder import JournalRecorder
+        from shardlog.recording.journal_recorder import JournalRecorder
         cls = JournalRecorder
     recorder = cls(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
                    heartbeat=args.heartbeat, control_path=args.control)
@@ -115,7 +115,7 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from shardlog.hooks import check_hooks
+    from shardlog.hooks.chain import check_hooks
 
     smap = load_or_exit(args.map)
     try:
@@ -353,8 +353,8 @@ def _export_parquet(args: argparse.Namespace, tty: bool) -> int:
     """The Parquet export (DuckDB), with a progress bar on a terminal."""
     import time
 
-    from shardlog.parquet import export_parquet
-    from shardlog.replay import format_progress
+    from shardlog.reading.parquet import export_parquet
+    from shardlog.replay.publisher import format_progress
 
     start = time.monotonic()
 
@@ -397,7 +397,7 @@ class _ReplayProgress:
         self.ts: int | None = None  # the newest record published
 
     def __call__(self, done: int, ts: int | None, force: bool = False) -> None:
-        from shardlog.replay import format_progress
+        from shardlog.replay.publisher import format_progress
 
         self.done = done
         if ts is not None:
@@ -422,7 +422,8 @@ class _ReplayProgress:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from shardlog import history, replay
+    from shardlog import history
+    from shardlog.replay import publisher as replay
 
     try:
         speed = replay.parse_speed(args.speed)
@@ -497,7 +498,7 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 # -- nginx-routes (shardlog.nginx_routes) -------------------------------------------------
 
 def _cmd_nginx_routes(args: argparse.Namespace) -> int:
-    from shardlog.nginx_routes import MissingUpstream, parse_upstreams, render
+    from shardlog.reading.nginx_routes import MissingUpstream, parse_upstreams, render
 
     smap = load_or_exit(args.map)
     try:
@@ -525,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlog", description="Record an MQTT topic tree as a directory tree.")
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    from shardlog.sql_cli import add_sql
+    from shardlog.cli.sql import add_sql
 
     for add in (_add_record, _add_check, _add_init, _add_topics, _add_tail, _add_cat, _add_export, add_sql,
                 _add_replay, _add_nginx_routes, *_plugin_verbs()):

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shardlog.atomic import rename_noreplace
-from shardlog.control import CommandError, check_topic, is_under
-from shardlog.formats import CURRENTS
-from shardlog.segments import LOCK, QUARANTINE, TOPIC_FILE
-from shardlog.store import TopicState
+from shardlog.writing.atomic import rename_noreplace
+from shardlog.control.commands import CommandError, check_topic, is_under
+from shardlog.ondisk.formats import CURRENTS
+from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
+from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
 
 if TYPE_CHECKING:  # pragma: no cover
-    from shardlog.recorder import Recorder
+    from shardlog.recording.recorder import Recorder
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from shardlog.config import Shard, ShardMap
+from shardlog.config.schema import Shard, ShardMap
 from shardlog.topics import topic_to_relpath
 
 #: the upstream name of the shards of a map without hosts (``--upstream all=ADDR``)

@@ -36,21 +36,23 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shardlog.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
-from shardlog.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
-from shardlog.config import Broker, ConfigError, Shard, ShardMap, client_id
-from shardlog.control import topic_filter_matches
-from shardlog.lock import LockBusy, ShardLock
-from shardlog.operations import ControlSocket, Operations
+from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
+from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
+from shardlog.config.schema import Broker, ConfigError, Shard, ShardMap, client_id
+from shardlog.control.commands import topic_filter_matches
+from shardlog.recording.lock import LockBusy, ShardLock
+from shardlog.control.operations import ControlSocket, Operations
 from shardlog.records import encode_record
-from shardlog.routing import Router, subscription
-from shardlog.stats import Counters, write_stats
-from shardlog.store import Compressor, Store, TopicState
+from shardlog.config.routing import Router, subscription
+from shardlog.recording.stats import Counters, write_stats
+from shardlog.writing.compressor import Compressor
+from shardlog.writing.store import Store
+from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_relpath
 
 if TYPE_CHECKING:
-    from shardlog.hook_path import FanOut
-    from shardlog.hooks import Chain
+    from shardlog.hooks.path import FanOut
+    from shardlog.hooks.chain import Chain
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -128,7 +130,7 @@ class Recorder:
         here: a shard without hooks keeps the plain path). Raises ConfigError."""
         if not self.shard.hooks:
             return None
-        from shardlog import hook_path
+        from shardlog.hooks import path as hook_path
         return hook_path.install(self)
 
     # -- setup ----------------------------------------------------------------------

@@ -18,12 +18,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from shardlog.hooks import Chain, HookFailure, Message, Watchdog, load_hooks
+from shardlog.hooks.chain import Chain, HookFailure, Message, Watchdog, load_hooks
 from shardlog.records import encode_record
-from shardlog.store import Store, TopicState
+from shardlog.writing.store import Store
+from shardlog.writing.topicfiles import TopicState
 
 if TYPE_CHECKING:
-    from shardlog.recorder import Recorder
+    from shardlog.recording.recorder import Recorder
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -166,7 +167,7 @@ class HookedPath:
 
 def owns_check(rec: Recorder):  # type: ignore[no-untyped-def]
     """``owns(topic)`` for the Chain: None if this shard records ``topic``, else why not."""
-    from shardlog.control import topic_filter_matches
+    from shardlog.control.commands import topic_filter_matches
 
     name = rec.shard.name
 

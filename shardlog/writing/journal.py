@@ -28,7 +28,7 @@ import os
 import re
 from typing import NamedTuple
 
-from shardlog.atomic import swap_in
+from shardlog.writing.atomic import swap_in
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import os
 import threading
 from collections.abc import Callable
 
-from shardlog import history, sql
+from shardlog import history
+from shardlog.reading import sql
 
 __all__ = ["column_type", "export_parquet", "flat_columns"]
 

@@ -17,13 +17,14 @@ import os
 import time
 import typing
 
-from shardlog import formats, segments
-from shardlog.atomic import swap_in
-from shardlog.compressor import Compressor
-from shardlog.config import Shard
+from shardlog.ondisk import formats
+from shardlog.ondisk import segments
+from shardlog.writing.atomic import swap_in
+from shardlog.writing.compressor import Compressor
+from shardlog.config.schema import Shard
 from shardlog.records import decode_record
-from shardlog.segments import RECENT, RECENT_TMP, TOPIC_FILE
-from shardlog.stats import Counters
+from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
+from shardlog.recording.stats import Counters
 from shardlog.topics import TopicError, is_hashed_name, safe_join
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from shardlog.client import apply_credentials
-from shardlog.config import Broker
+from shardlog.recording.client import apply_credentials
+from shardlog.config.schema import Broker
 from shardlog.records import Record
 from shardlog.topics import TopicError, topic_from_bytes
 

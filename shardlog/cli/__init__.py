@@ -1,0 +1,1 @@
+"""The ``shardlog`` command: one module per group of verbs."""

@@ -1,0 +1,8 @@
+"""Hooks: user callables a shard applies to each message before it is stored (docs/hooks.md).
+
+Hook authors import :class:`Message` from here: ``from shardlog.hooks import Message``.
+"""
+
+from shardlog.hooks.chain import Hook, Message
+
+__all__ = ["Hook", "Message"]

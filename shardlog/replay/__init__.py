@@ -1,0 +1,1 @@
+"""Republishing recorded messages to a broker (``shardlog replay``)."""
