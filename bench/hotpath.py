@@ -74,7 +74,7 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
 def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str]) -> tuple[float, float]:
     import paho.mqtt.client as mqtt
 
-    from shardlog.config.schema import parse_map
+    from shardlog.config.load import parse_map
     from shardlog.recording.recorder import Recorder
 
     raw = {"broker": {"protocol": 5 if protocol == "5" else "3.1.1"},

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shardlog.writing import journal  # noqa: E402
-from shardlog.config.schema import parse_map  # noqa: E402
+from shardlog.config.load import parse_map  # noqa: E402
 from shardlog.writing.journal import JournalWriter  # noqa: E402
 from shardlog.writing.materializer import Materializer  # noqa: E402
 from shardlog.recording.recorder import _raise_fd_limit  # noqa: E402

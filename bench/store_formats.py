@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.records import encode_record
 from shardlog.recording.stats import Counters
 from shardlog.writing.store import Store

@@ -52,7 +52,7 @@ class IotcoreBroker(BrokerProcess):
     def start(self) -> None:
         if self.starts:
             pytest.skip(NEEDS_MOSQUITTO + "keeps sessions in memory only, and this test restarts the broker")
-        from shardlog.config.schema import parse_map
+        from shardlog.config.load import parse_map
         from supervisor.broker.config import config_toml
         smap = parse_map({"broker": {"host": "127.0.0.1", "port": self.port, "embedded": True},
                           "shards": [{"name": "t", "prefix": "#", "max_payload": "255MiB"}]})

@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from tests.helpers import MOSQUITTO, Mosquitto, Publisher, RecorderProc, free_port, wait_for, write_map
 from tests.supervisor.helpers import SupervisorProc, make_map
 from tests.test_nginx import NGINX, Http

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.reading.nginx_routes import MissingUpstream, parse_upstreams, render
 from tests.helpers import free_port, wait_for
 from tests.supervisor.helpers import SupervisorProc, make_map, topic_dir

@@ -21,7 +21,8 @@ from importlib import resources
 
 from shardlog import __version__
 from shardlog.cli.argtypes import integer, seconds
-from shardlog.config.schema import ConfigError, ShardMap, load_map
+from shardlog.config.load import load_map
+from shardlog.config.schema import ConfigError, ShardMap
 
 EX_USAGE, EX_SOFTWARE, EX_CONFIG = 64, 70, 78
 

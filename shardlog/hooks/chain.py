@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from shardlog.config.schema import ConfigError, HookSpec, ShardMap, Shard, hook_key, hook_specs
+from shardlog.config.load import hook_key, hook_specs
+from shardlog.config.schema import ConfigError, HookSpec, ShardMap, Shard
 
 log = logging.getLogger(__name__)
 _monotonic = time.monotonic

@@ -38,7 +38,8 @@ from paho.mqtt.properties import Properties
 
 from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
 from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
-from shardlog.config.schema import Broker, ConfigError, Shard, ShardMap, client_id
+from shardlog.config.load import client_id
+from shardlog.config.schema import Broker, ConfigError, Shard, ShardMap
 from shardlog.control.commands import topic_filter_matches
 from shardlog.recording.lock import LockBusy, ShardLock
 from shardlog.control.operations import ControlSocket, Operations

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardlog.config.schema import ConfigError, parse_map
+from shardlog.config.load import parse_map
+from shardlog.config.schema import ConfigError
 from shardlog.control.commands import (
     ALL,
     CommandError,

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from shardlog import history
 from shardlog.ondisk import formats
-from shardlog.config.schema import ConfigError, parse_map
+from shardlog.config.load import parse_map
+from shardlog.config.schema import ConfigError
 from shardlog.ondisk.formats import FORMATS
 from shardlog.records import decode_record, encode_record
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map

@@ -17,7 +17,8 @@ import msgpack
 import pytest
 
 from shardlog.hooks import builtin as builtin_hooks
-from shardlog.config.schema import ConfigError, HookSpec, parse_map
+from shardlog.config.load import parse_map
+from shardlog.config.schema import ConfigError, HookSpec
 from shardlog.hooks.path import FIRST_STANDIN, FanOut
 from shardlog.hooks.chain import (
     Chain,

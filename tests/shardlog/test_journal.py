@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from shardlog.writing import journal
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.writing.journal import Checkpoint, JournalReader, JournalWriter, Position
 from shardlog.writing.materializer import NEW_PER_STEP, Materializer
 from shardlog.records import encode_record
@@ -206,7 +206,7 @@ def test_a_burst_of_new_topics_is_taken_in_steps_and_known_topics_go_on(tmp_path
 _CHILD = """
 import os, sys, time
 from shardlog.writing import journal
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.writing.journal import JournalWriter
 from shardlog.writing.materializer import NEW_PER_STEP, Materializer
 from shardlog.recording.recorder import _raise_fd_limit

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.control.operations import ASIDE, ControlSocket, Operations
 from shardlog.recording.recorder import Recorder
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE

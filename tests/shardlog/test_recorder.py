@@ -14,7 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from shardlog.config.schema import parse_map
+from shardlog.config.load import parse_map
 from shardlog.records import decode_record
 from shardlog.recording.recorder import Recorder
 from shardlog.topics import HashedNameError, relpath_to_topic

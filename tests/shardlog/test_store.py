@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config.schema import Shard, parse_map
+from shardlog.config.load import parse_map
+from shardlog.config.schema import Shard
 from shardlog.records import encode_record
 from shardlog.recording.stats import Counters
 from shardlog.writing.compressor import Compressor

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shardlog.config.schema import ConfigError, load_map, parse_map
+from shardlog.config.load import load_map, parse_map
+from shardlog.config.schema import ConfigError
 from supervisor.broker.config import config_toml
 from tests.supervisor.helpers import SupervisorProc, free_port, make_map, read_records, wait_for
 
@@ -192,7 +193,7 @@ def test_embedded_config_is_checked(tmp_path: Path) -> None:
 # -- the arbiter's side, with a fake clock and fake children ---------------------------------------
 
 def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path: Path, monkeypatch) -> None:
-    from shardlog.config.schema import load_map as load
+    from shardlog.config.load import load_map as load
     from supervisor.broker import supervised as broker_mod
     from supervisor.arbiter.loop import Arbiter
     from tests.supervisor.helpers import FakeClock, FakeSpawner

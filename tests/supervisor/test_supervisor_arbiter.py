@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import yaml
 
-from shardlog.config.schema import load_map
+from shardlog.config.load import load_map
 from supervisor.arbiter.loop import Arbiter
 from supervisor.serve.status import Sample, StatusDoc, build_status, encode
 from tests.supervisor.helpers import FakeChild, FakeClock, FakeSpawner

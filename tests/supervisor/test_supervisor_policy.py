@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardlog.config.schema import Restart, parse_map
+from shardlog.config.load import parse_map
+from shardlog.config.schema import Restart
 from supervisor.shards import backoff
 from supervisor.shards.shardmap import diff, specs
 from supervisor.shards.states import (
