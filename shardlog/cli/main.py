@@ -116,7 +116,7 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from shardlog.hooks.chain import check_hooks
+    from shardlog.hooks.loading import check_hooks
 
     smap = load_or_exit(args.map)
     try:

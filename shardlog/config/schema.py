@@ -242,6 +242,7 @@ class ShardMap(Struct, **_STRICT):
 
 # -- conversion: the only way config objects are built -------------------------------
 
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 

@@ -3,6 +3,6 @@
 Hook authors import :class:`Message` from here: ``from shardlog.hooks import Message``.
 """
 
-from shardlog.hooks.chain import Hook, Message
+from shardlog.hooks.message import Hook, Message
 
 __all__ = ["Hook", "Message"]

@@ -24,7 +24,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from shardlog.config.schema import ConfigError, PositiveDuration, _convert
-from shardlog.hooks.chain import Hook, Message
+from shardlog.hooks.message import Hook, Message
 
 _STRICT = {"forbid_unknown_fields": True, "kw_only": True}
 _json_decode = msgspec.json.decode

@@ -1,34 +1,26 @@
-"""Hooks: Python callables a shard applies to each message before it is stored.
+"""Running a shard's hooks with their errors isolated (:class:`Chain`).
 
-A hook takes a :class:`Message` and returns it (unchanged or changed), several
-messages (a list, tuple or generator), or ``None`` (dropped). A shard's hooks run in
-order, each on every message the one before produced (docs/hooks.md).
-
-This module loads them (:func:`load_hooks`: an import failure is a ConfigError naming
-the key) and runs them with their errors isolated (:class:`Chain`): a hook that raises,
-returns something that is not a message, or runs past ``hook_timeout`` makes the chain
-return a :class:`HookFailure` (the recorder quarantines the original message with its
-text) instead of crashing the shard. Time is enforced by :class:`Watchdog`: a thread that
-interrupts the main thread (SIGALRM, raising :class:`HookTimeout` in the hook) when one
-message's hooks have run longer than the timeout. The recorder's glue is hook_path.py.
+A shard's hooks run in order, each on every message the one before produced
+(docs/hooks.md). A hook that raises, returns something that is not a message, or runs
+past ``hook_timeout`` makes the chain return a :class:`HookFailure` (the recorder
+quarantines the original message with its text) instead of crashing the shard. Time is
+enforced by :class:`Watchdog`: a thread that interrupts the main thread (SIGALRM, raising
+:class:`HookTimeout` in the hook) when one message's hooks have run longer than the
+timeout. Loading them is shardlog/hooks/loading.py; the recorder's glue is
+shardlog/hooks/path.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
-import msgspec
-
-from shardlog.config.load import hook_key, hook_specs
-from shardlog.config.schema import ConfigError, HookSpec, ShardMap, Shard
+from shardlog.hooks.message import HookFailure, LoadedHook, Message, _error_text
 
 log = logging.getLogger(__name__)
 _monotonic = time.monotonic
@@ -42,36 +34,6 @@ LOG_EVERY = 60.0
 MAX_REASON = 2000  # characters of a hook's error kept in the quarantine record
 
 
-class Message(NamedTuple):
-    """One message as a hook sees it. ``ts``: reception time, integer microseconds since
-    the epoch (it becomes the record's ``ts``). Change it with ``msg._replace(...)`` or
-    :meth:`replace`."""
-
-    topic: str
-    payload: bytes
-    ts: int
-    qos: int
-    retain: bool
-
-    def replace(self, **changes: Any) -> Message:
-        return self._replace(**changes)
-
-    def text(self) -> str:
-        """The payload as UTF-8 text (raises UnicodeDecodeError if it is not)."""
-        return self.payload.decode("utf-8")
-
-    def json(self) -> Any:
-        """The payload parsed as JSON (raises msgspec.DecodeError if it is not JSON)."""
-        return msgspec.json.decode(self.payload)
-
-    def with_json(self, value: Any, **changes: Any) -> Message:
-        """This message with ``value`` encoded as its JSON payload (and other changes)."""
-        return self._replace(payload=msgspec.json.encode(value), **changes)
-
-
-Hook = Callable[[Message], "Message | Iterable[Message] | None"]
-
-
 class HookTimeout(BaseException):
     """Raised inside a hook that ran past hook_timeout. A BaseException, so that a hook's
     own ``except Exception`` does not swallow it."""
@@ -79,83 +41,6 @@ class HookTimeout(BaseException):
 
 class BadOutput(TypeError):
     """A hook returned something that is not a message (its reason says what)."""
-
-
-class HookFailure(NamedTuple):
-    """The chain could not handle a message: quarantine it with ``reason``."""
-
-    reason: str
-    hook: int  # index of the hook at fault
-
-
-class LoadedHook:
-    __slots__ = ("name", "fn", "errors", "logged_at", "unlogged", "timeouts_in_a_row", "suspended_until")
-
-    def __init__(self, name: str, fn: Hook) -> None:
-        self.name = name
-        self.fn = fn
-        self.errors = 0
-        self.logged_at = -1e18
-        self.unlogged = 0           # errors since the last log line
-        self.timeouts_in_a_row = 0
-        self.suspended_until = -1e18
-
-
-# -- loading ---------------------------------------------------------------------------
-
-
-def resolve(name: str) -> Any:
-    """``package.module:attr.attr`` -> the object. Raises ImportError/AttributeError."""
-    module_name, _, attr = name.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def load_hook(spec: HookSpec, key: str) -> LoadedHook:
-    """One hook entry -> the callable, or ConfigError naming ``key``."""
-    from shardlog.hooks import builtin as builtin_hooks
-
-    if ":" not in spec.use:  # a built-in: always a factory, its args validated by a Struct
-        if spec.use not in builtin_hooks.BUILTINS:
-            raise ConfigError(f"{key}: no built-in hook named {spec.use!r} (built-ins: "
-                              f"{', '.join(sorted(builtin_hooks.BUILTINS))}; write module:function "
-                              "for your own)")
-        return LoadedHook(spec.use, builtin_hooks.make(spec.use, spec.args, f"{key}.args"))
-    try:
-        obj = resolve(spec.use)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raised on import
-        raise ConfigError(f"{key}: cannot import {spec.use!r}: {_error_text(exc)} "
-                          f"(sys.path starts {sys.path[:3]})") from None
-    if spec.args:
-        try:
-            obj = obj(**spec.args)
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{key}.args: {spec.use}(**args) raised {_error_text(exc)}") from None
-    if not callable(obj):
-        raise ConfigError(f"{key}: {spec.use!r} is a {type(obj).__name__}, not a callable")
-    return LoadedHook(spec.use, obj)
-
-
-def load_hooks(smap: ShardMap, shard: Shard) -> list[LoadedHook]:
-    """Import a shard's hooks (its hooks_path first on sys.path). Raises ConfigError."""
-    for path in reversed(shard.hooks_path):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    return [load_hook(spec, hook_key(smap, shard, j)) for j, spec in enumerate(hook_specs(shard))]
-
-
-def check_hooks(smap: ShardMap) -> int:
-    """Import every shard's hooks (``shardlog check``); the number of hooks. Raises ConfigError."""
-    return sum(len(load_hooks(smap, s)) for s in smap.shards)
-
-
-# -- running ---------------------------------------------------------------------------
 
 
 def checked(m: Any) -> Message:

@@ -18,7 +18,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from shardlog.hooks.chain import Chain, HookFailure, Message, Watchdog, load_hooks
+from shardlog.hooks.chain import Chain, Watchdog
+from shardlog.hooks.loading import load_hooks
+from shardlog.hooks.message import HookFailure, Message
 from shardlog.records import encode_record
 from shardlog.writing.store import Store
 from shardlog.writing.topicfiles import TopicState

@@ -20,16 +20,9 @@ from shardlog.hooks import builtin as builtin_hooks
 from shardlog.config.load import parse_map
 from shardlog.config.schema import ConfigError, HookSpec
 from shardlog.hooks.path import FIRST_STANDIN, FanOut
-from shardlog.hooks.chain import (
-    Chain,
-    HookFailure,
-    LoadedHook,
-    Message,
-    Watchdog,
-    checked,
-    load_hooks,
-    log_due,
-)
+from shardlog.hooks.chain import Chain, Watchdog, checked, log_due
+from shardlog.hooks.loading import load_hooks
+from shardlog.hooks.message import HookFailure, LoadedHook, Message
 from tests.helpers import SocketpairClient, gate_preparer
 
 MSG = Message("s/a", b'{"v": 1}', 1_700_000_000_000_000, 1, False)

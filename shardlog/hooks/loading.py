@@ -1,0 +1,61 @@
+"""Loading a shard's hooks: ``module:attr`` names and built-ins -> callables.
+
+An import failure, a missing attribute or a factory that raises is a ConfigError naming
+the key (``shards[2].hooks[0]``), at ``shardlog check`` and at start, never later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from shardlog.config.load import hook_key, hook_specs
+from shardlog.config.schema import ConfigError, HookSpec, Shard, ShardMap
+from shardlog.hooks import builtin as builtin_hooks
+from shardlog.hooks.message import LoadedHook, _error_text
+
+
+def resolve(name: str) -> Any:
+    """``package.module:attr.attr`` -> the object. Raises ImportError/AttributeError."""
+    module_name, _, attr = name.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_hook(spec: HookSpec, key: str) -> LoadedHook:
+    """One hook entry -> the callable, or ConfigError naming ``key``."""
+    if ":" not in spec.use:  # a built-in: always a factory, its args validated by a Struct
+        if spec.use not in builtin_hooks.BUILTINS:
+            raise ConfigError(f"{key}: no built-in hook named {spec.use!r} (built-ins: "
+                              f"{', '.join(sorted(builtin_hooks.BUILTINS))}; write module:function "
+                              "for your own)")
+        return LoadedHook(spec.use, builtin_hooks.make(spec.use, spec.args, f"{key}.args"))
+    try:
+        obj = resolve(spec.use)
+    except Exception as exc:  # noqa: BLE001 - whatever the module raised on import
+        raise ConfigError(f"{key}: cannot import {spec.use!r}: {_error_text(exc)} "
+                          f"(sys.path starts {sys.path[:3]})") from None
+    if spec.args:
+        try:
+            obj = obj(**spec.args)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{key}.args: {spec.use}(**args) raised {_error_text(exc)}") from None
+    if not callable(obj):
+        raise ConfigError(f"{key}: {spec.use!r} is a {type(obj).__name__}, not a callable")
+    return LoadedHook(spec.use, obj)
+
+
+def load_hooks(smap: ShardMap, shard: Shard) -> list[LoadedHook]:
+    """Import a shard's hooks (its hooks_path first on sys.path). Raises ConfigError."""
+    for path in reversed(shard.hooks_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    return [load_hook(spec, hook_key(smap, shard, j)) for j, spec in enumerate(hook_specs(shard))]
+
+
+def check_hooks(smap: ShardMap) -> int:
+    """Import every shard's hooks (``shardlog check``); the number of hooks. Raises ConfigError."""
+    return sum(len(load_hooks(smap, s)) for s in smap.shards)
