@@ -38,7 +38,7 @@ from shardlog.writing import journal  # noqa: E402
 from shardlog.config.load import parse_map  # noqa: E402
 from shardlog.writing.journal import JournalWriter  # noqa: E402
 from shardlog.writing.materializer import Materializer  # noqa: E402
-from shardlog.recording.recorder import _raise_fd_limit  # noqa: E402
+from shardlog.recording.loop import _raise_fd_limit  # noqa: E402
 from shardlog.records import encode_record  # noqa: E402
 from shardlog.recording.stats import Counters  # noqa: E402
 from shardlog.writing.store import Store  # noqa: E402

@@ -1,8 +1,7 @@
 """Control operations inside a recorder: rotate, delete and move a branch of its topics.
 
 The supervisor sends each request as one JSON datagram to the recorder's control socket
-(an ``AF_UNIX`` datagram socket at the path given by ``shardlog record --control PATH``, in
-the supervisor's private run directory). The recorder's one thread polls it between batches
+(shardlog/control/channel.py). The recorder's one thread polls it between batches
 (:meth:`Operations.poll`, a non-blocking ``recvfrom`` at most every ``POLL_INTERVAL``: no cost
 per message), so an operation never meets an open file or a half-written batch:
 
@@ -13,6 +12,9 @@ per message), so an operation never meets an open file or a half-written batch:
 
 Every path goes through the recording path's encoding and ``safe_join`` root check. Replies are
 one JSON datagram to the sender: ``{"ok": true, ...}`` or ``{"ok": false, "reason": "..."}``.
+
+:class:`Operations` works on its recorder through :class:`Host`, the few attributes and
+methods it needs (a protocol: this module does not import the recorder, which creates it).
 """
 
 from __future__ import annotations
@@ -23,22 +25,26 @@ import math
 import os
 import secrets
 import shutil
-import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+import typing
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from shardlog.writing.atomic import rename_noreplace
+from shardlog.control.channel import ControlSocket
 from shardlog.control.commands import CommandError, check_topic, is_under
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
-from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
+from shardlog.writing.atomic import rename_noreplace
+from shardlog.writing.topicfiles import TopicState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from shardlog.recording.recorder import Recorder
+if TYPE_CHECKING:
+    from shardlog.config.routing import Router
+    from shardlog.config.schema import Broker, Shard, ShardMap
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -46,51 +52,34 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.05
 #: a directory being deleted is first renamed to this (+ shard name + random) inside the root
 ASIDE = "+deleting."
-_MAX_DATAGRAM = 65536
-
-
-class ControlSocket:
-    """The recorder's end of the control channel."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            os.unlink(path)  # left by a previous run of this shard
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.setblocking(False)
-
-    def receive(self) -> tuple[bytes, Any] | None:
-        try:
-            return self.sock.recvfrom(_MAX_DATAGRAM)
-        except (BlockingIOError, InterruptedError):
-            return None
-
-    def reply(self, addr: Any, obj: dict[str, Any]) -> None:
-        if not addr:
-            return  # an unbound sender cannot be answered
-        try:
-            self.sock.sendto(msgspec.json.encode(obj), addr)
-        except OSError as exc:  # the sender gave up waiting
-            log.info("cannot answer a control request: %s", exc)
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class Refused(Exception):
     pass
 
 
+class Host(Protocol):
+    """What operations use of their recorder (shardlog.recording.recorder.Recorder)."""
+
+    smap: ShardMap
+    shard: Shard
+    broker: Broker
+    router: Router
+    counters: Counters
+    store: Store | None
+    pending: int
+
+    def flush(self, wait: bool = False) -> None: ...
+
+    def quiesced(self) -> typing.ContextManager[str | None]: ...
+
+    def topic_states(self) -> dict[bytes, TopicState | str]: ...
+
+    def state_key(self, topic: str) -> bytes: ...
+
+
 class Operations:
-    def __init__(self, rec: Recorder, channel: ControlSocket | None) -> None:
+    def __init__(self, rec: Host, channel: ControlSocket | None) -> None:
         self.rec = rec
         self.channel = channel
         #: when the loop looks at the channel next (never without one)

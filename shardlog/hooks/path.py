@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
+from shardlog.control.commands import topic_filter_matches
 from shardlog.hooks.chain import Chain, Watchdog
 from shardlog.hooks.loading import load_hooks
 from shardlog.hooks.message import HookFailure, Message
@@ -26,7 +28,9 @@ from shardlog.writing.store import Store
 from shardlog.writing.topicfiles import TopicState
 
 if TYPE_CHECKING:
-    from shardlog.recording.recorder import Recorder
+    from shardlog.config.routing import Router
+    from shardlog.config.schema import Shard, ShardMap
+    from shardlog.recording.stats import Counters
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -97,10 +101,35 @@ class FanOut:
         self.outstanding.clear()
 
 
+class Host(Protocol):
+    """What the hooked path uses of its recorder (shardlog.recording.recorder.Recorder):
+    its per-message state, used in place (a protocol: this module does not import the
+    recorder, which installs it)."""
+
+    smap: ShardMap
+    shard: Shard
+    router: Router
+    counters: Counters
+    store: Store | None
+    states: dict[bytes, TopicState | str]
+    unrecorded: list[str]
+    acks: list[int]
+    pending: int
+    batch_started: float
+    flush_at: int
+    max_payload: int
+    fan: FanOut | None
+    on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
+
+    def _resolve(self, raw: bytes) -> TopicState | str: ...
+
+    def flush(self, wait: bool = False) -> None: ...
+
+
 class HookedPath:
     """``on_publish`` of a shard with hooks (the recorder's own state, used in place)."""
 
-    def __init__(self, rec: Recorder, chain: Chain) -> None:
+    def __init__(self, rec: Host, chain: Chain) -> None:
         self.rec = rec
         self.chain = chain
         self.plain = rec.on_publish  # the path without hooks: discards, $SYS, oversized, unstorable
@@ -167,10 +196,8 @@ class HookedPath:
         store.quarantine(m.ts, reason, raw, m.qos, m.retain, m.payload, mid)
 
 
-def owns_check(rec: Recorder):  # type: ignore[no-untyped-def]
+def owns_check(rec: Host):  # type: ignore[no-untyped-def]
     """``owns(topic)`` for the Chain: None if this shard records ``topic``, else why not."""
-    from shardlog.control.commands import topic_filter_matches
-
     name = rec.shard.name
 
     def owns(topic: str) -> str | None:
@@ -184,7 +211,7 @@ def owns_check(rec: Recorder):  # type: ignore[no-untyped-def]
     return owns
 
 
-def install(rec: Recorder) -> Chain:
+def install(rec: Host) -> Chain:
     """Load the shard's hooks and put the hooked path in place (ConfigError if a hook
     cannot be loaded). Starts the watchdog when called from the main thread."""
     shard = rec.shard

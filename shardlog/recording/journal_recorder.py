@@ -29,7 +29,8 @@ from shardlog.writing.compressor import Compressor
 from shardlog.writing.journal import JournalWriter
 from shardlog.writing.materializer import Materializer
 from shardlog.records import encode_quarantine, encode_record
-from shardlog.recording.recorder import _BROKER_DROPPED, _DISCARD, Recorder
+from shardlog.recording.recorder import Recorder
+from shardlog.recording.session import _BROKER_DROPPED, _DISCARD
 from shardlog.writing.topicfiles import TopicState
 from shardlog.topics import TopicError, topic_from_bytes
 

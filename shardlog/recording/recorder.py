@@ -13,9 +13,8 @@ wait in memory, unacknowledged, and a later flush (``max_delay`` on) writes them
 a burst of new topics does not hold up the topics already known. At most
 ``max_waiting`` records wait; past that a flush waits for the preparer.
 
-Exit codes follow sysexits: 0 stopped cleanly, 64 usage, 70 internal error,
-73 the root cannot be created, 75 the branch is locked by another recorder,
-78 configuration error.
+Its broker session is shardlog/recording/session.py; its start, main loop and stop
+(and the exit codes) shardlog/recording/loop.py.
 """
 
 from __future__ import annotations
@@ -23,54 +22,46 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
-import signal
 import time
 import typing
 from collections import deque
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
-from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
-from shardlog.config.load import client_id
-from shardlog.config.schema import Broker, ConfigError, Shard, ShardMap
+from shardlog.config.routing import Router
+from shardlog.config.schema import Broker, Shard, ShardMap
 from shardlog.control.commands import topic_filter_matches
-from shardlog.recording.lock import LockBusy, ShardLock
-from shardlog.control.operations import ControlSocket, Operations
+from shardlog.control.operations import Operations
+from shardlog.recording.brokercheck import InflightProbe
+from shardlog.recording.client import BufferedClient, PahoErrors, StockClient
+from shardlog.recording.loop import RecorderLoop
+from shardlog.recording.session import _BROKER_DROPPED, _DISCARD, BrokerSession
+from shardlog.recording.stats import Counters
 from shardlog.records import encode_record
-from shardlog.config.routing import Router, subscription
-from shardlog.recording.stats import Counters, write_stats
+from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.store import Store
 from shardlog.writing.topicfiles import TopicState
-from shardlog.topics import TopicError, safe_join, topic_from_bytes, topic_to_relpath
 
 if TYPE_CHECKING:
-    from shardlog.hooks.path import FanOut
     from shardlog.hooks.chain import Chain
+    from shardlog.hooks.path import FanOut
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
 MAX_WAITING = 12_000
 
-EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 0, 70, 73, 75, 78
-
 #: states kept in memory per open-file slot (closed-file topics keep their recent buffer)
 _STATES_PER_FD = 2
-_DISCARD = "discard"
-_BROKER_DROPPED = "broker-dropped"
-#: mosquitto's count of messages it dropped (e.g. past max_queued_messages for an offline
-#: session). Nothing else tells a subscriber that the broker lost messages meant for it.
-SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 
-class Recorder:
+class Recorder(RecorderLoop, BrokerSession):
+    """One shard's recorder. Its broker session is :class:`BrokerSession`'s
+    (shardlog/recording/session.py), its start, main loop and stop are
+    :class:`RecorderLoop`'s (shardlog/recording/loop.py); this class holds the state and
+    does what happens per message: route, encode, buffer, flush, acknowledge."""
+
     def __init__(self, smap: ShardMap, shard: Shard, stats_file: str | None = None,
                  parent_pid: int | None = None, heartbeat: float = 1.0,
                  control_path: str | None = None) -> None:
@@ -134,129 +125,7 @@ class Recorder:
         from shardlog.hooks import path as hook_path
         return hook_path.install(self)
 
-    # -- setup ----------------------------------------------------------------------
-
-    def _prepare_root(self) -> tuple[str, str]:
-        os.makedirs(self.shard.root, exist_ok=True)
-        root_real = os.path.realpath(self.shard.root)
-        branch = self.shard.branch
-        branch_root = safe_join(root_real, topic_to_relpath(branch)) if branch else root_real
-        os.makedirs(branch_root, exist_ok=True)
-        self.expect_session = recorded_before(branch_root)
-        if not os.access(branch_root, os.W_OK):
-            raise PermissionError(13, "not writable", branch_root)
-        return root_real, branch_root
-
-    def _make_client(self) -> BufferedClient | StockClient:
-        b = self.broker
-        cid = client_id(self.smap, self.shard)
-        if b.mqtt5:
-            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid,
-                                 protocol=mqtt.MQTTv5, manual_ack=True)
-        else:
-            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
-                                 protocol=mqtt.MQTTv311, manual_ack=True)
-        apply_credentials(client, b)
-        client.on_connect = self.on_connect
-        client.on_disconnect = self.on_disconnect
-        client.on_message = self.on_message
-        if isinstance(client, BufferedClient):
-            client.on_publish_fields = self.on_publish  # the fast path skips building a message
-        client.on_subscribe = self.on_subscribe
-        client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
-        if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
-            client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
-        client.enable_logger(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else self.paho_errors)
-        return client
-
-    def _connect(self) -> None:
-        b = self.broker
-        assert self.client is not None
-        if b.mqtt5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = int(b.session_expiry)
-            props.ReceiveMaximum = b.receive_maximum
-            self.client.connect(b.host, b.port, b.keepalive, clean_start=False, properties=props)
-        else:
-            self.client.connect(b.host, b.port, b.keepalive)
-
-    # -- paho callbacks ---------------------------------------------------------------
-
-    def on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
-                   reason: object, properties: Properties | None) -> None:
-        if getattr(reason, "is_failure", False):
-            log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
-            return
-        self.connected = True
-        self.backoff = 0.5
-        c = self.counters
-        c.connected = True
-        c.connects += 1
-        topic = subscription(self.shard.branch)
-        log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
-                 self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
-        if self.expect_session and not flags.session_present:
-            c.sessions_lost += 1
-        for note in connack_notes(session_present=flags.session_present, expect_session=self.expect_session,
-                                  first=c.connects == 1, mqtt5=self.broker.mqtt5,
-                                  props=properties.json() if properties is not None else {},
-                                  asked_expiry=int(self.broker.session_expiry),
-                                  client_id=client_id(self.smap, self.shard)):
-            self.note(note)
-        c.session_present = flags.session_present
-        self.expect_session = True
-        self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
-        if self.status_topic:
-            client.publish(self.status_topic, "online", qos=1, retain=True)
-        # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
-        # subscription by dropping the connection, which would reconnect forever.
-        if self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys:
-            self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
-            self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
-
-    def note(self, text: str) -> None:
-        """A way this broker differs: one WARNING line, once, and listed in the stats."""
-        if text not in self.counters.broker_notes:
-            log.warning("%s", text)
-            self.counters.broker_notes.append(text)
-
-    def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
-                     reasons: list, properties: Properties | None) -> None:
-        failed = [r for r in reasons if getattr(r, "is_failure", False) or r == 128]
-        if mid == self._sys_mid:  # the $SYS watch: its refusal or grant says nothing about recording
-            self._sys_mid = -1
-            if failed:
-                self.note(f"the broker refuses the subscription to {SYS_DROPPED} ({failed[0]}): messages it "
-                          "drops go uncounted (broker_dropped); broker.sys_topics: false skips asking")
-        if mid != self._subscribe_mid:
-            return
-        if failed:
-            log.error("the broker refused the subscription to %s: %s",
-                      subscription(self.shard.branch), failed)
-            self.counters.errors += 1
-            return
-        for r in reasons:
-            if (note := suback_note(self.shard.qos, getattr(r, "value", r), subscription(self.shard.branch))):
-                self.note(note)
-        self.counters.subscribed = True
-        self._write_stats()
-
-    def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
-                      reason: object, properties: Properties | None) -> None:
-        error = self.paho_errors.take()
-        if self.connected and self._sys_mid != -1 and not self.stop_requested:
-            self.watch_sys = False  # iotcore (rumqttd) does this: never ask again in this process
-            self.note(f"the broker closed the connection on the subscription to {SYS_DROPPED} instead of "
-                      "answering it; not asking again (set broker.sys_topics: false for this broker)")
-        elif self.connected and not self.stop_requested:
-            log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
-        elif not self.stop_requested:
-            log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
-                        "certificate, credentials, or the broker's limits?)", self.broker.host,
-                        self.broker.port, error or reason)
-        self._sys_mid = -1
-        self._lost_connection()
+    # -- messages -----------------------------------------------------------------------
 
     def _lost_connection(self) -> None:
         self.connected = False
@@ -333,20 +202,6 @@ class Recorder:
             self.batch_started = time.monotonic()
         if self.pending >= self.flush_at and not c.degraded:
             self.flush()
-
-    def _broker_dropped(self, payload: bytes) -> None:
-        try:
-            n = int(payload)
-        except ValueError:
-            return
-        before = self.counters.broker_dropped
-        self.counters.broker_dropped = n
-        if before is not None and n > before:
-            log.warning("the broker dropped %d message(s) (%s now %d): messages queued for offline "
-                        "sessions may be lost; raise mosquitto's max_queued_messages", n - before,
-                        SYS_DROPPED, n)
-        elif before is None and n:
-            log.warning("the broker has dropped %d message(s) since it started (%s)", n, SYS_DROPPED)
 
     def _resolve(self, raw: bytes) -> TopicState | str:
         """Topic bytes -> its state, _DISCARD, or a reason to quarantine (not cached)."""
@@ -467,69 +322,7 @@ class Recorder:
         for k in drop:
             del self.states[k]
 
-    # -- the main loop -------------------------------------------------------------------
-
-    def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop_requested = True  # only a flag: the main loop does the work
-
-    def run(self) -> int:
-        shard = self.shard
-        try:
-            self.install_hooks()
-        except ConfigError as exc:
-            log.error("configuration error: %s", exc)
-            return EX_CONFIG
-        try:
-            root_real, branch_root = self._prepare_root()
-        except (OSError, TopicError) as exc:
-            log.error("cannot use root %s: %s", shard.root, exc)
-            return EX_CANTCREAT
-        lock = ShardLock(branch_root)
-        try:
-            lock.acquire(shard.lock_wait)
-        except LockBusy as exc:
-            log.error("%s", exc)
-            return EX_TEMPFAIL
-        except OSError as exc:
-            log.error("cannot take the shard lock in %s: %s", branch_root, exc)
-            return EX_CANTCREAT
-        try:
-            return self._run_locked(root_real, branch_root)
-        finally:
-            lock.release()
-
-    def _run_locked(self, root_real: str, branch_root: str) -> int:
-        _raise_fd_limit(self.shard.max_open_files + 64)
-        compressor = self.open_store(root_real, branch_root)
-        channel = None
-        if self.control_path:
-            try:
-                channel = ControlSocket(self.control_path)
-            except OSError as exc:
-                log.error("cannot open the control socket %s: %s (control commands will fail)",
-                          self.control_path, exc)
-        self.ops = Operations(self, channel)
-        self.ops.clean_leftovers()
-        assert self.store is not None
-        self.store.start_preparer()  # new topics' directories and files: off the hot path
-        self._started()
-        self.client = self._make_client()
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        log.info("recording %s into %s (pid %d)", subscription(self.shard.branch), branch_root, os.getpid())
-        try:
-            self._loop()
-            self._shutdown()
-        finally:
-            if channel is not None:
-                channel.close()
-            self._close_store()
-            if compressor is not None:
-                compressor.stop(timeout=30.0)
-            self._write_stats()
-        log.info("stopped: %d messages, %d acknowledged, %d quarantined",
-                 self.counters.messages, self.counters.acked, self.counters.quarantined)
-        return EX_OK
+    # -- the store (what a journal recorder replaces) ---------------------------------
 
     def _started(self) -> None:
         """The store is open and the preparer runs (a journal's materializer starts here)."""
@@ -555,99 +348,3 @@ class Recorder:
         compressor = Compressor(self.counters) if self.shard.compress == "gzip" else None
         self.store = Store(self.shard, root_real, branch_root, self.counters, compressor)
         return compressor
-
-    def _loop(self) -> None:
-        client = self.client
-        assert client is not None
-        next_connect = 0.0
-        next_tick = 0.0
-        while not self.stop_requested:
-            now = time.monotonic()
-            if client.socket() is None and now >= next_connect:
-                # the next attempt if this one fails, even after the TCP connect (a TLS or login
-                # refusal ends the connection inside connect()): only a CONNACK resets the backoff
-                next_connect = now + self.backoff
-                self.backoff = min(self.backoff * 2, self.broker.reconnect_max)
-                try:
-                    self._connect()
-                except (OSError, ValueError) as exc:
-                    log.warning("cannot reach broker %s:%s: %s; retrying in %.1fs",
-                                self.broker.host, self.broker.port, exc, next_connect - now)
-            if client.socket() is not None:
-                timeout = min(0.1, max(0.0, self.ops.next_poll - now))  # inf without a control socket
-                deadline = self._flush_deadline()
-                if deadline is not None:
-                    timeout = max(0.0, min(timeout, deadline - now))
-                rc = client.loop(timeout)
-                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.buffered:
-                    rc = client.read_buffered()
-                    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.want_write():
-                        client.loop_write()  # the acks queued by flushes inside callbacks
-                if client.socket() is None:  # ended, whatever rc says (paho may close it itself)
-                    self._lost_connection()
-                    next_connect = max(next_connect, time.monotonic() + 0.5)
-            else:
-                time.sleep(min(0.1, max(0.0, next_connect - now)))  # waiting to reconnect
-            now = time.monotonic()
-            if self._due(now):
-                self._deadline_flush(now)
-            if now >= self.ops.next_poll:
-                self.ops.poll(now)  # control commands, between batches
-            if now >= next_tick:
-                next_tick = now + self.heartbeat
-                self._tick(now)
-
-    def _tick(self, now: float) -> None:
-        """About once a heartbeat: housekeeping, stats (the heartbeat), parent check."""
-        self._housekeeping(now)
-        self.counters.pending = self.pending
-        self._write_stats()
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            log.error("supervisor (pid %d) is gone; stopping", self.parent_pid)
-            self.stop_requested = True
-
-    def _housekeeping(self, now: float) -> None:
-        assert self.store is not None
-        self.store.sweep_recent(now)
-        self.counters.topics_cached = len(self.states)
-
-    def _shutdown(self) -> None:
-        """Flush, acknowledge, and disconnect keeping the session."""
-        client = self.client
-        assert client is not None and self.store is not None
-        if self.pending:
-            self.flush(wait=True)
-        if self.counters.degraded:
-            log.error("stopping with %d record(s) not written; the broker keeps them unacknowledged",
-                      self.pending)
-        self.store.sweep_recent(time.monotonic(), force=True)
-        self._disconnect()
-
-    def _disconnect(self) -> None:
-        client = self.client
-        assert client is not None
-        if client.socket() is not None:
-            if self.status_topic and self.connected:
-                client.publish(self.status_topic, "offline", qos=1, retain=True)  # no Will on DISCONNECT
-            client.disconnect()  # queued after the PUBACKs; the session stays on the broker
-            deadline = time.monotonic() + 5.0
-            while client.socket() is not None and time.monotonic() < deadline:
-                client.loop(0.05)
-
-    def _write_stats(self) -> None:
-        if self.stats_file is None:
-            return
-        self.counters.updated_ts = time.time_ns() // 1000
-        try:
-            write_stats(self.stats_file, self.counters)
-        except OSError as exc:
-            log.warning("cannot write stats file %s: %s", self.stats_file, exc)
-
-
-def _raise_fd_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < wanted:
-            log.warning("file descriptor limit %d is below max_open_files + 64 (%d)", new, wanted)

@@ -209,7 +209,7 @@ from shardlog.writing import journal
 from shardlog.config.load import parse_map
 from shardlog.writing.journal import JournalWriter
 from shardlog.writing.materializer import NEW_PER_STEP, Materializer
-from shardlog.recording.recorder import _raise_fd_limit
+from shardlog.recording.loop import _raise_fd_limit
 from shardlog.recording.stats import Counters
 from shardlog.writing.store import Store
 root = sys.argv[1]

@@ -13,7 +13,8 @@ import msgspec
 import pytest
 
 from shardlog.config.load import parse_map
-from shardlog.control.operations import ASIDE, ControlSocket, Operations
+from shardlog.control.channel import ControlSocket
+from shardlog.control.operations import ASIDE, Operations
 from shardlog.recording.recorder import Recorder
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
 from shardlog.topics import topic_to_relpath

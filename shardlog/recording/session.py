@@ -1,0 +1,208 @@
+"""The recorder's broker session: the paho client, connecting, and the paho callbacks
+that are about the session itself (CONNACK, SUBACK, disconnection).
+
+A part of :class:`shardlog.recording.recorder.Recorder` (a base class of it, using the
+recorder's own attributes, set by ``Recorder.__init__``), kept apart so that the
+recorder's module is about messages, buffers and acknowledgements. Each shard keeps a
+persistent session (a stable client id, MQTT 5 clean_start=False with a session expiry,
+or 3.1.1 clean_session=False); what the broker does differently is read from its answers
+by the pure functions of shardlog/recording/brokercheck.py and noted once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shardlog.config.load import client_id
+from shardlog.config.routing import subscription
+from shardlog.recording.brokercheck import InflightProbe, connack_notes, suback_note
+from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
+
+if TYPE_CHECKING:
+    from shardlog.config.routing import Router
+    from shardlog.config.schema import Broker, Shard, ShardMap
+    from shardlog.recording.stats import Counters
+    from shardlog.writing.topicfiles import TopicState
+
+log = logging.getLogger(__name__)
+
+#: ``Recorder.states`` value of a topic another shard owns (or a control topic)
+_DISCARD = "discard"
+#: ``Recorder.states`` value of the broker's dropped-messages counter topic
+_BROKER_DROPPED = "broker-dropped"
+#: mosquitto's count of messages it dropped (e.g. past max_queued_messages for an offline
+#: session). Nothing else tells a subscriber that the broker lost messages meant for it.
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+
+class BrokerSession:
+    """The session half of a recorder (see the module docstring)."""
+
+    # set by Recorder.__init__
+    smap: ShardMap
+    shard: Shard
+    broker: Broker
+    counters: Counters
+    router: Router
+    states: dict[bytes, TopicState | str]
+    client: BufferedClient | StockClient | None
+    connected: bool
+    stop_requested: bool
+    expect_session: bool
+    watch_sys: bool
+    status_topic: str | None
+    probe: InflightProbe
+    paho_errors: PahoErrors
+    backoff: float
+    _subscribe_mid: int
+    _sys_mid: int
+    # methods of Recorder and RecorderLoop
+    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None]
+    on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
+    _lost_connection: Callable[[], None]
+    _write_stats: Callable[[], None]
+
+
+    def _make_client(self) -> BufferedClient | StockClient:
+        b = self.broker
+        cid = client_id(self.smap, self.shard)
+        if b.mqtt5:
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid,
+                                 protocol=mqtt.MQTTv5, manual_ack=True)
+        else:
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+                                 protocol=mqtt.MQTTv311, manual_ack=True)
+        apply_credentials(client, b)
+        client.on_connect = self.on_connect
+        client.on_disconnect = self.on_disconnect
+        client.on_message = self.on_message
+        if isinstance(client, BufferedClient):
+            client.on_publish_fields = self.on_publish  # the fast path skips building a message
+        client.on_subscribe = self.on_subscribe
+        client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
+        if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
+            client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
+        client.enable_logger(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else self.paho_errors)
+        return client
+
+    def _connect(self) -> None:
+        b = self.broker
+        assert self.client is not None
+        if b.mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(b.session_expiry)
+            props.ReceiveMaximum = b.receive_maximum
+            self.client.connect(b.host, b.port, b.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect(b.host, b.port, b.keepalive)
+
+    # -- paho callbacks ---------------------------------------------------------------
+
+    def on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                   reason: object, properties: Properties | None) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
+            return
+        self.connected = True
+        self.backoff = 0.5
+        c = self.counters
+        c.connected = True
+        c.connects += 1
+        topic = subscription(self.shard.branch)
+        log.info("connected to %s:%s (session present: %s); subscribing to %s at QoS %d",
+                 self.broker.host, self.broker.port, flags.session_present, topic, self.shard.qos)
+        if self.expect_session and not flags.session_present:
+            c.sessions_lost += 1
+        for note in connack_notes(session_present=flags.session_present, expect_session=self.expect_session,
+                                  first=c.connects == 1, mqtt5=self.broker.mqtt5,
+                                  props=properties.json() if properties is not None else {},
+                                  asked_expiry=int(self.broker.session_expiry),
+                                  client_id=client_id(self.smap, self.shard)):
+            self.note(note)
+        c.session_present = flags.session_present
+        self.expect_session = True
+        self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
+        if self.status_topic:
+            client.publish(self.status_topic, "online", qos=1, retain=True)
+        # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
+        # subscription by dropping the connection, which would reconnect forever.
+        if self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys:
+            self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
+            self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
+
+    def note(self, text: str) -> None:
+        """A way this broker differs: one WARNING line, once, and listed in the stats."""
+        if text not in self.counters.broker_notes:
+            log.warning("%s", text)
+            self.counters.broker_notes.append(text)
+
+    def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                     reasons: list, properties: Properties | None) -> None:
+        failed = [r for r in reasons if getattr(r, "is_failure", False) or r == 128]
+        if mid == self._sys_mid:  # the $SYS watch: its refusal or grant says nothing about recording
+            self._sys_mid = -1
+            if failed:
+                self.note(f"the broker refuses the subscription to {SYS_DROPPED} ({failed[0]}): messages it "
+                          "drops go uncounted (broker_dropped); broker.sys_topics: false skips asking")
+        if mid != self._subscribe_mid:
+            return
+        if failed:
+            log.error("the broker refused the subscription to %s: %s",
+                      subscription(self.shard.branch), failed)
+            self.counters.errors += 1
+            return
+        for r in reasons:
+            if (note := suback_note(self.shard.qos, getattr(r, "value", r), subscription(self.shard.branch))):
+                self.note(note)
+        self.counters.subscribed = True
+        self._write_stats()
+
+    def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
+                      reason: object, properties: Properties | None) -> None:
+        error = self.paho_errors.take()
+        if self.connected and self._sys_mid != -1 and not self.stop_requested:
+            self.watch_sys = False  # iotcore (rumqttd) does this: never ask again in this process
+            self.note(f"the broker closed the connection on the subscription to {SYS_DROPPED} instead of "
+                      "answering it; not asking again (set broker.sys_topics: false for this broker)")
+        elif self.connected and not self.stop_requested:
+            log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
+        elif not self.stop_requested:
+            log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
+                        "certificate, credentials, or the broker's limits?)", self.broker.host,
+                        self.broker.port, error or reason)
+        self._sys_mid = -1
+        self._lost_connection()
+
+    def _broker_dropped(self, payload: bytes) -> None:
+        try:
+            n = int(payload)
+        except ValueError:
+            return
+        before = self.counters.broker_dropped
+        self.counters.broker_dropped = n
+        if before is not None and n > before:
+            log.warning("the broker dropped %d message(s) (%s now %d): messages queued for offline "
+                        "sessions may be lost; raise mosquitto's max_queued_messages", n - before,
+                        SYS_DROPPED, n)
+        elif before is None and n:
+            log.warning("the broker has dropped %d message(s) since it started (%s)", n, SYS_DROPPED)
+
+    def _disconnect(self) -> None:
+        client = self.client
+        assert client is not None
+        if client.socket() is not None:
+            if self.status_topic and self.connected:
+                client.publish(self.status_topic, "offline", qos=1, retain=True)  # no Will on DISCONNECT
+            client.disconnect()  # queued after the PUBACKs; the session stays on the broker
+            deadline = time.monotonic() + 5.0
+            while client.socket() is not None and time.monotonic() < deadline:
+                client.loop(0.05)
