@@ -38,7 +38,7 @@ from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
 from shardlog.writing.atomic import rename_noreplace
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router

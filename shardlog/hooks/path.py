@@ -25,7 +25,7 @@ from shardlog.hooks.loading import load_hooks
 from shardlog.hooks.message import HookFailure, Message
 from shardlog.records import encode_record
 from shardlog.writing.store import Store
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router

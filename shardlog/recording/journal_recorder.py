@@ -31,7 +31,7 @@ from shardlog.writing.materializer import Materializer
 from shardlog.records import encode_quarantine, encode_record
 from shardlog.recording.recorder import Recorder
 from shardlog.recording.session import _BROKER_DROPPED, _DISCARD
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 from shardlog.topics import TopicError, topic_from_bytes
 
 log = logging.getLogger(__name__)

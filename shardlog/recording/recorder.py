@@ -42,7 +42,7 @@ from shardlog.records import encode_record
 from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.store import Store
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 
 if TYPE_CHECKING:
     from shardlog.hooks.chain import Chain

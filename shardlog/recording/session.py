@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from shardlog.config.routing import Router
     from shardlog.config.schema import Broker, Shard, ShardMap
     from shardlog.recording.stats import Counters
-    from shardlog.writing.topicfiles import TopicState
+    from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from shardlog.writing import journal
 from shardlog.writing.journal import JournalReader, JournalWriter, Position
 from shardlog.ondisk.segments import QUARANTINE
 from shardlog.writing.store import Store
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 from shardlog.topics import TopicError
 
 log = logging.getLogger(__name__)

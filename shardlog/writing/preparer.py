@@ -16,7 +16,8 @@ import typing
 
 from shardlog.writing.atomic import swap_in
 from shardlog.ondisk.segments import RECENT, RECENT_TMP
-from shardlog.writing.topicfiles import TopicFiles, TopicState
+from shardlog.writing.topic_state import TopicState
+from shardlog.writing.topicfiles import TopicFiles
 from shardlog.topics import safe_join
 
 

@@ -30,7 +30,8 @@ from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
 from shardlog.records import decode_record, encode_quarantine
 from shardlog.ondisk.segments import QUARANTINE, RECENT
 from shardlog.recording.stats import Counters
-from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles, TopicState
+from shardlog.writing.topic_state import TopicState
+from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 
 __all__ = ["Compressor", "Preparer", "Store", "TopicState", "TRANSIENT"]

@@ -3,29 +3,28 @@
 :class:`TopicFiles` opens, appends to, rotates, prunes and repairs the segments of a
 topic directory and rewrites its ``+recent.json``; it keeps the open descriptors in
 a bounded LRU. It decides nothing about *what* to write or acknowledge (that is
-:class:`shardlog.store.Store`), and the decisions it follows are pure functions of
-:mod:`shardlog.segments` (rotation, retention) and :mod:`shardlog.formats`.
+:class:`shardlog.writing.store.Store`), and the decisions it follows are pure functions
+of :mod:`shardlog.ondisk.segments` (rotation, retention) and :mod:`shardlog.ondisk.formats`.
+A topic's first open (tail repair, recent records) is shardlog/writing/topic_load.py.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
-import gzip
 import logging
 import os
 import time
 import typing
 
-from shardlog.ondisk import formats
-from shardlog.ondisk import segments
-from shardlog.writing.atomic import swap_in
-from shardlog.writing.compressor import Compressor
 from shardlog.config.schema import Shard
-from shardlog.records import decode_record
+from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
 from shardlog.recording.stats import Counters
 from shardlog.topics import TopicError, is_hashed_name, safe_join
+from shardlog.writing import topic_load
+from shardlog.writing.atomic import swap_in
+from shardlog.writing.compressor import Compressor
+from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)
 
@@ -33,41 +32,8 @@ log = logging.getLogger(__name__)
 TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                        errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                        errno.EINTR, errno.ESTALE})
-TAIL_CHUNK = 64 * 1024
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: positioned writes
-
-
-class TopicState:
-    """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
-
-    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size",
-                 "first_ts", "last_ts", "recent", "recent_dirty", "recent_at", "recent_versions",
-                 "loaded", "prep")
-
-    def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
-        self.topic = topic
-        self.relpath = relpath
-        self.path = path              # the topic's directory
-        self.lines: list[bytes] = []
-        self.mids: list[int] = []     # QoS 1 message ids (journal: record numbers) of the lines
-        #: how many of ``mids`` (the oldest) an earlier flush returned as held: the store
-        #: reports them in ``Store.released`` once they are written
-        self.held = 0
-        self.dirty = False            # in Store.dirty: the next flush looks at it
-        self.fd = -1
-        self.size = 0                 # bytes in the current segment
-        self.first_ts: int | None = None  # ts of the current segment's first record
-        #: ts of the newest record on disk when the topic was loaded (None: none, or a
-        #: format without ts); a journal replay skips records at or before it
-        self.last_ts: int | None = None
-        self.recent: collections.deque[bytes] = collections.deque(maxlen=recent)
-        self.recent_dirty = False
-        self.recent_at = -1e18        # monotonic time of the last +recent.json write
-        self.recent_versions: set[tuple[int, int]] = set()  # (mtime second, size) this second
-        self.loaded = False           # tail repaired and recent loaded (once per state)
-        #: background preparation (Preparer): None, _QUEUED, or its Prepared result
-        self.prep: object = None
 
 
 class TopicFiles:
@@ -276,82 +242,15 @@ class TopicFiles:
         if st.fd >= 0:
             self.open[st] = None
 
-    # -- loading (first open in this process) --------------------------------------
+    # -- loading (first open in this process: shardlog/writing/topic_load.py) -----------
 
     def load(self, st: TopicState, path: str) -> bytes | None:
-        """First open of a topic in this process: cut a torn or garbage tail back to
-        the last valid record, then fill the recent buffer from the tail and note the
-        newest record's ts (``st.last_ts``, of the current segment). Returns the bytes
-        cut off (for the quarantine), if any.
-        Touches only ``st`` and the disk, so the preparer may run it in its thread."""
-        if st.size == 0:
-            return None
-        fmt = self.fmt
-        garbage = None
-        with open(path, "rb") as f:
-            start, tail, keep = formats.valid_tail(f, st.size, fmt.valid_line, TAIL_CHUNK)
-            keep, suffix = fmt.finish(tail, keep, start == 0)
-            f.seek(0)
-            head = [f.readline(4096) for _ in range(1 + fmt.extra_lines)]
-        if keep < len(tail) or suffix:
-            garbage = tail[keep:]
-            os.truncate(path, start + keep)
-            if suffix:
-                with open(path, "ab") as f:
-                    f.write(suffix)
-            st.size = start + keep + len(suffix)
-            tail = tail[:keep] + suffix
-            keep = len(tail)
-        if st.size:
-            st.first_ts = fmt.first_ts([h for h in head if h.endswith(b"\n")])
-            if st.first_ts is None and not fmt.has_ts:
-                st.first_ts = int(os.stat(path).st_mtime * 1e6)  # no ts stored: its last write
-        lines = tail[:keep].split(b"\n")[:-1]
-        if start > 0:
-            lines = lines[1:]  # the first piece may be a partial line
-        n = st.recent.maxlen or 0
-        items = list(fmt.items([ln + b"\n" for ln in lines[-max(n, 1) - fmt.extra_lines:]]))
-        st.last_ts = _last_ts(fmt, items)
-        if n:
-            recent = items[-n:]
-            if start == 0 and len(recent) < n:
-                recent = self.previous_tail(st, n - len(recent)) + recent
-            st.recent.extend(recent)
-        return garbage
+        """Repair the tail, fill the recent buffer; the bytes cut off, if any (the
+        preparer calls it in its thread)."""
+        return topic_load.load(self.fmt, st, path)
 
     def last_ts_on_disk(self, st: TopicState) -> int | None:
-        """ts of the topic's newest record on disk, for a loaded ``st``: in the current
-        segment, else in the newest rotated one (a rotation right before a crash)."""
-        if st.last_ts is None and self.fmt.has_ts:
-            st.last_ts = _last_ts(self.fmt, self.previous_tail(st, 1)) or 0  # 0: none
-        return st.last_ts
-
-    def previous_tail(self, st: TopicState, n: int) -> list[bytes]:
-        """The last ``n`` items of the newest rotated segment."""
-        try:
-            rotated = segments.rotated_segments(os.listdir(st.path))
-        except OSError:
-            return []
-        if not rotated:
-            return []
-        last = rotated[-1]
-        path = os.path.join(st.path, last.name)
-        fmt = formats.of_name(last.name)
-        if fmt.payload_only != self.fmt.payload_only:
-            return []  # the format changed: its records are not what +recent.json holds now
-        try:
-            if last.compressed:
-                with gzip.open(path, "rb") as f:
-                    data = f.read()
-            else:
-                with open(path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    f.seek(max(0, size - TAIL_CHUNK))
-                    data = f.read()
-        except (OSError, EOFError, gzip.BadGzipFile):
-            return []
-        lines = [ln + b"\n" for ln in data.split(b"\n")[-n - 1 - fmt.extra_lines:-1]]
-        return list(fmt.items([ln for ln in lines if fmt.valid_line(ln)]))[-n:]
+        return topic_load.last_ts_on_disk(self.fmt, st)
 
     # -- rotation and retention --------------------------------------------------------
 
@@ -427,12 +326,3 @@ class TopicFiles:
             # data may not be on disk: keep the whole batch unacknowledged by failing loudly
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}") from exc
 
-
-def _last_ts(fmt: formats.Format, items: list[bytes]) -> int | None:
-    """ts of the last of a segment's items (envelope lines), None without one."""
-    if not items or not fmt.has_ts:
-        return None
-    try:
-        return decode_record(items[-1]).ts
-    except Exception:  # noqa: BLE001 - a valid_line passed it; be safe anyway
-        return None

@@ -21,7 +21,7 @@ from shardlog.recording.stats import Counters
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.preparer import Preparer
 from shardlog.writing.store import Store
-from shardlog.writing.topicfiles import TopicState
+from shardlog.writing.topic_state import TopicState
 from tests.helpers import wait_for
 
 T0 = 1_763_815_800_000_000  # µs

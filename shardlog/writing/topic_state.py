@@ -1,0 +1,42 @@
+"""What the write path keeps in memory for one topic: :class:`TopicState`.
+
+The store (its buffer), the topic files (its descriptor, segment size and first ts,
+recent records), the preparer (its background preparation) and a journal's
+materializer all work on it; it holds data only.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+class TopicState:
+    """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
+
+    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size",
+                 "first_ts", "last_ts", "recent", "recent_dirty", "recent_at", "recent_versions",
+                 "loaded", "prep")
+
+    def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
+        self.topic = topic
+        self.relpath = relpath
+        self.path = path              # the topic's directory
+        self.lines: list[bytes] = []
+        self.mids: list[int] = []     # QoS 1 message ids (journal: record numbers) of the lines
+        #: how many of ``mids`` (the oldest) an earlier flush returned as held: the store
+        #: reports them in ``Store.released`` once they are written
+        self.held = 0
+        self.dirty = False            # in Store.dirty: the next flush looks at it
+        self.fd = -1
+        self.size = 0                 # bytes in the current segment
+        self.first_ts: int | None = None  # ts of the current segment's first record
+        #: ts of the newest record on disk when the topic was loaded (None: none, or a
+        #: format without ts); a journal replay skips records at or before it
+        self.last_ts: int | None = None
+        self.recent: collections.deque[bytes] = collections.deque(maxlen=recent)
+        self.recent_dirty = False
+        self.recent_at = -1e18        # monotonic time of the last +recent.json write
+        self.recent_versions: set[tuple[int, int]] = set()  # (mtime second, size) this second
+        self.loaded = False           # tail repaired and recent loaded (once per state)
+        #: background preparation (Preparer): None, _QUEUED, or its Prepared result
+        self.prep: object = None
