@@ -1,6 +1,6 @@
-"""``shardlog sql ROOT QUERY``: run SQL over the ``records`` view (shardlog.sql) and print
+"""``shardlog sql ROOT QUERY``: run SQL over the ``records`` view (shardlog.reading.sql) and print
 the result as a table (the default on a terminal), CSV (the default otherwise) or
-JSON Lines. Registered by shardlog/cli.py like its own verbs."""
+JSON Lines. Registered by shardlog/cli/main.py like the other verbs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-EX_USAGE, EX_DATAERR, EX_UNAVAILABLE = 64, 65, 69
+from shardlog.cli.common import EX_DATAERR, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
+
+
 _BATCH = 10_000
 _CELL = 60  # widest table cell, in characters
 
@@ -75,8 +77,6 @@ def _cell(s: str) -> str:
 
 def write_result(cur: Any, fmt: str, out: io.TextIOBase) -> int:
     """Print a DuckDB result in ``fmt`` (table, csv, json); returns the row count."""
-    from shardlog.cli.main import format_table
-
     names = [d[0] for d in cur.description]
     is_json = [str(d[1]).upper() == "JSON" for d in cur.description]
     n = 0
@@ -126,8 +126,6 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def add_sql(sub: argparse._SubParsersAction) -> None:
-    from shardlog.cli.main import _history_errors, _time_arg
-
     p = sub.add_parser("sql", help="SQL (DuckDB) over the records of a root: a view `records`",
                        description="Run a query over the view records(topic, ts, ts_us, qos, retain, enc, "
                                    "payload JSON). --prefix/--since/--until select the segment files read.")

@@ -15,8 +15,8 @@ import os
 import threading
 from collections.abc import Callable
 
-from shardlog import history
 from shardlog.reading import sql
+from shardlog.reading.sqlite_export import MAX_FLAT_COLUMNS, _utf8_ok
 
 __all__ = ["column_type", "export_parquet", "flat_columns"]
 
@@ -46,13 +46,13 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
     """(column name, type, JSON pointer) for (key, json types, big int) in first-seen
     order: keys that only ever hold nested values get none; a name equal to an earlier
     one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
-    ``history.MAX_FLAT_COLUMNS``."""
+    ``sqlite_export.MAX_FLAT_COLUMNS``."""
     taken = {"topic", "ts", "qos", "retain", "enc", "payload"}
     out = []
     for key, types, big in keys:
-        if not types & (set(_SCALARS) | {"NULL"}) or not history._utf8_ok(key):
+        if not types & (set(_SCALARS) | {"NULL"}) or not _utf8_ok(key):
             continue
-        if len(out) >= history.MAX_FLAT_COLUMNS:
+        if len(out) >= MAX_FLAT_COLUMNS:
             break
         name = "payload." + key.replace("\x00", "\\u0000")
         base, k = name, 2

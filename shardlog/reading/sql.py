@@ -1,6 +1,8 @@
 """SQL over a recording root: an in-process DuckDB with one ``records`` view.
 
-    from shardlog import history
+    from shardlog.reading.ranges import _segments_in_range
+from shardlog.reading.times import parse_time
+from shardlog.reading.tree import TopicNotFound, _root, _walk
     con = history.connect("/srv/mqtt", "chat", since="2026-11-22T10:00Z")
     con.sql("SELECT topic, count(*) FROM records GROUP BY ALL").show()
 
@@ -50,7 +52,9 @@ import tempfile
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
-from shardlog import history
+from shardlog.reading.ranges import _segments_in_range
+from shardlog.reading.times import parse_time
+from shardlog.reading.tree import TopicNotFound, _root, _walk
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.records import encode_record
@@ -79,16 +83,16 @@ def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object 
     """The segment files that can hold records of ``prefix`` (and below) in
     ``[since, until)``: the pushdown. Raises ``history.TopicNotFound`` for a missing
     root, or a prefix with nothing recorded."""
-    lo, hi = history.parse_time(since), history.parse_time(until)  # type: ignore[arg-type]
-    root_real = history._root(root)
-    found = list(history._walk(root_real, prefix))
+    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    root_real = _root(root)
+    found = list(_walk(root_real, prefix))
     if prefix and not found:
-        raise history.TopicNotFound(f"no records for {prefix!r} under {os.fspath(root)}")
+        raise TopicNotFound(f"no records for {prefix!r} under {os.fspath(root)}")
     out: list[SegmentFile] = []
     for topic, path, names in found:
         paths = [os.path.join(path, s.name) for s in rotated_segments(names)]
         paths.extend(os.path.join(path, c) for c in CURRENTS if c in names)
-        for p in history._segments_in_range(paths, lo, hi):
+        for p in _segments_in_range(paths, lo, hi):
             try:
                 st = os.stat(p)
             except FileNotFoundError:
@@ -125,6 +129,7 @@ def longest_line(sizes: list[int]) -> int:
 
 
 # -- SQL text -------------------------------------------------------------------------------
+
 
 def _lit(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
@@ -196,6 +201,7 @@ def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None,
 
 # -- the connection ---------------------------------------------------------------------------
 
+
 def _csv_envelope(payload: str | None, enc: str | None) -> str | None:
     """A CSV row's payload as the envelope line the recorder writes for it (its enc and
     payload members are what the view shows)."""
@@ -261,7 +267,7 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
     records of ``prefix`` and below (``''``: all) with ``since <= ts < until``."""
     import duckdb
 
-    lo, hi = history.parse_time(since), history.parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
     if con is None:
         con = duckdb.connect()
     # DuckDB draws its own progress bar on stdout for long queries: never into a result
@@ -283,7 +289,7 @@ def query(root: str | os.PathLike[str], sql: str, prefix: str = "", since: objec
     (DuckDB: no such file) makes it list again and retry once."""
     import duckdb
 
-    lo, hi = history.parse_time(since), history.parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
     con = connect(root, prefix, lo, hi)
     try:
         return con.execute(sql, params)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardlog import history
+from shardlog.reading import follow as reading_follow
 from shardlog.ondisk import formats
 from shardlog.config.load import parse_map
 from shardlog.config.schema import ConfigError
@@ -555,7 +556,7 @@ def test_follower_reads_every_format_across_appends_and_rotation(key: str, tmp_p
     d.mkdir()
     cur = d / fmt.current
     lines = envelope_lines([(1, False, b'{"n":%d}' % i) for i in range(12)])
-    fo = history._Follower(str(d), at_end=False)
+    fo = reading_follow._Follower(str(d), at_end=False)
     got: list[bytes] = []
     states = segment_after_flushes(fmt, [lines[:2], lines[2:3], lines[3:6]])
     for state, have in zip(states, (2, 3, 6), strict=True):
@@ -618,7 +619,7 @@ def test_tail_then_follow_a_live_recording_across_rotations(combo: str, tmp_path
     before = len(segment_files(d))
     stop = threading.Event()
     seen: list[int] = []
-    gen = history._tail_and_follow(root, "live/x", 5, poll=0.02, stop=stop)
+    gen = reading_follow._tail_and_follow(root, "live/x", 5, poll=0.02, stop=stop)
 
     def consume() -> None:
         for line in gen:

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from shardlog import history
+from shardlog.reading import follow as reading_follow
+from shardlog.reading import lines as reading_lines
+from shardlog.reading import ranges as reading_ranges
 from shardlog.records import decode_record, encode_record
 from shardlog.ondisk.segments import segment_name
 from shardlog.topics import topic_to_relpath
@@ -302,27 +305,27 @@ def test_tail_of_200000_lines_reads_a_bounded_number_of_bytes(tmp_path: Path,
         f.write(b'{"ts":1,"qos":0,"retain":false,"payload":{"torn')  # a crash mid-write
     assert (d / "+log.jsonl").stat().st_size > 8_000_000
     read_bytes = []
-    real = history._pread
+    real = reading_lines._pread
 
     def counting(fd: int, n: int, off: int) -> bytes:
         data = real(fd, n, off)
         read_bytes.append(len(data))
         return data
 
-    monkeypatch.setattr(history, "_pread", counting)
+    monkeypatch.setattr(reading_lines, "_pread", counting)
     got = history.tail(tmp_path, "big", 6)
     assert [r.value for r in got] == [{"i": i} for i in range(199_994, 200_000)]
-    assert sum(read_bytes) <= 2 * history.BLOCK
+    assert sum(read_bytes) <= 2 * reading_lines.BLOCK
     read_bytes.clear()
     got = history.tail(tmp_path, "big", 5000)
     assert [r.value["i"] for r in got] == list(range(195_000, 200_000))
-    assert sum(read_bytes) <= 5000 * 100 + 2 * history.BLOCK
+    assert sum(read_bytes) <= 5000 * 100 + 2 * reading_lines.BLOCK
 
 
 def test_tail_lines_longer_than_a_block_and_across_segments(tmp_path: Path) -> None:
     d = tmp_path / "t"
     d.mkdir()
-    big = [b'{"big": "%s"}' % (b"x" * (history.BLOCK * 3 + i)) for i in range(3)]
+    big = [b'{"big": "%s"}' % (b"x" * (reading_lines.BLOCK * 3 + i)) for i in range(3)]
     (d / segment_name(1, True)).write_bytes(gzip.compress(encode_record(T0, 1, False, b"first")))
     (d / segment_name(2)).write_bytes(encode_record(T0 + 1, 1, False, b"second"))
     (d / "+log.jsonl").write_bytes(b"".join(encode_record(T0 + 2 + i, 1, True, p) for i, p in enumerate(big)))
@@ -405,7 +408,7 @@ def test_export_unit_hostile_keys(tmp_path: Path) -> None:
 def test_follower_survives_rotation_and_a_cut_torn_tail(tmp_path: Path) -> None:
     d = write_topic(tmp_path, "f", [], [T0, T0 + 1], torn=b'{"ts":')
     cur = d / "+log.jsonl"
-    fo = history._Follower(str(d))  # at the end: the two records there are not followed
+    fo = reading_follow._Follower(str(d))  # at the end: the two records there are not followed
 
     def ts_of(lines: list[bytes]) -> list[int]:
         return [decode_record(x).ts - T0 for x in lines]
@@ -435,7 +438,7 @@ def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int,
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    monkeypatch.setattr(history, "BLOCK", block)
+    monkeypatch.setattr(reading_lines, "BLOCK", block)
     path = tmp_path / "f"
 
     @settings(max_examples=150, deadline=None)
@@ -446,9 +449,9 @@ def test_backwards_reading_matches_forward_splitting(tmp_path: Path, block: int,
         path.write_bytes(data)
         fd = os.open(path, os.O_RDONLY)
         try:
-            got = list(history._lines_backwards(fd, len(data)))
+            got = list(reading_lines._lines_backwards(fd, len(data)))
             assert got == [x + b"\n" for x in reversed(lines)]
-            assert history._complete_end(fd, len(data)) == len(data) - len(torn)
+            assert reading_lines._complete_end(fd, len(data)) == len(data) - len(torn)
         finally:
             os.close(fd)
 
@@ -461,11 +464,11 @@ def test_read_since_bisects_a_large_segment(tmp_path: Path, monkeypatch: pytest.
     with open(d / "+log.jsonl", "wb") as f:
         f.write(b"".join(encode_record(T0 + i // 3, 0, False, b'{"i": %d}' % i) for i in range(200_000)))
     read_bytes: list[int] = []
-    real = history._pread
-    monkeypatch.setattr(history, "_pread", lambda fd, n, off: read_bytes.append(n) or real(fd, n, off))
+    real = reading_lines._pread
+    monkeypatch.setattr(reading_lines, "_pread", lambda fd, n, off: read_bytes.append(n) or real(fd, n, off))
     got = [r.value["i"] for _t, r in history.read(tmp_path, "big", since=T0 + 66_000, until=T0 + 66_002)]
     assert got == list(range(198_000, 198_006))
-    assert sum(read_bytes) < 40 * history.BLOCK  # a bisection, not a scan with _pread
+    assert sum(read_bytes) < 40 * reading_lines.BLOCK  # a bisection, not a scan with _pread
 
 
 @pytest.mark.parametrize("block", [1, 16, 100])
@@ -474,7 +477,7 @@ def test_read_since_until_is_exact_with_equal_timestamps(tmp_path: Path, block: 
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    monkeypatch.setattr(history, "BLOCK", block)
+    monkeypatch.setattr(reading_lines, "BLOCK", block)
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.integers(0, 30), min_size=1, max_size=40).map(sorted),
@@ -499,7 +502,7 @@ def test_read_merges_more_topics_than_open_files_allowed(tmp_path: Path, monkeyp
         write_topic(tmp_path, f"many/t{k}", [[T0 + k, T0 + 20 + k]], [T0 + 40 + k, T0 + 40 + k, T0 + 70])
     want = [(t, r.ts, r.payload) for t, r in history.read(tmp_path, "many")]
     assert len(want) == 50 and [x[1] for x in want] == sorted(x[1] for x in want)
-    monkeypatch.setattr(history, "_fd_budget", lambda: 3)
+    monkeypatch.setattr(reading_ranges, "_fd_budget", lambda: 3)
     assert [(t, r.ts, r.payload) for t, r in history.read(tmp_path, "many")] == want
     got = [(t, r.ts) for t, r in history.read(tmp_path, "many", since=T0 + 45, until=T0 + 71)]
     assert got == [(f"many/t{k}", T0 + 40 + k) for k in range(5, 10) for _ in (0, 1)] + \
@@ -513,7 +516,7 @@ def test_follower_opening_a_file_rotated_under_it(tmp_path: Path, monkeypatch: p
     lists the directory. It must still read every later segment, in order."""
     d = write_topic(tmp_path, "race", [[T0]], [T0 + 1])
     cur = d / "+log.jsonl"
-    real_listdir = history._safe_listdir
+    real_listdir = reading_follow._safe_listdir
     fired = []
 
     def rotate_then_list(path: str) -> list[str]:
@@ -530,8 +533,8 @@ def test_follower_opening_a_file_rotated_under_it(tmp_path: Path, monkeypatch: p
             cur.write_bytes(encode_record(T0 + 4, 1, False, b"4"))
         return real_listdir(path)
 
-    monkeypatch.setattr(history, "_safe_listdir", rotate_then_list)
-    fo = history._Follower(str(d), at_end=False)
+    monkeypatch.setattr(reading_follow, "_safe_listdir", rotate_then_list)
+    fo = reading_follow._Follower(str(d), at_end=False)
     lines = fo.poll()
     lines += fo.poll()
     fo.close()

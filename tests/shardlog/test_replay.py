@@ -26,15 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from shardlog import history
 from shardlog.cli.main import main as cli_main
 from shardlog.records import encode_record
-from shardlog.replay.publisher import (
-    Rename,
-    broker_from_url,
-    delay,
-    format_progress,
-    parse_rename,
-    parse_speed,
-    rename_topic,
-)
+from shardlog.cli.progress import format_progress
+from shardlog.replay.plan import Rename, broker_from_url, delay, parse_rename, parse_speed, rename_topic
 from tests.helpers import MOSQUITTO, Mosquitto, Publisher, RecorderProc, free_port, wait_for, write_map
 
 T0 = 1_763_815_800_000_000
