@@ -34,13 +34,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shardlog.writing import journal  # noqa: E402
 from shardlog.config.load import parse_map  # noqa: E402
+from shardlog.recording.loop import _raise_fd_limit  # noqa: E402
+from shardlog.recording.stats import Counters  # noqa: E402
+from shardlog.records import encode_record  # noqa: E402
+from shardlog.writing import journal  # noqa: E402
 from shardlog.writing.journal import JournalWriter  # noqa: E402
 from shardlog.writing.materializer import Materializer  # noqa: E402
-from shardlog.recording.loop import _raise_fd_limit  # noqa: E402
-from shardlog.records import encode_record  # noqa: E402
-from shardlog.recording.stats import Counters  # noqa: E402
 from shardlog.writing.store import Store  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog " * 2

@@ -43,8 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shardlog.records import encode_record  # noqa: E402
 from shardlog.ondisk.segments import segment_name  # noqa: E402
+from shardlog.records import encode_record  # noqa: E402
 
 T0 = 1_763_815_800_000_000
 SEGMENTS = 4  # 3 rotated (the first gzipped) + the current one

@@ -21,8 +21,8 @@ import tempfile
 import time
 
 from shardlog.config.load import parse_map
-from shardlog.records import encode_record
 from shardlog.recording.stats import Counters
+from shardlog.records import encode_record
 from shardlog.writing.store import Store
 
 COMBOS = {"jsonl": ("jsonl", False), "json": ("json", False), "csv": ("csv", False),

@@ -171,8 +171,8 @@ def _export_parquet(args: argparse.Namespace, tty: bool) -> int:
     """The Parquet export (DuckDB), with a progress bar on a terminal."""
     import time
 
-    from shardlog.reading.parquet import export_parquet
     from shardlog.cli.progress import format_progress
+    from shardlog.reading.parquet import export_parquet
 
     start = time.monotonic()
 

@@ -52,13 +52,13 @@ import tempfile
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
+from shardlog.ondisk import formats
+from shardlog.ondisk.formats import CURRENTS
+from shardlog.ondisk.segments import rotated_segments
 from shardlog.reading.ranges import _segments_in_range
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound, _root, _walk
-from shardlog.ondisk import formats
-from shardlog.ondisk.formats import CURRENTS
 from shardlog.records import encode_record
-from shardlog.ondisk.segments import rotated_segments
 
 if TYPE_CHECKING:
     import duckdb

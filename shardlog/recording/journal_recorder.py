@@ -24,15 +24,15 @@ from collections.abc import Iterator
 
 import msgspec
 
+from shardlog.recording.recorder import Recorder
+from shardlog.recording.session import _BROKER_DROPPED, _DISCARD
+from shardlog.records import encode_quarantine, encode_record
+from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing import journal
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.journal import JournalWriter
 from shardlog.writing.materializer import Materializer
-from shardlog.records import encode_quarantine, encode_record
-from shardlog.recording.recorder import Recorder
-from shardlog.recording.session import _BROKER_DROPPED, _DISCARD
 from shardlog.writing.topic_state import TopicState
-from shardlog.topics import TopicError, topic_from_bytes
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns

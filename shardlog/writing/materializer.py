@@ -30,12 +30,12 @@ from collections.abc import Iterator
 
 import msgspec
 
+from shardlog.ondisk.segments import QUARANTINE
+from shardlog.topics import TopicError
 from shardlog.writing import journal
 from shardlog.writing.journal import JournalReader, JournalWriter, Position
-from shardlog.ondisk.segments import QUARANTINE
 from shardlog.writing.store import Store
 from shardlog.writing.topic_state import TopicState
-from shardlog.topics import TopicError
 
 log = logging.getLogger(__name__)
 

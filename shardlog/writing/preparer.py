@@ -14,11 +14,11 @@ import queue
 import threading
 import typing
 
-from shardlog.writing.atomic import swap_in
 from shardlog.ondisk.segments import RECENT, RECENT_TMP
+from shardlog.topics import safe_join
+from shardlog.writing.atomic import swap_in
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import TopicFiles
-from shardlog.topics import safe_join
 
 
 _QUEUED = object()  # TopicState.prep while the preparer has it

@@ -24,15 +24,15 @@ import logging
 import os
 import time
 
-from shardlog.writing.compressor import Compressor
 from shardlog.config.schema import Shard
-from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
-from shardlog.records import decode_record, encode_quarantine
 from shardlog.ondisk.segments import QUARANTINE, RECENT
 from shardlog.recording.stats import Counters
+from shardlog.records import decode_record, encode_quarantine
+from shardlog.topics import TopicError, safe_join, topic_to_relpath
+from shardlog.writing.compressor import Compressor
+from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles
-from shardlog.topics import TopicError, safe_join, topic_to_relpath
 
 __all__ = ["Compressor", "Preparer", "Store", "TopicState", "TRANSIENT"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from shardlog.config.load import load_map, parse_map, shards_for_host
-from shardlog.config.schema import ConfigError
 from shardlog.config.routing import Router, subscription
+from shardlog.config.schema import ConfigError
 from shardlog.config.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[2]

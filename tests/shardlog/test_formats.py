@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardlog import history
-from shardlog.reading import follow as reading_follow
-from shardlog.ondisk import formats
 from shardlog.config.load import parse_map
 from shardlog.config.schema import ConfigError
+from shardlog.ondisk import formats
 from shardlog.ondisk.formats import FORMATS
+from shardlog.reading import follow as reading_follow
 from shardlog.records import decode_record, encode_record
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from shardlog import history
+from shardlog.ondisk.segments import segment_name
 from shardlog.reading import follow as reading_follow
 from shardlog.reading import lines as reading_lines
 from shardlog.reading import ranges as reading_ranges
 from shardlog.records import decode_record, encode_record
-from shardlog.ondisk.segments import segment_name
 from shardlog.topics import topic_to_relpath
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 

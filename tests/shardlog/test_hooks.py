@@ -16,13 +16,13 @@ import cbor2
 import msgpack
 import pytest
 
-from shardlog.hooks import builtin as builtin_hooks
 from shardlog.config.load import parse_map
 from shardlog.config.schema import ConfigError, HookSpec
-from shardlog.hooks.path import FIRST_STANDIN, FanOut
+from shardlog.hooks import builtin as builtin_hooks
 from shardlog.hooks.chain import Chain, Watchdog, checked, log_due
 from shardlog.hooks.loading import load_hooks
 from shardlog.hooks.message import HookFailure, LoadedHook, Message
+from shardlog.hooks.path import FIRST_STANDIN, FanOut
 from tests.helpers import SocketpairClient, gate_preparer
 
 MSG = Message("s/a", b'{"v": 1}', 1_700_000_000_000_000, 1, False)

@@ -21,12 +21,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shardlog.writing import journal
 from shardlog.config.load import parse_map
+from shardlog.recording.stats import Counters
+from shardlog.records import encode_record
+from shardlog.writing import journal
 from shardlog.writing.journal import Checkpoint, JournalReader, JournalWriter, Position
 from shardlog.writing.materializer import NEW_PER_STEP, Materializer
-from shardlog.records import encode_record
-from shardlog.recording.stats import Counters
 from shardlog.writing.store import Store
 from tests.helpers import FastPublisher, RecorderProc, wait_for, write_map
 
@@ -205,12 +205,12 @@ def test_a_burst_of_new_topics_is_taken_in_steps_and_known_topics_go_on(tmp_path
 
 _CHILD = """
 import os, sys, time
-from shardlog.writing import journal
 from shardlog.config.load import parse_map
-from shardlog.writing.journal import JournalWriter
-from shardlog.writing.materializer import NEW_PER_STEP, Materializer
 from shardlog.recording.loop import _raise_fd_limit
 from shardlog.recording.stats import Counters
+from shardlog.writing import journal
+from shardlog.writing.journal import JournalWriter
+from shardlog.writing.materializer import NEW_PER_STEP, Materializer
 from shardlog.writing.store import Store
 root = sys.argv[1]
 smap = parse_map({"defaults": {"root": root, "max_open_files": 4096},
@@ -336,8 +336,8 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
     """A delete on a journaled shard: the topic files first catch up with the journal (so
     nothing journaled before it is written after it), and a restart replays nothing of
     the deleted branch."""
-    from shardlog.recording.journal_recorder import JournalRecorder
     from shardlog.control.operations import Operations
+    from shardlog.recording.journal_recorder import JournalRecorder
 
     def start() -> JournalRecorder:
         smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),

@@ -15,8 +15,8 @@ import pytest
 from shardlog.config.load import parse_map
 from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import ASIDE, Operations
-from shardlog.recording.recorder import Recorder
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
+from shardlog.recording.recorder import Recorder
 from shardlog.topics import topic_to_relpath
 from tests.helpers import wait_for
 

@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from shardlog.config.load import parse_map
-from shardlog.records import decode_record
 from shardlog.recording.recorder import Recorder
+from shardlog.records import decode_record
 from shardlog.topics import HashedNameError, relpath_to_topic
 from tests import hostile
 from tests.fallback_broker import mosquitto_only

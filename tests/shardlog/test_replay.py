@@ -25,8 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from shardlog import history
 from shardlog.cli.main import main as cli_main
-from shardlog.records import encode_record
 from shardlog.cli.progress import format_progress
+from shardlog.records import encode_record
 from shardlog.replay.plan import Rename, broker_from_url, delay, parse_rename, parse_speed, rename_topic
 from tests.helpers import MOSQUITTO, Mosquitto, Publisher, RecorderProc, free_port, wait_for, write_map
 

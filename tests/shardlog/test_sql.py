@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from shardlog import history
 from shardlog.ondisk import formats
+from shardlog.ondisk.segments import TOPIC_FILE, segment_name
 from shardlog.reading import sql
 from shardlog.records import encode_record
-from shardlog.ondisk.segments import TOPIC_FILE, segment_name
 from shardlog.topics import topic_to_relpath
 from tests.helpers import Mosquitto, Publisher, RecorderProc, wait_for, write_map
 
