@@ -7,7 +7,7 @@
     python bench/materialize.py --profile                      # cProfile of one run (top 25)
 
 A journal of N records round-robin over T topics (bench/a/room0000000, ..., the payloads of
-bench/throughput.py) is written first; then a Materializer (shardlog/materializer.py) turns it
+bench/throughput.py) is written first; then a Materializer (shardlog/writing/materializer.py) turns it
 into topic files with Store.flush as the recorder's thread does, and the clock runs until
 every record is in its topic file and the checkpoint is written. Each --set VALUE adds a
 variant (the shard-map defaults key=value, e.g. ``max_open_files=1024``); variants run

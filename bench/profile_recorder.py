@@ -33,9 +33,11 @@ GROUPS = [
     ("select (C)", lambda f, ln, fn: "select" in fn and f == "~"),
     ("paho client.py (Python code)", lambda f, ln, fn: f.endswith("paho/mqtt/client.py")),
     ("paho other modules", lambda f, ln, fn: "paho/mqtt/" in f and not f.endswith("client.py")),
-    ("shardlog recorder.py", lambda f, ln, fn: f.endswith("shardlog/recorder.py")),
+    ("shardlog recorder (recording/recorder.py, loop.py, session.py)",
+     lambda f, ln, fn: f.endswith(("shardlog/recording/recorder.py", "shardlog/recording/loop.py",
+                                   "shardlog/recording/session.py"))),
     ("shardlog records.py", lambda f, ln, fn: f.endswith("shardlog/records.py")),
-    ("shardlog store.py", lambda f, ln, fn: f.endswith("shardlog/store.py")),
+    ("shardlog store.py", lambda f, ln, fn: f.endswith("shardlog/writing/store.py")),
     ("os.write / open / close / replace (C)",
      lambda f, ln, fn: f == "~" and any(x in fn for x in ("posix.write", "posix.open", "posix.close",
                                                            "posix.replace", "posix.fstat"))),
@@ -45,7 +47,7 @@ GROUPS = [
 
 #: functions whose cumulative time is worth naming (suffix of "file:function")
 CUMULATIVE = [
-    ("Recorder._loop", "recorder.py", "_loop"),
+    ("Recorder._loop", "recording/loop.py", "_loop"),
     ("paho Client.loop", "client.py", "loop"),
     ("paho Client.loop_read", "client.py", "loop_read"),
     ("paho _packet_read", "client.py", "_packet_read"),
@@ -57,7 +59,7 @@ CUMULATIVE = [
     ("Store.flush", "store.py", "flush"),
     ("Store._write_recent", "store.py", "_write_recent"),
     ("Client.ack (all acks)", "client.py", "ack"),
-    ("Recorder._tick", "recorder.py", "_tick"),
+    ("Recorder._tick", "recording/loop.py", "_tick"),
 ]
 
 

@@ -14,7 +14,7 @@ writes into a recording root. A web app can use it directly::
 Records are ``shardlog.records.Record`` (ts, qos, retain, payload bytes as
 published, value as JSON.parse would see it).
 
-Every write format (shardlog/formats.py: jsonl, json, csv, payload-only) is read:
+Every write format (shardlog/ondisk/formats.py: jsonl, json, csv, payload-only) is read:
 each segment's lines are turned into envelope record lines by its format (named by
 the file's extension), so everything below works on envelope lines.
 

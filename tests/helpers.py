@@ -214,7 +214,7 @@ class RecorderProc:
 
 
 def gate_preparer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Hold every new topic's preparation (shardlog.store.Preparer) until the event is set."""
+    """Hold every new topic's preparation (shardlog.writing.preparer.Preparer) until the event is set."""
     from shardlog.writing.preparer import Preparer
 
     gate = threading.Event()
@@ -225,7 +225,7 @@ def gate_preparer(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 class SocketpairClient:
     """A recorder's own client on one end of a socketpair (no broker, no network): what it
-    acknowledges. ``rec`` is a shardlog.recorder.Recorder with its store open."""
+    acknowledges. ``rec`` is a shardlog.recording.recorder.Recorder with its store open."""
 
     def __init__(self, rec: Any) -> None:
         self.client = rec._make_client()

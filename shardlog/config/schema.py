@@ -131,14 +131,14 @@ class Batch(Struct, **_STRICT):
 
 class Journal(Struct, **_STRICT):
     """Acknowledge after one sequential write, fill the topic files behind it
-    (shardlog/journal.py; docs/journal.md)."""
+    (shardlog/writing/journal.py; docs/journal.md)."""
 
     enabled: bool = False
     segment_bytes: SegmentSize = SegmentSize(64 * 1024 * 1024)
     # journal bytes not yet in the topic files past which the shard stops acknowledging
     # (the broker keeps the rest), so a lagging file system cannot fill the disk
     max_lag: SegmentSize = SegmentSize(1024 * 1024 * 1024)
-#: ``package.module:attribute``, or a built-in's name alone (shardlog/builtin_hooks.py)
+#: ``package.module:attribute``, or a built-in's name alone (shardlog/hooks/builtin.py)
 HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                                        r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$")]
 
@@ -166,7 +166,7 @@ class Settings(Struct, **_STRICT):
     max_open_files: Annotated[int, Meta(ge=8, le=65536)] = 1024
     max_payload: Size = Size(16 * 1024 * 1024)  # larger payloads are quarantined
     lock_wait: Duration = Duration(10.0)
-    # how segments are written (shardlog/formats.py, docs/history.md "Write formats")
+    # how segments are written (shardlog/ondisk/formats.py, docs/history.md "Write formats")
     format: Literal["jsonl", "json", "csv"] = "jsonl"
     payload_only: bool = False  # jsonl/json: the JSON payload alone, no envelope
     journal: Journal = msgspec.field(default_factory=Journal)

@@ -224,7 +224,7 @@ class Operations:
             if self.rec.router.owner(topic) != self.rec.shard.name:
                 dirnames[:] = []  # a nested shard's branch
                 continue
-            for current in CURRENTS:  # any write format's current segment (formats.py)
+            for current in CURRENTS:  # any write format's current segment (shardlog/ondisk/formats.py)
                 if current in filenames:
                     try:
                         if os.path.getsize(os.path.join(dirpath, current)) > 0:

@@ -1,6 +1,6 @@
 """Write formats of a topic's segments (the shard map's ``format`` and ``payload_only``).
 
-The recorder always builds one envelope record line per message (records.py); a
+The recorder always builds one envelope record line per message (shardlog/records.py); a
 format decides how buffered lines become segment bytes, how a torn segment is
 repaired, and how a segment's lines read back as envelope record lines, so the
 history tools see records whatever the format. A segment's format is written in

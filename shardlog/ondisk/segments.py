@@ -3,7 +3,7 @@
     +log.jsonl                 current segment, append only
     +log.00000041.jsonl        rotated segments: the number only grows, never renamed again
     +log.00000040.jsonl.gz     a rotated segment after compression
-    +log.json, +log.csv, ...   the same in another write format (formats.py); the
+    +log.json, +log.csv, ...   the same in another write format (ondisk/formats.py); the
                                numbering is shared by every format of a directory
     +recent.json               the last N records as a JSON array, replaced atomically
 

@@ -106,7 +106,7 @@ class Recorder(RecorderLoop, BrokerSession):
         #: never recorded: the control topic (commands may carry a token) and its replies
         self.unrecorded = [ctl.topic] + ([ctl.reply_topic] if ctl.reply_topic else []) if ctl.mqtt else []
         self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
-        # how this broker differs (shardlog/brokercheck.py): notes logged once, kept in the stats
+        # how this broker differs (shardlog/recording/brokercheck.py): notes logged once, kept in the stats
         self.expect_session = False  # the broker should have this client id's session
         self._sys_mid = -1           # the $SYS watch's SUBACK, while it is outstanding
         self.watch_sys = self.broker.sys_topics and not self.broker.embedded
@@ -114,11 +114,11 @@ class Recorder(RecorderLoop, BrokerSession):
         self.batch_step = self.batch_max  # flush every this many records (the broker's cap, if lower)
         self.paho_errors = PahoErrors()
         self.backoff = 0.5  # seconds before the next connection attempt; reset by a CONNACK
-        #: with hooks (hook_path.install): the stand-in ids of messages that became several records
+        #: with hooks (shardlog.hooks.path.install): the stand-in ids of messages that became several records
         self.fan: FanOut | None = None
 
     def install_hooks(self) -> Chain | None:
-        """A shard with hooks records through hook_path.HookedPath.on_publish (bound once,
+        """A shard with hooks records through shardlog.hooks.path.HookedPath.on_publish (bound once,
         here: a shard without hooks keeps the plain path). Raises ConfigError."""
         if not self.shard.hooks:
             return None

@@ -52,7 +52,7 @@ class TopicFiles:
         self.max_bytes = shard.rotate.max_bytes
         self.max_age = shard.rotate.max_age
         self.dirs_to_sync: set[str] = set()
-        # the write format (formats.py); jsonl keeps the plain append path below
+        # the write format (shardlog/ondisk/formats.py); jsonl keeps the plain append path below
         self.fmt = fmt = formats.get(shard.format, shard.payload_only)
         self.current = fmt.current
         self.flags = OPEN_FLAGS if fmt.append else PWRITE_FLAGS

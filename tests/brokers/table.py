@@ -20,7 +20,7 @@ class Facts:
     """What the suite shows of a broker (tests/brokers/test_compat.py asserts each one)."""
 
     retained_on_wildcard: bool  # a retained message reaches a new `branch/#` subscription
-    notes: tuple[str, ...] = ()  # what the shard finds and warns about (shardlog/brokercheck.py)
+    notes: tuple[str, ...] = ()  # what the shard finds and warns about (shardlog/recording/brokercheck.py)
     tls: bool = False            # tests/brokers/test_tls.py runs against it over TLS
 
 

@@ -246,7 +246,7 @@ def test_small_reads_over_tls_lose_no_packet(mosquitto_tls: MosquittoTLS, test_c
     bytes inside the SSL object at all; docs/brokers.md, "TLS"."""
     import shardlog.recording.client
 
-    monkeypatch.setattr(shardlog.client, "READ_SIZE", 1000)  # below a 16 KiB TLS record
+    monkeypatch.setattr(shardlog.recording.client, "READ_SIZE", 1000)  # below a 16 KiB TLS record
     probe = Probe("pending-probe", test_ca, mosquitto_tls.tls_port, "pending")
     total = 300
     pub = FastPublisher(mosquitto_tls.port, client_id="pending-pub")

@@ -1,4 +1,4 @@
-"""shardlog/brokercheck.py: the decisions, without a broker (the brokers themselves: tests/brokers/)."""
+"""shardlog/recording/brokercheck.py: the decisions, without a broker (the brokers themselves: tests/brokers/)."""
 
 from __future__ import annotations
 

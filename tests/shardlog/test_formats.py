@@ -1,4 +1,4 @@
-"""Write formats (shardlog/formats.py): the pure encode/read/repair functions, then real
+"""Write formats (shardlog/ondisk/formats.py): the pure encode/read/repair functions, then real
 recordings by a real shard from a real mosquitto in every format, read back by the
 history tools, across rotation, gzip, SIGKILL and restarts."""
 

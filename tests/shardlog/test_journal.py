@@ -1,6 +1,6 @@
 """The journal (journal.enabled): its files, the materializer, and exact recovery.
 
-The recovery claim (shardlog/materializer.py): a journal record reaches its topic file
+The recovery claim (shardlog/writing/materializer.py): a journal record reaches its topic file
 exactly once, whatever point the process is killed at. Proved here by SIGKILLing a real
 materializing process at random points over 100,000 topics and comparing every topic file
 with the journal, record by record; and end to end through a real mosquitto.

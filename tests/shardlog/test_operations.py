@@ -1,4 +1,4 @@
-"""Control operations inside a recorder (shardlog.operations), driven without a network: messages
+"""Control operations inside a recorder (shardlog.control.operations), driven without a network: messages
 go in through ``on_publish``, commands through ``Operations.handle`` (what the control socket
 delivers), and the files on disk are checked after each step."""
 

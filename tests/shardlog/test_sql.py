@@ -1,4 +1,4 @@
-"""shardlog.sql (history.connect, `shardlog sql`) and the Parquet export: the records view
+"""shardlog.reading.sql (history.connect, `shardlog sql`) and the Parquet export: the records view
 against history.read (the reference reader) over segments of every write format,
 plain, rotated, gzipped and torn, hostile topic names; pruning checked against the
 unpruned view; a real recording from a real shard; Parquet read back with pandas."""
