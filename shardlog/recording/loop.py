@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from shardlog.recording.stats import Counters
     from shardlog.writing.compressor import Compressor
     from shardlog.writing.store import Store
+    from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class RecorderLoop:
     parent_pid: int | None
     heartbeat: float
     pending: int
-    states: dict
+    states: dict[bytes, TopicState | str]
     stop_requested: bool
     expect_session: bool
     backoff: float
@@ -79,6 +80,7 @@ class RecorderLoop:
     _deadline_flush: Callable[[float], None]
     flush: Callable[..., None]
 
+    # -- setup ----------------------------------------------------------------------------
 
     def _prepare_root(self) -> tuple[str, str]:
         os.makedirs(self.shard.root, exist_ok=True)

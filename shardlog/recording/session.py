@@ -70,7 +70,6 @@ class BrokerSession:
     _lost_connection: Callable[[], None]
     _write_stats: Callable[[], None]
 
-
     def _make_client(self) -> BufferedClient | StockClient:
         b = self.broker
         cid = client_id(self.smap, self.shard)
