@@ -10,7 +10,7 @@ import logging
 import socket
 from typing import Any
 
-from shardlog.cli import EX_CONFIG, add_log_level, load_or_exit, setup_logging
+from shardlog.cli.common import EX_CONFIG, add_log_level, load_or_exit, setup_logging
 from supervisor.arbiter.loop import Arbiter
 from supervisor.arbiter.sdnotify import Notifier
 from supervisor.broker.supervised import ports_taken

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardlog.stats import Counters
+from shardlog.recording.stats import Counters
 from supervisor.shards.process import ExitInfo
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from shardlog.control import ALL, Target
+from shardlog.control.commands import ALL, Target
 from supervisor.arbiter.runtime import ShardRuntime
 from supervisor.shards.states import PROCESS_STATES, ShardState
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from shardlog.config import SupervisorSettings
-from shardlog.stats import read_stats
+from shardlog.config.schema import SupervisorSettings
+from shardlog.recording.stats import read_stats
 from supervisor.arbiter.runtime import After, Intent, ShardRuntime, set_state
 from supervisor.shards import backoff
 from supervisor.shards.process import ExitInfo

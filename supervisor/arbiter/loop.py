@@ -26,7 +26,8 @@ import socket
 import tempfile
 import time
 
-from shardlog.config import ConfigError, ShardMap, shards_for_host
+from shardlog.config.load import shards_for_host
+from shardlog.config.schema import ConfigError, ShardMap
 from supervisor.arbiter import exits, health, reload, report, stops
 from supervisor.arbiter.commands import Action, decide
 from supervisor.arbiter.inbox import Inbox

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from shardlog.config import Shard, ShardMap, load_map, shards_for_host
+from shardlog.config.load import load_map, shards_for_host
+from shardlog.config.schema import Shard, ShardMap
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from shardlog.config import SupervisorSettings
+from shardlog.config.schema import SupervisorSettings
 from supervisor.arbiter.runtime import Clock, Intent, ShardRuntime, remove_stats, set_state
 from supervisor.control.controller import control_path
 from supervisor.shards import backoff

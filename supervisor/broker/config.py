@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from shardlog.config import Broker, ShardMap
+from shardlog.config.schema import Broker, ShardMap
 
 #: the name supervise logs the embedded broker under
 NAME = "embedded-broker"

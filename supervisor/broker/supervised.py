@@ -14,7 +14,7 @@ import logging
 import signal
 import socket
 
-from shardlog.config import ShardMap
+from shardlog.config.schema import ShardMap
 from supervisor.broker.config import NAME, address, argv, config_toml, listen_host
 from supervisor.shards.process import Child, ExitInfo, Spawn, send
 

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shardlog.argtypes import http_url, seconds
-from shardlog.cli import load_or_exit
+from shardlog.cli.argtypes import http_url, seconds
+from shardlog.cli.common import load_or_exit
 from supervisor.serve.status_cli import status_url
 
 EX_REFUSED, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 1, 64, 69, 78

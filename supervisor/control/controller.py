@@ -29,8 +29,17 @@ from typing import Any, Protocol
 
 import msgspec
 
-from shardlog.config import ShardMap
-from shardlog.control import ALL, RECORDER_OPS, Command, CommandError, ShardRef, Target, parse_command, route
+from shardlog.config.schema import ShardMap
+from shardlog.control.commands import (
+    ALL,
+    RECORDER_OPS,
+    Command,
+    CommandError,
+    ShardRef,
+    Target,
+    parse_command,
+    route,
+)
 from supervisor.snapshot import Snapshot
 
 log = logging.getLogger(__name__)

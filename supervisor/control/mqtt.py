@@ -31,9 +31,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from shardlog.client import apply_credentials
-from shardlog.config import ShardMap
-from shardlog.control import control_topics
+from shardlog.config.schema import ShardMap
+from shardlog.control.commands import control_topics
+from shardlog.recording.client import apply_credentials
 from supervisor.control.admission import BURST, MAX_COMMAND, RATE, Recent, TokenBucket, dedup_key, too_large
 from supervisor.control.controller import Controller, loose_id
 

@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from shardlog.argtypes import http_url, seconds
-from shardlog.cli import EX_CONFIG, format_table, load_or_exit
+from shardlog.cli.argtypes import http_url, seconds
+from shardlog.cli.common import EX_CONFIG, format_table, load_or_exit
 from supervisor.serve.http import parse_listen
 
 EX_FAILED = 1        # a shard is failed

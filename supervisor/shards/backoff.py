@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shardlog.config import Restart
+from shardlog.config.schema import Restart
 
 EX_CONFIG = 78
 #: the backoff is shortened by up to this fraction, at random

@@ -24,7 +24,8 @@ from typing import Any
 import msgspec
 import yaml
 
-from shardlog.config import Broker, ConfigError, Shard, ShardMap, load_map
+from shardlog.config.load import load_map
+from shardlog.config.schema import Broker, ConfigError, Shard, ShardMap
 
 log = logging.getLogger(__name__)
 

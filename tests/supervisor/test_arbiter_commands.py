@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.config import load_map
-from shardlog.control import ALL, Target
+from shardlog.config.load import load_map
+from shardlog.control.commands import ALL, Target
 from supervisor.arbiter.commands import Action, decide
 from supervisor.arbiter.runtime import ShardRuntime
 from supervisor.shards.shardmap import specs
