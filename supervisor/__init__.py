@@ -5,5 +5,5 @@ This package imports shardlog; shardlog never imports it. Its subpackages follow
 loop that runs them), ``snapshot`` (what the loop publishes), ``serve`` (``/status``,
 ``/metrics``, ``shardlog status``), ``control`` (commands over HTTP and MQTT) and ``broker``
 (the embedded broker); ``cli`` wires them for ``shardlog supervise``. One line per module:
-docs/architecture-supervisor.md.
+docs/architecture.md.
 """

@@ -4,7 +4,7 @@ The recording thread routes each message (cached per topic), appends its record 
 the batch, and at the end of the batch writes the batch to the journal with one
 ``write`` (``fsync``: and one ``fdatasync``) and acknowledges every message of it, in
 order. The topic files are written behind it by the materializer thread
-(shardlog/materializer.py). So the cost of acknowledging does not grow with the
+(shardlog/writing/materializer.py). So the cost of acknowledging does not grow with the
 number of topics; the topic files follow as fast as the file system allows, at most
 ``journal.max_lag`` bytes behind (past that the shard stops acknowledging and the
 broker keeps the rest, as when the disk is full).

@@ -2,7 +2,7 @@
 
 With ``journal.enabled``, the recording thread appends each batch of records to the
 journal with one ``write`` (and, with ``fsync``, one ``fdatasync``), acknowledges the
-batch, and a materializer thread (shardlog/materializer.py) copies the records into
+batch, and a materializer thread (shardlog/writing/materializer.py) copies the records into
 the topic files behind it. Acknowledging costs one sequential write whatever the
 number of topics; the topic files follow as fast as the file system creates and
 opens them.

@@ -1,8 +1,8 @@
 """Journal -> topic files, in a thread of its own (``journal.enabled``).
 
 The recording thread appends batches to the journal and acknowledges them
-(shardlog/journal.py); this thread reads the journal from its checkpoint on and
-hands the records to the :class:`shardlog.store.Store`, which writes the topic
+(shardlog/writing/journal.py); this thread reads the journal from its checkpoint on and
+hands the records to the :class:`shardlog.writing.store.Store`, which writes the topic
 files exactly as a shard without a journal does (one write per topic per batch,
 new topics prepared in the background, +recent.json at most every
 ``recent_interval``). Once every record before a journal position is in the topic

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-#: what the recorder's exit codes mean (see shardlog.recorder)
+#: what the recorder's exit codes mean (see shardlog.recording.loop)
 EXIT_REASONS = {
     0: "stopped cleanly",
     64: "usage error",
