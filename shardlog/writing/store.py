@@ -288,7 +288,8 @@ class Store:
             else:
                 self.stale_recent.add(st)
 
-    def _write_recent(self, st: TopicState, now_mono: float) -> None:
+    def _write_recent(self, st: TopicState, now_mono: float) -> bool:
+        """Replace ``st``'s +recent.json; False if the disk refused (it stays stale)."""
         try:
             self.files.write_recent(st)
         except OSError as exc:
@@ -298,10 +299,11 @@ class Store:
                 log.warning("%s: cannot replace %s: %s (retrying; further failures for 10 s "
                             "are counted in errors, not logged)", st.relpath, RECENT, exc.strerror or exc)
             self.stale_recent.add(st)
-            return
+            return False
         st.recent_dirty = False
         st.recent_at = now_mono
         self.stale_recent.discard(st)
+        return True
 
     def _set_degraded(self, problem: str | None) -> None:
         if problem and self.degraded_reason is None:
@@ -321,12 +323,16 @@ class Store:
 
     def sweep_recent(self, now_mono: float, force: bool = False) -> None:
         """Write the +recent.json files that were held back by recent_interval (not while
-        the disk refuses writes: the flush that succeeds again ends that)."""
+        the disk refuses writes: the flush that succeeds again ends that). The first one the
+        disk refuses ends the sweep: the rest wait for the next one (on a full disk with
+        500,000 stale files, retrying each of them every 0.1 s kept the materializer busy
+        in failing system calls)."""
         if self.degraded_reason is not None and not force:
             return
         for st in list(self.stale_recent):
             if force or now_mono - st.recent_at >= self.shard.recent_interval:
-                self._write_recent(st, now_mono)
+                if not self._write_recent(st, now_mono):
+                    return
 
     def rotate_now(self, st: TopicState, now_us: int) -> bool:
         """Close and version ``st``'s current segment now (a control command); False if it is

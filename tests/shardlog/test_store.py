@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import errno
 import json
 import os
 import subprocess
@@ -158,6 +159,34 @@ def test_recent_interval_defers_but_close_writes(tmp_path: Path) -> None:
     assert len(json.loads(path.read_bytes())) == 1
     store.sweep_recent(161.0)
     assert json.loads(path.read_bytes()) == [json.loads(x) for x in lines[-2:]]
+
+
+def test_a_sweep_stops_at_the_first_recent_file_the_disk_refuses(tmp_path: Path) -> None:
+    """A full disk and many stale +recent.json: one refused write per sweep, not one per
+    file (each is counted in errors); once the disk takes them again, they are all written."""
+    store, c = make(tmp_path, recent=2, recent_interval=60)
+    states: dict[str, TopicState] = {}
+    for k in range(50):
+        put(store, states, f"t/{k}", 1)
+    store.flush(T0, 100.0)
+    for k in range(50):
+        put(store, states, f"t/{k}", 1, start=1)
+    store.flush(T0, 101.0)  # held back by recent_interval: 50 stale
+    assert len(store.stale_recent) == 50
+    real, tries = store.files.write_recent, []
+
+    def full(st: TopicState) -> None:
+        tries.append(st)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.files.write_recent = full  # type: ignore[method-assign]
+    store.sweep_recent(161.0)
+    store.sweep_recent(161.1)
+    assert len(tries) == 2 and c.errors == 2 and len(store.stale_recent) == 50
+    store.files.write_recent = real  # type: ignore[method-assign]
+    store.sweep_recent(161.2)
+    assert not store.stale_recent
+    assert all(len(json.loads((tmp_path / "t" / str(k) / "+recent.json").read_bytes())) == 2 for k in range(50))
 
 
 def test_torn_and_garbage_tail_is_cut_and_kept_aside(tmp_path: Path) -> None:
