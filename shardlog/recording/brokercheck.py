@@ -107,7 +107,7 @@ class InflightProbe:
         seen, n = self._seen, self._candidate
         if n and first_msg - self._acked_at < _PROMPT:
             seen.append(n)
-            del seen[:-_STREAK - 1]
+            del seen[:-max(_STREAK, 4)]  # what window() looks at
         elif n and n not in seen[-2:]:
             seen.clear()
         # a late follower with a count already seen neither counts nor resets: on a loaded

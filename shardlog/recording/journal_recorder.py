@@ -169,7 +169,7 @@ class JournalRecorder(Recorder):
             return _DISCARD
         assert self.store is not None
         try:
-            self.store.new_state(topic)  # pure: the path checks, nothing on disk
+            self.store.topic_path(topic)  # the path checks, nothing on disk (no state: the materializer's)
         except TopicError as exc:
             return f"topic not storable: {exc}"
         key = _encode(topic) + b"\t"

@@ -2,12 +2,12 @@
 
 The store never talks to the network. The recorder hands it record lines per topic
 (:meth:`Store.add`), then calls :meth:`Store.flush`, which writes every buffered
-line with one ``write`` per topic (through :class:`shardlog.topicfiles.TopicFiles`,
+line with one ``write`` per topic (through :class:`shardlog.writing.topicfiles.TopicFiles`,
 which does the system calls) and tells which lines could not be written (so their
 messages are not acknowledged). File descriptors are opened lazily and kept in a
 bounded LRU, so any number of topics fits in ``max_open_files`` descriptors. With
 :meth:`Store.start_preparer`, a topic's first open happens in a
-:class:`shardlog.preparer.Preparer` thread and :meth:`Store.flush` holds that topic's
+:class:`shardlog.writing.preparer.Preparer` thread and :meth:`Store.flush` holds that topic's
 lines until it is ready: a waiting topic costs a flush nothing until new records
 arrive for it or the preparer hands it back.
 
@@ -33,8 +33,6 @@ from shardlog.writing.compressor import Compressor
 from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles
-
-__all__ = ["Compressor", "Preparer", "Store", "TopicState", "TRANSIENT"]
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +78,19 @@ class Store:
 
     # -- topics -------------------------------------------------------------------
 
-    def new_state(self, topic: str) -> TopicState:
-        """State for a topic; raises TopicError if it cannot be stored."""
+    def topic_path(self, topic: str) -> tuple[str, str]:
+        """A topic's (relpath, directory), checked without touching the disk; raises
+        TopicError if it cannot be stored (the journal's recorder checks with this alone)."""
         relpath = topic_to_relpath(topic)
         # resolved on disk (symlinks) before its first open: _check_path, off the hot path
         path = safe_join(self.root, relpath, resolve=False)
         if len(os.fsencode(path)) + 32 > 4095:
             raise TopicError("path too long for the file system")
-        return TopicState(topic, relpath, path, self.shard.recent)
+        return relpath, path
+
+    def new_state(self, topic: str) -> TopicState:
+        """State for a topic; raises TopicError if it cannot be stored."""
+        return TopicState(topic, *self.topic_path(topic), self.shard.recent)
 
     def add(self, st: TopicState, line: bytes, mid: int) -> None:
         st.lines.append(line)
