@@ -57,7 +57,7 @@ CUMULATIVE = [
     ("encode_record", "records.py", "encode_record"),
     ("Recorder.flush", "recorder.py", "flush"),
     ("Store.flush", "store.py", "flush"),
-    ("Store._write_recent", "store.py", "_write_recent"),
+    ("RecentFiles._write (+recent.json)", "recent.py", "_write"),
     ("Client.ack (all acks)", "client.py", "ack"),
     ("Recorder._tick", "recording/loop.py", "_tick"),
 ]

@@ -617,7 +617,7 @@ class Supervised(Shardlog):
         counters = [s.get("counters") for s in shards]
         if len(counters) != 2 or not all(counters):
             return None
-        total = {k: sum(c[k] for c in counters) for k in ("acked", "messages")}
+        total = {k: sum(c[k] for c in counters) for k in ("acked", "messages", "redelivered")}
         total["subscribed"] = all(c["subscribed"] for c in counters)
         return type("Totals", (), total)()
 

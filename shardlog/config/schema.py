@@ -164,6 +164,9 @@ class Settings(Struct, **_STRICT):
     fsync: Literal["never", "batch", "always"] = "never"
     batch: Batch = msgspec.field(default_factory=Batch)
     max_open_files: Annotated[int, Meta(ge=8, le=65536)] = 1024
+    #: topics whose state (recent records, segment size) stays in memory, ~1 KB each; past it
+    #: the idle ones are forgotten and reloaded from disk if they speak again (docs/journal.md)
+    max_topics: Annotated[int, Meta(ge=64, le=10_000_000)] = 200_000
     max_payload: Size = Size(16 * 1024 * 1024)  # larger payloads are quarantined
     lock_wait: Duration = Duration(10.0)
     # how segments are written (shardlog/ondisk/formats.py, docs/history.md "Write formats")

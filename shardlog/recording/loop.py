@@ -138,6 +138,7 @@ class RecorderLoop:
         self.ops.clean_leftovers()
         assert self.store is not None
         self.store.start_preparer()  # new topics' directories and files: off the hot path
+        self.store.start_recent_writer()  # +recent.json too
         self._started()
         self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -210,6 +211,7 @@ class RecorderLoop:
     def _housekeeping(self, now: float) -> None:
         assert self.store is not None
         self.store.sweep_recent(now)
+        self.store.report_recent(now, self.counters)
         self.counters.topics_cached = len(self.states)
 
     def _shutdown(self) -> None:

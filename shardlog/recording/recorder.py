@@ -52,9 +52,6 @@ log = logging.getLogger(__name__)
 _time_ns = time.time_ns
 MAX_WAITING = 12_000
 
-#: states kept in memory per open-file slot (closed-file topics keep their recent buffer)
-_STATES_PER_FD = 2
-
 
 class Recorder(RecorderLoop, BrokerSession):
     """One shard's recorder. Its broker session is :class:`BrokerSession`'s
@@ -93,7 +90,7 @@ class Recorder(RecorderLoop, BrokerSession):
         self.max_waiting = max(MAX_WAITING, 2 * self.batch_max)
         self.max_delay = shard.batch.max_delay
         self.max_payload = shard.max_payload
-        self.max_states = shard.max_open_files * _STATES_PER_FD
+        self.max_states = shard.max_topics
         self.stop_requested = False
         self._subscribe_mid = -1  # the SUBACK that makes this shard "subscribed"
         self.connected = False

@@ -32,6 +32,10 @@ class Counters(msgspec.Struct, kw_only=True):
     repaired: int = 0          # torn tails cut back on reopen
     errors: int = 0            # I/O errors (each logged)
     pending: int = 0           # records received, not yet written
+    #: seconds since the oldest change not yet in its +recent.json (0: every one current)
+    recent_lag: float = 0.0
+    recent_stale: int = 0      # topics whose +recent.json is behind their topic file
+    recent_written: int = 0    # +recent.json replacements
     journal_lag_bytes: int | None = None  # journal.enabled: journal bytes not yet in topic files
     connected: bool = False
     subscribed: bool = False   # the broker granted this connection's subscription

@@ -14,9 +14,6 @@ import queue
 import threading
 import typing
 
-from shardlog.ondisk.segments import RECENT, RECENT_TMP
-from shardlog.topics import safe_join
-from shardlog.writing.atomic import swap_in
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import TopicFiles
 
@@ -63,17 +60,13 @@ class Preparer:
     def prepare(self, st: TopicState) -> Prepared:
         files = self.files
         try:
-            safe_join(files.root, st.relpath)
-            created = not os.path.isdir(st.path)
-            if created:
-                files.make_dirs(st)
+            created = files.ensure_dir(st)
             path = os.path.join(st.path, files.current)
             # jsonl: create the segment here (an empty JSON Lines file is valid); other
             # formats: only if it exists (an empty +log.json is not JSON), the recording
             # thread creates it together with its first records
-            flags = files.flags if files.plain else files.flags & ~os.O_CREAT
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = files.open_segment(path, create=files.plain)
             except FileNotFoundError:
                 if files.plain:
                     raise
@@ -88,29 +81,8 @@ class Preparer:
             torn = files.load(st, path)
         except Exception as exc:  # noqa: BLE001 - reported by the recording thread's own open
             return Prepared(False, None, exc)
-        if st.recent.maxlen:
-            self._recent_files(st)
         st.loaded = True
         return Prepared(created, torn, None)
-
-    @staticmethod
-    def _recent_files(st: TopicState) -> None:
-        """Create the spare of +recent.json if missing, so the recording thread's first
-        rewrite creates no inode; and, for a topic with records on disk, +recent.json
-        itself if missing (never an empty one: readers expect the last records)."""
-        recent = os.path.join(st.path, RECENT)
-        spare = os.path.join(st.path, RECENT_TMP)
-        try:
-            if st.recent:
-                body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
-                for _ in range(2):  # the first swap may only create +recent.json
-                    if os.path.exists(spare) and os.path.exists(recent):
-                        return
-                    swap_in(recent, spare, body)
-            elif not os.path.exists(spare):
-                os.close(os.open(spare, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644))
-        except OSError:
-            pass  # the recording thread's rewrite reports it
 
     def wait_idle(self) -> None:
         """Until every submitted topic is prepared."""

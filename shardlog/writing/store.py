@@ -31,6 +31,7 @@ from shardlog.records import decode_record, encode_quarantine
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
+from shardlog.writing.recent import RecentFiles
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles
 
@@ -58,13 +59,13 @@ class Store:
         #: them too, then empty the list (flush's result lists only the ids it newly holds)
         self.released: list[int] = []
         self.open = self.files.open   # LRU of states holding an fd, oldest first
-        self.stale_recent: set[TopicState] = set()
+        #: the stale +recent.json files and who replaces them (shardlog/writing/recent.py)
+        self.recent = RecentFiles(self.files, shard.recent_interval, counters)
         self.quarantine_lines: list[bytes] = []
         self.quarantine_mids: list[int] = []
         self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
         self.fsync = shard.fsync != "never"
         self.degraded_reason: str | None = None
-        self._recent_warned = -1e18
         if self.fmt.payload_only:
             self.add = self._add_payload  # type: ignore[method-assign]
         self.preparer: Preparer | None = None
@@ -75,6 +76,12 @@ class Store:
         its records wait in memory, unacknowledged, until a later flush writes them."""
         if self.preparer is None:
             self.preparer = Preparer(self.files, self._ready, threads)
+
+    def start_recent_writer(self) -> None:
+        """From now on +recent.json files are replaced by a thread of their own, at most
+        once per ``recent_interval`` per topic, the most stale first: a write only marks
+        its topic (shardlog/writing/recent.py)."""
+        self.recent.start()
 
     # -- topics -------------------------------------------------------------------
 
@@ -286,27 +293,8 @@ class Store:
     def _after_write(self, st: TopicState, now_mono: float) -> None:
         self.files.touch(st)
         if st.recent_dirty:
-            if now_mono - st.recent_at >= self.shard.recent_interval:
-                self._write_recent(st, now_mono)
-            else:
-                self.stale_recent.add(st)
-
-    def _write_recent(self, st: TopicState, now_mono: float) -> bool:
-        """Replace ``st``'s +recent.json; False if the disk refused (it stays stale)."""
-        try:
-            self.files.write_recent(st)
-        except OSError as exc:
-            self.counters.errors += 1
-            if now_mono - self._recent_warned >= 10.0:  # one line per 10 s, not one per topic
-                self._recent_warned = now_mono
-                log.warning("%s: cannot replace %s: %s (retrying; further failures for 10 s "
-                            "are counted in errors, not logged)", st.relpath, RECENT, exc.strerror or exc)
-            self.stale_recent.add(st)
-            return False
-        st.recent_dirty = False
-        st.recent_at = now_mono
-        self.stale_recent.discard(st)
-        return True
+            st.recent_dirty = False
+            self.recent.mark(st, now_mono)
 
     def _set_degraded(self, problem: str | None) -> None:
         if problem and self.degraded_reason is None:
@@ -325,17 +313,19 @@ class Store:
     # -- housekeeping ---------------------------------------------------------------
 
     def sweep_recent(self, now_mono: float, force: bool = False) -> None:
-        """Write the +recent.json files that were held back by recent_interval (not while
-        the disk refuses writes: the flush that succeeds again ends that). The first one the
-        disk refuses ends the sweep: the rest wait for the next one (on a full disk with
-        500,000 stale files, retrying each of them every 0.1 s kept the materializer busy
-        in failing system calls)."""
-        if self.degraded_reason is not None and not force:
+        """Replace the +recent.json files held back by recent_interval; with the writer
+        thread, only ``force`` does anything here (write every stale one now). Not while
+        the disk refuses writes: the flush that succeeds again ends that."""
+        if (self.recent.threaded or self.degraded_reason is not None) and not force:
             return
-        for st in list(self.stale_recent):
-            if force or now_mono - st.recent_at >= self.shard.recent_interval:
-                if not self._write_recent(st, now_mono):
-                    return
+        self.recent.sweep(now_mono, force)
+
+    def report_recent(self, now_mono: float, counters: Counters) -> None:
+        """The +recent.json figures into the counters (the stats file, /metrics)."""
+        r = self.recent
+        counters.recent_lag = round(r.lag(now_mono), 3)
+        counters.recent_stale = len(r.queue)
+        counters.recent_written = r.written
 
     def rotate_now(self, st: TopicState, now_us: int) -> bool:
         """Close and version ``st``'s current segment now (a control command); False if it is
@@ -352,7 +342,7 @@ class Store:
         """Let go of a topic whose directory is being moved or deleted: close its file and
         drop it from every list (its buffer must be empty: flush first)."""
         self.files.close_fd(st)
-        self.stale_recent.discard(st)
+        self.recent.drop(st)
         if st.dirty:  # pragma: no cover - callers flush first and refuse while degraded
             self.dirty = [d for d in self.dirty if d is not st]
             st.dirty = False
@@ -362,17 +352,16 @@ class Store:
 
     def write_recent_now(self, st: TopicState) -> None:
         """Write a held-back +recent.json now (before its directory moves)."""
-        if st in self.stale_recent:
-            self._write_recent(st, time.monotonic())
+        self.recent.write_now(st)
 
     def evictable(self, st: TopicState) -> bool:
         # a topic waiting for the preparer is out of dirty but has lines (and st.prep set)
-        return not st.dirty and st.fd < 0 and st.prep is None and not st.lines and st not in self.stale_recent
+        return not st.dirty and st.fd < 0 and st.prep is None and not st.lines and not st.recent_queued
 
     def close(self) -> None:
         if self.preparer is not None:
             self.preparer.stop()
             self.preparer = None
-        self.sweep_recent(time.monotonic(), force=True)
+        self.recent.stop()  # and every stale +recent.json written
         for st in list(self.open):
             self.files.close_fd(st)

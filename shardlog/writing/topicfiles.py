@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 import typing
 
@@ -33,6 +34,8 @@ TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
                        errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
                        errno.EINTR, errno.ESTALE})
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+#: directories remembered as checked (ensure_dir); past it the set starts again
+MAX_SAFE_DIRS = 100_000
 PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: positioned writes
 
 
@@ -52,6 +55,9 @@ class TopicFiles:
         self.max_bytes = shard.rotate.max_bytes
         self.max_age = shard.rotate.max_age
         self.dirs_to_sync: set[str] = set()
+        #: relpaths of directories checked (or made) in this process: inside the root, no
+        #: symlink. A new topic below one costs one mkdir (ensure_dir)
+        self.safe_dirs: set[str] = set()
         # the write format (shardlog/ondisk/formats.py); jsonl keeps the plain append path below
         self.fmt = fmt = formats.get(shard.format, shard.payload_only)
         self.current = fmt.current
@@ -165,18 +171,15 @@ class TopicFiles:
     def open_fd(self, st: TopicState) -> None:
         if len(self.open) >= self.shard.max_open_files:
             self.evict(max(1, self.shard.max_open_files // 8))
-        if not st.loaded:  # the first open in this process: nothing on disk may lead out
-            safe_join(self.root, st.relpath)
-        created = not os.path.isdir(st.path)
-        if created:
-            self.make_dirs(st)
+        # the first open in this process: the directory made or checked (nothing on disk
+        # may lead out); later ones open the file, and make the directory only if it went
+        created = self.ensure_dir(st) if not st.loaded else False
         path = os.path.join(st.path, self.current)
         try:
-            fd = os.open(path, self.flags, 0o644)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
-                raise TopicError(f"cannot open {self.current}: {exc.strerror}") from None
-            raise
+            fd = self.open_segment(path)
+        except FileNotFoundError:  # the directory went (an rm from outside): made again
+            created = self.ensure_dir(st, checked=True)
+            fd = self.open_segment(path)
         st.fd = fd
         st.size = os.fstat(fd).st_size
         if not created and not st.loaded and st.size == 0:
@@ -190,6 +193,53 @@ class TopicFiles:
             st.loaded = True
             if torn is not None:
                 self.on_torn(st, torn)
+
+    def open_segment(self, path: str, create: bool = True) -> int:
+        """The current segment's descriptor (created if missing, unless ``create`` is
+        False: then FileNotFoundError). A path that cannot hold it is a TopicError."""
+        try:
+            return os.open(path, self.flags if create else self.flags & ~os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot open {self.current}: {exc.strerror}") from None
+            raise
+
+    def ensure_dir(self, st: TopicState, checked: bool = False) -> bool:
+        """Make ``st``'s directory, or check the one there (a first open); True if made.
+
+        Below a parent already checked in this process (``safe_dirs``) this is one
+        ``mkdir`` (a directory it makes is no symlink), or one ``lstat`` if the directory
+        exists; the first topic below a parent (or ``checked``) gets the whole check of
+        :func:`shardlog.topics.safe_join` (every level resolved inside the root)."""
+        parent, _, name = st.relpath.rpartition("/")
+        if checked or (parent and parent not in self.safe_dirs) or is_hashed_name(name):
+            return self._ensure_dir_checked(st, parent)
+        try:
+            os.mkdir(st.path)
+            return True
+        except FileExistsError:
+            if stat.S_ISLNK(os.lstat(st.path).st_mode):
+                safe_join(self.root, st.relpath)  # resolved: raises if it leads out
+            return False
+        except (FileNotFoundError, NotADirectoryError):  # the parent went or changed
+            self.safe_dirs.discard(parent)
+            return self._ensure_dir_checked(st, parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise TopicError(f"cannot create the directory: {exc.strerror}") from None
+            raise
+
+    def _ensure_dir_checked(self, st: TopicState, parent: str) -> bool:
+        safe_join(self.root, st.relpath)
+        created = not os.path.isdir(st.path)
+        if created:
+            self.make_dirs(st)
+        if len(self.safe_dirs) >= MAX_SAFE_DIRS:
+            self.safe_dirs.clear()
+        while parent:  # every level above st's directory is checked now
+            self.safe_dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+        return created
 
     def make_dirs(self, st: TopicState) -> None:
         try:
@@ -305,7 +355,9 @@ class TopicFiles:
 
     def write_recent(self, st: TopicState) -> None:
         """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
-        body = b"[" + b",".join(line[:-1] for line in st.recent) + b"]\n"
+        body = b"[" + b",".join([line[:-1] for line in st.recent.snapshot()]) + b"]\n"
+        if st.recent_versions is None:
+            st.recent_versions = set()
         swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,
                 st.recent_versions)
 

@@ -172,7 +172,7 @@ def test_a_sweep_stops_at_the_first_recent_file_the_disk_refuses(tmp_path: Path)
     for k in range(50):
         put(store, states, f"t/{k}", 1, start=1)
     store.flush(T0, 101.0)  # held back by recent_interval: 50 stale
-    assert len(store.stale_recent) == 50
+    assert len(store.recent.queue) == 50
     real, tries = store.files.write_recent, []
 
     def full(st: TopicState) -> None:
@@ -182,10 +182,10 @@ def test_a_sweep_stops_at_the_first_recent_file_the_disk_refuses(tmp_path: Path)
     store.files.write_recent = full  # type: ignore[method-assign]
     store.sweep_recent(161.0)
     store.sweep_recent(161.1)
-    assert len(tries) == 2 and c.errors == 2 and len(store.stale_recent) == 50
+    assert len(tries) == 2 and c.errors == 2 and len(store.recent.queue) == 50
     store.files.write_recent = real  # type: ignore[method-assign]
     store.sweep_recent(161.2)
-    assert not store.stale_recent
+    assert not store.recent.queue
     assert all(len(json.loads((tmp_path / "t" / str(k) / "+recent.json").read_bytes())) == 2 for k in range(50))
 
 
@@ -312,9 +312,9 @@ def test_preparer_holds_new_topics_until_prepared_and_keeps_order(tmp_path: Path
     assert store.preparer is not None
     store.preparer.wait_idle()
     d = tmp_path / "new" / "0"
-    # prepared: the spare exists (the first rewrite creates no inode), +recent.json not yet:
-    # readers never see an empty one
-    assert (d / "+recent.json.spare").exists() and not (d / "+recent.json").exists()
+    # prepared: the directory and +log.jsonl, no +recent.json yet (readers never see an empty
+    # one; its writer, off the recording thread, makes it with the first records)
+    assert (d / "+log.jsonl").exists() and not (d / "+recent.json").exists()
     assert store.flush(T0, 2.0) == set()
     for topic, lines in new.items():
         assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
