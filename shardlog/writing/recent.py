@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 #: after a write the disk refused, the thread waits this long before the next try
 RETRY_AFTER = 1.0
+#: while the recording side writes (a flush within BUSY_FOR s), the thread writes for at most
+#: SLICE s, then waits SLICE / SHARE - SLICE s: it takes at most SHARE of a core from the
+#: topic files. Idle, it writes at full speed (a drain's +recent.json files catch up after it).
+BUSY_FOR = 0.2
+SLICE = 0.01
+SHARE = 0.33
 
 
 class RecentFiles:
@@ -60,6 +66,8 @@ class RecentFiles:
         self.written = 0          # files replaced
         self.refused: str | None = None  # the last refusal, while the disk refuses
         self._warned = -1e18
+        #: monotonic time of the recording side's last flush that wrote (set by the store)
+        self.busy_at = -1e18
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -71,10 +79,10 @@ class RecentFiles:
         gets its file at once (the old behaviour)."""
         if st.recent_queued:
             return
+        st.recent_queued = True
         if self._thread is None and now_mono - st.recent_at >= self.interval:
             if self._write(st, now_mono):
                 return
-        st.recent_queued = True
         self.queue.append((st, now_mono))
 
     def lag(self, now_mono: float) -> float:
@@ -87,12 +95,19 @@ class RecentFiles:
 
     # -- replacing ---------------------------------------------------------------------
 
-    def sweep(self, now_mono: float, force: bool = False) -> float | None:
+    def sweep(self, now_mono: float, force: bool = False, until: float | None = None) -> float | None:
         """Replace the due files, most stale first. Stops at the first not yet due
-        (returns when it is; ``force``: writes every one now) or at the first the disk
-        refuses (returns when to retry). None: the queue is empty."""
+        (returns when it is; ``force``: writes every one now), at the first the disk
+        refuses (returns when to retry) or at monotonic time ``until`` (returns it).
+        None: the queue is empty."""
         q = self.queue
+        n = 0
         while q:
+            n += 1
+            if until is not None and n % 16 == 0:
+                now_mono = time.monotonic()
+                if now_mono >= until:
+                    return now_mono
             st, since = q[0]
             due = st.recent_at + self.interval
             if not force and due > now_mono:
@@ -105,7 +120,7 @@ class RecentFiles:
 
     def _write(self, st: TopicState, now_mono: float) -> bool:
         with self.lock:
-            if st.recent_gone:
+            if st.recent_gone or not st.recent_queued:  # gone, or written meanwhile (write_now)
                 st.recent_queued = False
                 return True
             st.recent_queued = False  # before the snapshot: a later record queues it again
@@ -150,15 +165,19 @@ class RecentFiles:
         tick = min(0.25, self.interval) if self.interval > 0 else 0.05
         while not self._stopping:
             now = time.monotonic()
+            busy = now - self.busy_at < BUSY_FOR
             try:
-                nxt = self.sweep(now)
+                nxt = self.sweep(now, until=now + SLICE if busy else now + 1.0)
             except Exception:  # noqa: BLE001 - never die silently: log, count, go on
                 log.exception("the +recent.json writer failed; going on")
                 self.counters.errors += 1
                 nxt = now + RETRY_AFTER
+            if busy and nxt is not None:  # give the recording side its share of the core
+                nxt = max(nxt, time.monotonic() + SLICE / SHARE - SLICE)
             # an empty queue is looked at again after a tick (mark() does not wake us: it is
             # called per write, and a set() per write would cost the recording thread)
-            self._wake.wait(tick if nxt is None else min(max(0.0, nxt - now), 1.0) or 0.001)
+            now = time.monotonic()
+            self._wake.wait(tick if nxt is None else min(max(0.0, nxt - now), 1.0) or 0.0005)
 
     @property
     def threaded(self) -> bool:

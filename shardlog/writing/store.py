@@ -219,6 +219,8 @@ class Store:
             problem = self._sync(written) or problem
         for st in written:
             self._after_write(st, now_mono)
+        if written:
+            self.recent.busy_at = now_mono
         self._set_degraded(problem)
         return held
 
