@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 import psutil  # noqa: E402
 
-from shardlog.recording.stats import read_stats  # noqa: E402
+from shardlog.counters import read_stats  # noqa: E402
 from tests.helpers import FastPublisher, Mosquitto, wait_for  # noqa: E402
 from tests.http_attack import BAD_REQUESTS, Slowloris, concurrent_gets, exchange, get_status, summary  # noqa: E402
 from tests.supervisor.helpers import SupervisorProc, make_map  # noqa: E402

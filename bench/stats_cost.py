@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from shardlog.recording.stats import read_stats  # noqa: E402
+from shardlog.counters import read_stats  # noqa: E402
 from tests.helpers import Mosquitto  # noqa: E402
 from tests.supervisor.helpers import SupervisorProc, make_map, wait_for  # noqa: E402
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from shardlog.config.load import parse_map
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.records import encode_record
 from shardlog.writing.store import Store
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shardlog.config.load import parse_map  # noqa: E402
-from shardlog.recording.stats import Counters  # noqa: E402
+from shardlog.counters import Counters  # noqa: E402
 from shardlog.writing.store import Store  # noqa: E402
 
 

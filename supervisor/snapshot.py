@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from supervisor.shards.process import ExitInfo
 
 

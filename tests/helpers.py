@@ -22,7 +22,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from shardlog.recording.stats import Counters, read_stats
+from shardlog.counters import Counters, read_stats
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 

@@ -30,6 +30,31 @@ SIZE_LIMITED = ["supervisor", "shardlog"]
 MAX_LINES = 400
 #: (lower, upper): no module of ``lower`` may import anything of ``upper``
 LAYERS = [("shardlog", "supervisor")]
+#: the layers inside each package, lowest first (docs/architecture.md): a module may import
+#: its own layer and those below it, never one above. A name is a module or a subpackage.
+DOWNWARD = {
+    "shardlog": [
+        ["shardlog", "shardlog.topics", "shardlog.records", "shardlog.counters"],
+        ["shardlog.config"],
+        ["shardlog.ondisk"],
+        ["shardlog.writing"],
+        ["shardlog.control"],
+        ["shardlog.hooks"],
+        ["shardlog.recording"],
+        ["shardlog.replay"],
+        ["shardlog.reading"],
+        ["shardlog.cli", "shardlog.history", "shardlog.__main__"],
+    ],
+    "supervisor": [
+        ["supervisor", "supervisor.shards"],
+        ["supervisor.snapshot"],
+        ["supervisor.serve"],
+        ["supervisor.control"],
+        ["supervisor.broker"],
+        ["supervisor.arbiter"],
+        ["supervisor.cli"],
+    ],
+}
 
 
 # -- reading the source ----------------------------------------------------------------------------
@@ -178,6 +203,38 @@ def layer_problems(root: Path, lower: str, upper: str) -> list[str]:
     return out
 
 
+def layer_of(name: str, layers: list[list[str]]) -> int | None:
+    """The index of the layer ``name`` belongs to (its longest listed prefix), or None. The
+    package itself (a name without a dot) stands for its ``__init__`` only."""
+    best, at = "", None
+    for i, members in enumerate(layers):
+        for m in members:
+            if (name == m or ("." in m and name.startswith(m + "."))) and len(m) > len(best):
+                best, at = m, i
+    return at
+
+
+def downward_problems(root: Path, package: str, layers: list[list[str]]) -> list[str]:
+    """One line per import of ``package`` that points to a higher layer (or a module no layer
+    lists: every module must have its place)."""
+    files = modules(root, package)
+    known = set(files)
+    out = []
+    for name, path in files.items():
+        here = layer_of(name, layers)
+        if here is None:
+            out.append(f"{name} is in no layer of {package}: add it to DOWNWARD (and docs/architecture.md)")
+            continue
+        for target in sorted(imported_names(name, path, known)):
+            if not (target == package or target.startswith(package + ".")):
+                continue
+            there = layer_of(target, layers)
+            if there is not None and there > here:
+                out.append(f"{name} imports {target}: layer {here} ({', '.join(layers[here])}) may not "
+                           f"import layer {there} ({', '.join(layers[there])})")
+    return out
+
+
 def size_problems(root: Path, package: str, limit: int = MAX_LINES) -> list[str]:
     """One line per module of ``package`` longer than ``limit`` lines."""
     out = []
@@ -206,6 +263,24 @@ def test_no_import_cycles() -> None:
 def test_shardlog_never_imports_supervisor() -> None:
     problems = [p for lower, upper in LAYERS for p in layer_problems(ROOT, lower, upper)]
     assert not problems, "\n".join(problems)
+
+
+def test_imports_point_down_the_layers() -> None:
+    problems = [p for package, layers in DOWNWARD.items() for p in downward_problems(ROOT, package, layers)]
+    assert not problems, "\n".join(problems)
+
+
+def test_an_upward_import_is_found(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"lib/__init__.py": "", "lib/low/__init__.py": "", "lib/high/__init__.py": "",
+                            "lib/low/a.py": "def f():\n    from lib.high import b\n",
+                            "lib/high/b.py": "from lib.low import a\n", "lib/stray.py": ""})
+    layers = [["lib", "lib.low"], ["lib.high"]]
+    assert downward_problems(root, "lib", layers) == [
+        "lib.low.a imports lib.high.b: layer 0 (lib, lib.low) may not import layer 1 (lib.high)",
+        "lib.stray is in no layer of lib: add it to DOWNWARD (and docs/architecture.md)"]
+    (root / "lib/low/a.py").write_text("")
+    (root / "lib/stray.py").unlink()
+    assert downward_problems(root, "lib", layers) == []
 
 
 def test_modules_stay_small() -> None:

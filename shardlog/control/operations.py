@@ -43,7 +43,7 @@ from shardlog.writing.topic_state import TopicState
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
     from shardlog.config.schema import Broker, Shard, ShardMap
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.store import Store
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from shardlog.writing.topic_state import TopicState
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
     from shardlog.config.schema import Shard, ShardMap
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns

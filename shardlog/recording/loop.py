@@ -31,13 +31,13 @@ from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import Operations
 from shardlog.recording.brokercheck import recorded_before
 from shardlog.recording.lock import LockBusy, ShardLock
-from shardlog.recording.stats import write_stats
+from shardlog.counters import write_stats
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker, Shard
     from shardlog.recording.client import BufferedClient, StockClient
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.compressor import Compressor
     from shardlog.writing.store import Store
     from shardlog.writing.topic_state import TopicState

@@ -37,7 +37,7 @@ from shardlog.recording.brokercheck import InflightProbe
 from shardlog.recording.client import BufferedClient, PahoErrors, StockClient
 from shardlog.recording.loop import RecorderLoop
 from shardlog.recording.session import _BROKER_DROPPED, _DISCARD, BrokerSession
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.records import encode_record
 from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing.compressor import Compressor

@@ -29,7 +29,7 @@ from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, a
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
     from shardlog.config.schema import Broker, Shard, ShardMap
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import queue
 import shutil
 import threading
 
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 
 log = logging.getLogger(__name__)
 

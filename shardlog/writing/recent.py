@@ -37,7 +37,7 @@ import typing
 from shardlog.ondisk.segments import RECENT
 
 if typing.TYPE_CHECKING:
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.topic_state import TopicState
     from shardlog.writing.topicfiles import TopicFiles
 

@@ -26,7 +26,7 @@ import time
 
 from shardlog.config.schema import Shard
 from shardlog.ondisk.segments import QUARANTINE, RECENT
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.records import decode_record, encode_quarantine
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 from shardlog.writing.compressor import Compressor

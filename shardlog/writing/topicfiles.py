@@ -20,7 +20,7 @@ import typing
 from shardlog.config.schema import Shard
 from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.topics import TopicError, is_hashed_name, safe_join
 from shardlog.writing import topic_load
 from shardlog.writing.atomic import swap_in

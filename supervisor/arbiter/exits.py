@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from shardlog.config.schema import SupervisorSettings
-from shardlog.recording.stats import read_stats
+from shardlog.counters import read_stats
 from supervisor.arbiter.runtime import After, Intent, ShardRuntime, set_state
 from supervisor.shards import backoff
 from supervisor.shards.process import ExitInfo

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from shardlog.recording.stats import read_stats
+from shardlog.counters import read_stats
 from supervisor.arbiter.runtime import ShardRuntime, set_state
 from supervisor.shards.states import Event, ShardState
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from supervisor.shards import backoff
 from supervisor.shards.process import Child, ExitInfo
 from supervisor.shards.shardmap import ShardSpec

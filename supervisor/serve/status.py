@@ -56,7 +56,7 @@ class Disk(msgspec.Struct, **_CLOSED):
 
 
 class ShardCounters(msgspec.Struct, kw_only=True):
-    """The recorder's own counters (shardlog.recording.stats.Counters) as its stats file last said.
+    """The recorder's own counters (shardlog.counters.Counters) as its stats file last said.
 
     The fields listed are guaranteed; the recorder may add more (they are passed through).
     """

@@ -491,7 +491,7 @@ def test_format_change_on_restart_keeps_reading(tmp_path: Path, broker: Mosquitt
 def test_store_repairs_a_torn_segment_on_open_and_quarantines_the_cut(key: str, tmp_path: Path) -> None:
     """The store's first open of a topic cuts a torn tail back (json: closes the array
     again), keeps the cut bytes in the quarantine file, and appends after it."""
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.store import Store
     fmt = FORMATS[key]
     fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
@@ -527,7 +527,7 @@ def test_store_repairs_a_torn_segment_on_open_and_quarantines_the_cut(key: str, 
 
 
 def test_payload_only_store_quarantines_a_non_json_payload(tmp_path: Path) -> None:
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.store import Store
     shard = parse_map({"shards": [{"name": "a", "prefix": "#", "root": str(tmp_path), "format": "json",
                                    "payload_only": True}]}).shards[0]
@@ -577,7 +577,7 @@ def test_follower_reads_every_format_across_appends_and_rotation(key: str, tmp_p
 
 @pytest.mark.parametrize("key", KEYS)
 def test_store_rotation_and_retention_in_every_format(key: str, tmp_path: Path) -> None:
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.store import Store
     fmt = FORMATS[key]
     fmt_name, payload_only = (key.split(".")[1], True) if key.startswith("payload.") else (key, False)
@@ -646,7 +646,7 @@ def test_nginx_serves_every_format_with_its_type(tmp_path: Path) -> None:
     from tests.test_nginx import NGINX, shipped_nginx
     if NGINX is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light; .ci/run installs it, so CI runs this)")
-    from shardlog.recording.stats import Counters
+    from shardlog.counters import Counters
     from shardlog.writing.compressor import Compressor
     from shardlog.writing.store import Store
     data = tmp_path / "data"

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from shardlog.config.load import parse_map
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.records import encode_record
 from shardlog.writing import journal
 from shardlog.writing.journal import Checkpoint, JournalReader, JournalWriter, Position
@@ -207,7 +207,7 @@ _CHILD = """
 import os, sys, time
 from shardlog.config.load import parse_map
 from shardlog.recording.loop import _raise_fd_limit
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.writing import journal
 from shardlog.writing.journal import JournalWriter
 from shardlog.writing.materializer import NEW_PER_STEP, Materializer

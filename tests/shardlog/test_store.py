@@ -17,7 +17,7 @@ import pytest
 
 from shardlog.config.load import parse_map
 from shardlog.config.schema import Shard
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from shardlog.records import encode_record
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.preparer import Preparer

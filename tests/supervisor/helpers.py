@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from shardlog.recording.stats import Counters, write_stats
+from shardlog.counters import Counters, write_stats
 from shardlog.topics import topic_to_relpath
 from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
