@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--tmpdir", default=None)
+    p.add_argument("--warm", action="store_true", help="every topic on disk first (bench/throughput.py --warm)")
     args = p.parse_args(argv)
     args.keep = False
     sys.path.insert(0, str(args.src))

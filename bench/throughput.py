@@ -689,7 +689,7 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
     tag = f"{mode} QoS {qos} run {run}: {side_name}"
     try:
         side.register(sub_port)
-        if args.warm and isinstance(side, Shardlog):  # the topics exist on disk (a restart)
+        if getattr(args, "warm", False) and isinstance(side, Shardlog):  # the topics exist on disk (a restart)
             t = work.topics
             say(f"{tag}: warm-up: one message to each of {t:,} topics, recorded untimed")
             publish(broker.port, Workload(t, t, work.payload_size, seq=False))

@@ -37,7 +37,7 @@ class RecentLines(list[bytes]):
 class TopicState:
     """What the store keeps for one topic. ``lines``/``mids`` are the buffer."""
 
-    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size",
+    __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size", "size_known",
                  "first_ts", "last_ts", "recent", "recent_dirty", "recent_queued", "recent_gone",
                  "recent_at", "recent_versions", "loaded", "prep")
 
@@ -53,6 +53,7 @@ class TopicState:
         self.dirty = False            # in Store.dirty: the next flush looks at it
         self.fd = -1
         self.size = 0                 # bytes in the current segment
+        self.size_known = False       # closed by the LRU: ``size`` is still the file's (no fstat)
         self.first_ts: int | None = None  # ts of the current segment's first record
         #: ts of the newest record on disk when the topic was loaded (None: none, or a
         #: format without ts); a journal replay skips records at or before it

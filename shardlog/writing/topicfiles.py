@@ -178,10 +178,13 @@ class TopicFiles:
         try:
             fd = self.open_segment(path)
         except FileNotFoundError:  # the directory went (an rm from outside): made again
+            st.size_known = False
             created = self.ensure_dir(st, checked=True)
             fd = self.open_segment(path)
         st.fd = fd
-        st.size = os.fstat(fd).st_size
+        if not (st.size_known and self.plain):  # else: the size it had when evicted (one writer)
+            st.size = os.fstat(fd).st_size
+        st.size_known = False
         if not created and not st.loaded and st.size == 0:
             self.retire_other_currents(st)
         self.open[st] = None
@@ -273,8 +276,11 @@ class TopicFiles:
                     self.compressor.submit(os.path.join(st.path, new))
 
     def evict(self, n: int) -> None:
+        """Close the ``n`` least recently used; their sizes stay known (this process is the
+        only writer of its branch), so a jsonl reopen is one ``open``."""
         for st in list(self.open)[:n]:
             self.close_fd(st)
+            st.size_known = True
 
     def close_fd(self, st: TopicState) -> None:
         if st.fd >= 0:
