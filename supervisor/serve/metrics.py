@@ -40,6 +40,7 @@ GAUGES = [
     ("topics_cached", "topics_cached", "Topics with in-memory state"),
     ("pending", "pending_records", "Records received, not yet written"),
     ("journal_lag_bytes", "journal_lag_bytes", "Journal bytes not yet in the topic files (journal.enabled)"),
+    ("recent_stale", "recent_stale", "Topics whose +recent.json is behind their topic file"),
     ("connected", "connected", "1 if connected to the broker"),
     ("subscribed", "subscribed", "1 if the broker granted the subscription"),
     ("degraded", "degraded", "1 if the shard cannot write (disk full or read-only)"),
@@ -102,6 +103,9 @@ class StatusCollector(Collector):
         for field_name, metric, help_text in GAUGES:
             yield _gauge(f"shardlog_{metric}", help_text, ["shard"],
                          [((n,), int(getattr(c, field_name, 0) or 0)) for n, c in counted])
+        yield _gauge("shardlog_recent_lag_seconds", "Seconds since the oldest change not yet in its "
+                     "+recent.json (0: every one current)", ["shard"],
+                     [((n,), float(getattr(c, "recent_lag", 0.0) or 0.0)) for n, c in counted])
         yield _counter("shardlog_broker_dropped_messages", "Messages the broker says it dropped since it "
                        "started ($SYS/broker/publish/messages/dropped; mosquitto's max_queued_messages)",
                        ["shard"], [((n,), c.broker_dropped) for n, c in counted

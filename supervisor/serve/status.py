@@ -84,6 +84,8 @@ class ShardCounters(msgspec.Struct, kw_only=True):
     sessions_lost: int = 0     # CONNACKs without the session this client id should have had
     session_present: bool | None = None  # the last CONNACK's flag
     inflight_cap: int | None = None      # the broker's cap on unacknowledged messages, if found
+    recent_lag: float = 0.0    # seconds since the oldest change not yet in its +recent.json
+    recent_stale: int = 0      # topics whose +recent.json is behind their topic file
     started_ts: int            # microseconds since the epoch
     updated_ts: int            # microseconds since the epoch: the last heartbeat
 

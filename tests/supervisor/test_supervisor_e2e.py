@@ -376,7 +376,8 @@ def test_metrics_parse_and_status_validates_against_the_documented_schema(broker
                if s.labels["state"] == "running" and s.value == 1}
     assert running == {"a", "rest"}
     for name in ("shardlog_shard_cpu_seconds", "shardlog_shard_resident_memory_bytes", "shardlog_root_free_bytes",
-                 "shardlog_shard_restarts", "shardlog_connected", "shardlog_last_message_timestamp_seconds"):
+                 "shardlog_shard_restarts", "shardlog_connected", "shardlog_last_message_timestamp_seconds",
+                 "shardlog_recent_lag_seconds", "shardlog_recent_stale"):
         assert {s.labels["shard"] for s in families[name].samples} == {"a", "rest"}, name
     assert sup.get("/nope") is None  # 404
 
