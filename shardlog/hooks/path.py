@@ -64,9 +64,10 @@ class FanOut:
     def live(self) -> bool:
         return bool(self.owner)
 
-    def settle(self, held: set[int], store: Store) -> set[int]:
-        """After ``store.flush`` returned ``held``: the real ids held instead, with
-        ``store.released`` rewritten to real ids (a real id once its last stand-in is out)."""
+    def settle(self, held: set[int], released_ids: list[int]) -> tuple[set[int], list[int]]:
+        """After ``store.flush`` returned ``held`` (and ``Store.take_released`` the ids
+        written since): the real ids held instead, and the released ones as real ids (a
+        real id once its last stand-in is out)."""
         owner, outstanding = self.owner, self.outstanding
         real_held = {i for i in held if i < FIRST_STANDIN}
         for s in self.fresh:  # each was written by this flush, or is held from now on
@@ -78,7 +79,7 @@ class FanOut:
                 del owner[s]
         self.fresh = []
         released: list[int] = []
-        for i in store.released:
+        for i in released_ids:
             if i < FIRST_STANDIN:
                 released.append(i)
                 continue
@@ -91,8 +92,7 @@ class FanOut:
             else:
                 del outstanding[real]
                 released.append(real)
-        store.released = released
-        return real_held
+        return real_held, released
 
     def clear(self) -> None:
         """The connection is gone: its ids mean nothing any more (as Store.forget_mids)."""

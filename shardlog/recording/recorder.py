@@ -237,16 +237,16 @@ class Recorder(RecorderLoop, BrokerSession):
         # So this costs the new ids only, however many records wait for the preparer.
         try:
             held = store.flush(time.time_ns() // 1000, now, wait)
+            released = store.take_released()
             if self.fan is not None and self.fan.live:
-                held = self.fan.settle(held, store)  # stand-in ids -> the messages' own
+                held, released = self.fan.settle(held, released)  # stand-in ids -> the messages' own
         except BaseException:
             # the store may hold some of these ids now: never acknowledge them before their
             # write (unacknowledged, the broker redelivers them: duplicates, never losses)
             self.acks = []
             raise
         if held or self.unacked:
-            ack = self._in_order(held, store.released)
-            store.released = []
+            ack = self._in_order(held, released)
         else:
             ack = self.acks  # the common case: every id written, none waiting before them
         self.acks = []

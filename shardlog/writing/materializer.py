@@ -191,15 +191,14 @@ class Materializer:
             # preparer has room for (with ``wait`` all: the flush prepares them in place)
             took = self._take_new(len(self.deferred) if wait else
                                   min(NEW_PER_STEP, self.max_preparing - store.waiting_lines))
-        if data or took or store.dirty or store.waiting or store.quarantine_lines:
+        if data or took or store.has_work():
             held = store.flush(time.time_ns() // 1000, now,
                                wait or store.waiting_lines >= self.max_waiting)
             if held:
                 self.blocked.update(held)
                 for n in held:
                     heapq.heappush(self.blocked_heap, n)
-            self.blocked.difference_update(store.released)
-            store.released = []
+            self.blocked.difference_update(store.take_released())
             if store.degraded_reason is not None:
                 self.next_retry = now + 1.0
             self._advance()
@@ -264,8 +263,7 @@ class Materializer:
         if st.__class__ is TopicState:
             store.add(st, line, seq)  # type: ignore[arg-type]
         elif key == journal.QUARANTINE_KEY:
-            store.quarantine_lines.append(line)
-            store.quarantine_mids.append(seq)
+            store.quarantine_line(line, seq)
         else:  # the topic cannot be stored: its record goes to the quarantine file
             topic = _decode_topic(key)
             store.quarantine(journal.record_ts(line), str(st), topic.encode("utf-8", "surrogateescape"),
@@ -290,10 +288,10 @@ class Materializer:
             assert isinstance(st, TopicState)
             if not st.loaded:
                 try:
-                    self.store.files.open_fd(st)  # loads it: repairs the tail, notes last_ts
+                    self.store.load(st)  # repairs the tail, notes last_ts
                 except (OSError, TopicError):
                     return False  # the flush reports (or quarantines) it
-            newest = self.store.files.last_ts_on_disk(st)
+            newest = self.store.last_ts_on_disk(st)
         elif st == "quarantine":
             if self.quarantine_ts is None:
                 self.quarantine_ts = _last_line_ts(os.path.join(self.store.branch_root, QUARANTINE))
@@ -341,7 +339,7 @@ class Materializer:
         """Write the checkpoint, delete the segments wholly before it."""
         try:
             if self.store.fsync:
-                self.store.files.sync([])  # directories created for this checkpoint's records
+                self.store.sync_dirs()  # directories created for this checkpoint's records
             journal.write_checkpoint(self.dir, journal.Checkpoint(self.done, self.writer.last_ts))
         except OSError as exc:
             log.warning("journal: cannot write the checkpoint: %s", exc)

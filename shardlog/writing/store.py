@@ -129,6 +129,33 @@ class Store:
         if mid:
             self.quarantine_mids.append(mid)
 
+    def quarantine_line(self, line: bytes, mid: int) -> None:
+        """A quarantine line made elsewhere (a journal's), with its id."""
+        self.quarantine_lines.append(line)
+        if mid:
+            self.quarantine_mids.append(mid)
+
+    def take_released(self) -> list[int]:
+        """The ids held by earlier flushes and written since (acknowledge them now, before
+        the newer ones); the list is emptied."""
+        released, self.released = self.released, []
+        return released
+
+    def has_work(self) -> bool:
+        """Anything buffered, waiting or to quarantine (a flush would do something)."""
+        return bool(self.dirty or self.waiting or self.quarantine_lines)
+
+    def load(self, st: TopicState) -> None:
+        """Open ``st`` now (its first open repairs the tail and notes ``st.last_ts``)."""
+        self.files.open_fd(st)
+
+    def last_ts_on_disk(self, st: TopicState) -> int | None:
+        return self.files.last_ts_on_disk(st)
+
+    def sync_dirs(self) -> None:
+        """fsync the directories created since the last sync (raises OSError)."""
+        self.files.sync([])
+
     def forget_mids(self) -> None:
         """The connection is gone: its message ids mean nothing any more. The
         buffered lines stay and are written; the broker redelivers the messages."""

@@ -10,7 +10,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import cbor2
 import msgpack
@@ -277,18 +276,15 @@ def test_config_validates_hook_entries() -> None:
 
 def test_fanout_holds_the_real_id_until_its_last_record_is_written() -> None:
     fan = FanOut()
-    store = SimpleNamespace(released=[])
     a, b, c = fan.split(7, 3)
     assert a >= FIRST_STANDIN and fan.live
     # flush 1: a written, b and c held (their topics being prepared): 7 is held
-    assert fan.settle({b, c, 5}, store) == {7, 5}  # type: ignore[arg-type]
-    store.released = [b, 3]
-    assert fan.settle(set(), store) == set() and store.released == [3]  # type: ignore[arg-type]
-    store.released = [c]
-    assert fan.settle(set(), store) == set() and store.released == [7]  # type: ignore[arg-type]
+    assert fan.settle({b, c, 5}, []) == ({7, 5}, [])
+    assert fan.settle(set(), [b, 3]) == (set(), [3])  # b out, c still held: 7 waits
+    assert fan.settle(set(), [c]) == (set(), [7])     # its last stand-in out: 7 released
     assert not fan.live
     x, y = fan.split(8, 2)  # both written at once: nothing to hold, nothing to release
-    assert fan.settle(set(), store) == set() and not fan.live  # type: ignore[arg-type]
+    assert fan.settle(set(), []) == (set(), []) and not fan.live
     fan.split(9, 2)
     fan.clear()
     assert not fan.live
