@@ -73,6 +73,7 @@ class TLS(Struct, **_STRICT):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    key_password: str | None = None  # of an encrypted key_file (never asked for on a terminal)
     insecure: bool = False  # skip host name verification (testing only)
 
 

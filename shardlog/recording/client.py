@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+
+from shardlog.config.tls import ssl_context
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker
@@ -287,11 +288,12 @@ def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
     return client
 
 
-def apply_credentials(client: mqtt.Client, broker: Broker) -> None:
-    """Username/password and TLS from a map's ``broker`` section (recorder, replay, supervisor)."""
+def apply_credentials(client: mqtt.Client, broker: Broker, where: str = "broker") -> None:
+    """Username/password and TLS from a map's ``broker`` section (recorder, replay, supervisor).
+    The TLS context is :func:`shardlog.config.tls.ssl_context`'s, as ``shardlog check`` builds it:
+    a bad file raises ConfigError naming ``where``'s key."""
     if broker.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
         client.username_pw_set(broker.username, broker.password)
     if broker.tls is not None:
-        client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file, keyfile=broker.tls.key_file,
-                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(ssl_context(broker.tls, where))
         client.tls_insecure_set(broker.tls.insecure)

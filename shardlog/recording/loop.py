@@ -102,6 +102,7 @@ class RecorderLoop:
         shard = self.shard
         try:
             self.install_hooks()
+            self.client = self._make_client()  # its TLS context: a bad file is a config error
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EX_CONFIG
@@ -139,7 +140,6 @@ class RecorderLoop:
         assert self.store is not None
         self.store.start_preparer()  # new topics' directories and files: off the hot path
         self._started()
-        self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("recording %s into %s (pid %d)", subscription(self.shard.branch), branch_root, os.getpid())

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
+from shardlog.config.tls import broker_key
 from shardlog.recording.brokercheck import InflightProbe, connack_notes, suback_note
 from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
 
@@ -79,7 +80,7 @@ class BrokerSession:
         else:
             client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
                                  protocol=mqtt.MQTTv311, manual_ack=True)
-        apply_credentials(client, b)
+        apply_credentials(client, b, broker_key(self.smap, self.shard))  # ConfigError: exit 78
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_message = self.on_message
