@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shardlog.ondisk.segments import LOCK
+
 #: a capped batch: the broker went quiet for this share of batch.max_delay with messages unacked
 _QUIET_SHARE = 0.5
 #: ... and sent the next message within this many seconds of our PUBACKs
@@ -21,13 +23,16 @@ _STREAK = 3
 
 
 def recorded_before(branch_root: str) -> bool:
-    """Whether this branch already holds recordings (a topic directory beside the ``+`` files):
-    then its client id had a session, and a broker without one has lost what was queued."""
+    """For a tree without a session memo (shardlog/recording/sessionmemo.py; recorded by an
+    older shardlog): whether this branch's own recorder ran here (its lock file) and recorded
+    topics beside it. A topic directory alone says nothing: the catch-all ``#`` shard's branch
+    is the root, which holds the other shards' branches."""
     try:
         with os.scandir(branch_root) as it:
-            return any(not e.name.startswith("+") for e in it)
+            names = [e.name for e in it]
     except OSError:
         return False
+    return LOCK in names and any(not n.startswith("+") for n in names)
 
 
 def connack_notes(*, session_present: bool, expect_session: bool, first: bool, mqtt5: bool,

@@ -29,7 +29,6 @@ from shardlog.config.routing import subscription
 from shardlog.config.schema import ConfigError
 from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import Operations
-from shardlog.recording.brokercheck import recorded_before
 from shardlog.recording.lock import LockBusy, ShardLock
 from shardlog.recording.stats import write_stats
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
@@ -72,6 +71,7 @@ class RecorderLoop:
     _started: Callable[[], None]
     _close_store: Callable[[], None]
     _make_client: Callable[[], BufferedClient | StockClient]
+    _recall_session: Callable[[str, str], bool]
     _connect: Callable[[], None]
     _disconnect: Callable[[], None]
     _lost_connection: Callable[[], None]
@@ -88,7 +88,7 @@ class RecorderLoop:
         branch = self.shard.branch
         branch_root = safe_join(root_real, topic_to_relpath(branch)) if branch else root_real
         os.makedirs(branch_root, exist_ok=True)
-        self.expect_session = recorded_before(branch_root)
+        self.expect_session = self._recall_session(root_real, branch_root)
         if not os.access(branch_root, os.W_OK):
             raise PermissionError(13, "not writable", branch_root)
         return root_real, branch_root

@@ -24,8 +24,16 @@ from paho.mqtt.properties import Properties
 from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
 from shardlog.config.tls import broker_key
-from shardlog.recording.brokercheck import InflightProbe, connack_notes, suback_note
+from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
 from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
+from shardlog.recording.sessionmemo import (
+    SessionMemo,
+    expects_session,
+    memo_path,
+    read_memo,
+    stale_filters,
+    write_memo,
+)
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
@@ -70,6 +78,28 @@ class BrokerSession:
     on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
     _lost_connection: Callable[[], None]
     _write_stats: Callable[[], None]
+    # the session memo (shardlog/recording/sessionmemo.py), set by _recall_session
+    _memo_file: str | None = None
+    _memo: SessionMemo | None = None
+    _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
+    _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
+    _unsubscribe_mid: int = -1
+
+    def _recall_session(self, root_real: str, branch_root: str) -> bool:
+        """At start: read the memo; whether the broker should hold this client id's session."""
+        self._memo_file = memo_path(root_real, self.shard.name)
+        self._memo = read_memo(self._memo_file)
+        return expects_session(self._memo, client_id(self.smap, self.shard), recorded_before(branch_root))
+
+    def _remember(self) -> None:
+        """Write the memo: the filters the session holds now (granted, and those not yet unsubscribed)."""
+        if self._memo_file is None:
+            return
+        memo = SessionMemo(client_id=client_id(self.smap, self.shard),
+                           subscriptions=sorted(self._granted | set(self._stale)))
+        if memo != self._memo:
+            write_memo(self._memo_file, memo)
+            self._memo = memo
 
     def _make_client(self) -> BufferedClient | StockClient:
         b = self.broker
@@ -87,6 +117,7 @@ class BrokerSession:
         if isinstance(client, BufferedClient):
             client.on_publish_fields = self.on_publish  # the fast path skips building a message
         client.on_subscribe = self.on_subscribe
+        client.on_unsubscribe = self.on_unsubscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
         if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
@@ -130,14 +161,32 @@ class BrokerSession:
             self.note(note)
         c.session_present = flags.session_present
         self.expect_session = True
+        sys_watch = self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys
+        wanted = [topic, SYS_DROPPED] if sys_watch else [topic]
+        self._granted = frozenset()
+        self._stale = ()
+        if flags.session_present:  # filters of an older prefix stay in the session until unsubscribed
+            if stale := stale_filters(self._memo, client_id(self.smap, self.shard), wanted):
+                log.info("unsubscribing from %s: kept by the broker's session, no longer this shard's",
+                         ", ".join(stale))
+                self._stale = tuple(stale)
+                self._unsubscribe_mid = client.unsubscribe(stale)[1]
         self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
-        if self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys:
+        if sys_watch:
             self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
             self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
+
+    def on_unsubscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                       reasons: list, properties: Properties | None) -> None:
+        if mid != self._unsubscribe_mid:
+            return
+        self._unsubscribe_mid = -1
+        self._stale = ()
+        self._remember()
 
     def note(self, text: str) -> None:
         """A way this broker differs: one WARNING line, once, and listed in the stats."""
@@ -153,6 +202,9 @@ class BrokerSession:
             if failed:
                 self.note(f"the broker refuses the subscription to {SYS_DROPPED} ({failed[0]}): messages it "
                           "drops go uncounted (broker_dropped); broker.sys_topics: false skips asking")
+            else:
+                self._granted |= {SYS_DROPPED}
+                self._remember()
         if mid != self._subscribe_mid:
             return
         if failed:
@@ -164,6 +216,8 @@ class BrokerSession:
             if (note := suback_note(self.shard.qos, getattr(r, "value", r), subscription(self.shard.branch))):
                 self.note(note)
         self.counters.subscribed = True
+        self._granted |= {subscription(self.shard.branch)}
+        self._remember()
         self._write_stats()
 
     def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,

@@ -38,11 +38,29 @@ def test_suback_granted_below_the_qos_asked() -> None:
 
 
 def test_recorded_before(tmp_path: Path) -> None:
+    """The fallback for trees without a session memo: the branch's own lock beside topics."""
     assert not recorded_before(str(tmp_path / "missing"))
-    (tmp_path / "+shard.lock").write_text("")
+    (tmp_path / "chat").mkdir()  # another shard's branch in a shared root (the example's "#")
     assert not recorded_before(str(tmp_path))
-    (tmp_path / "chat").mkdir()
+    (tmp_path / "+shard.lock").write_text("")
     assert recorded_before(str(tmp_path))
+
+
+def test_session_memo_decisions(tmp_path: Path) -> None:
+    from shardlog.recording.sessionmemo import SessionMemo, expects_session, read_memo, stale_filters, write_memo
+
+    path = str(tmp_path / "+session.all.json")
+    assert read_memo(path) is None
+    assert not expects_session(None, "c", legacy=False) and expects_session(None, "c", legacy=True)
+    write_memo(path, SessionMemo(client_id="c", subscriptions=["old/#", "$SYS/x"]))
+    memo = read_memo(path)
+    assert memo == SessionMemo(client_id="c", subscriptions=["old/#", "$SYS/x"])
+    assert expects_session(memo, "c", legacy=False)
+    assert not expects_session(memo, "other", legacy=True)  # a new client id has no session yet
+    assert stale_filters(memo, "c", ["new/#", "$SYS/x"]) == ["old/#"]
+    assert stale_filters(memo, "other", ["new/#"]) == []
+    (tmp_path / "+session.all.json").write_bytes(b"\x00garbage")
+    assert read_memo(path) is None  # ignored with a warning: expects no session
 
 
 def capped_run(probe: InflightProbe, n: int, flushes: int, follow: float, quiet: float = 0.015) -> int | None:
