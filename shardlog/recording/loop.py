@@ -72,6 +72,7 @@ class RecorderLoop:
     _close_store: Callable[[], None]
     _make_client: Callable[[], BufferedClient | StockClient]
     _recall_session: Callable[[str, str], bool]
+    _recheck_inflight: Callable[[float], None]
     _connect: Callable[[], None]
     _disconnect: Callable[[], None]
     _lost_connection: Callable[[], None]
@@ -211,6 +212,7 @@ class RecorderLoop:
         assert self.store is not None
         self.store.sweep_recent(now)
         self.counters.topics_cached = len(self.states)
+        self._recheck_inflight(now)
 
     def _shutdown(self) -> None:
         """Flush, acknowledge, and disconnect keeping the session."""

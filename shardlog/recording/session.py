@@ -52,6 +52,12 @@ _BROKER_DROPPED = "broker-dropped"
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 
+def _cap_note(cap: int, batch_max: int) -> str:
+    return (f"the broker sends at most {cap} unacknowledged messages (its in-flight cap, below "
+            f"batch.max_messages {batch_max}): flushing every {cap} messages instead of "
+            f"waiting batch.max_delay; raise the cap on the broker for throughput (docs/brokers.md)")
+
+
 class BrokerSession:
     """The session half of a recorder (see the module docstring)."""
 
@@ -69,6 +75,10 @@ class BrokerSession:
     watch_sys: bool
     status_topic: str | None
     probe: InflightProbe
+    batch_max: int
+    batch_step: int
+    flush_at: int
+    pending: int
     paho_errors: PahoErrors
     backoff: float
     _subscribe_mid: int
@@ -187,6 +197,32 @@ class BrokerSession:
         self._unsubscribe_mid = -1
         self._stale = ()
         self._remember()
+
+    # -- the broker's in-flight cap (brokercheck.InflightProbe) ----------------------------
+
+    def _inflight_step(self, step: int) -> None:
+        """The probe changed how many messages a batch may hold: a test begun, a cap found,
+        kept after a test, or dropped."""
+        self.batch_step = step
+        self.flush_at = self.pending + step
+        cap, known = self.probe.cap, self.counters.inflight_cap
+        if cap is not None and known is None:
+            self.counters.inflight_cap = cap
+            self.note(_cap_note(cap, self.batch_max))
+        elif cap is None and known is not None:
+            self.counters.inflight_cap = None
+            notes = self.counters.broker_notes
+            if (text := _cap_note(known, self.batch_max)) in notes:
+                notes.remove(text)
+            log.warning("the broker sent more than %d unacknowledged messages at once: it has no such "
+                        "in-flight cap (any more); flushing by batch.max_messages %d again", known,
+                        self.batch_max)
+
+    def _recheck_inflight(self, now: float) -> None:
+        """About once a heartbeat: let one batch grow past a cap found, to see if it still holds."""
+        if self.probe.recheck(now, self.counters.acked):
+            self.batch_step = self.probe.step()
+            self.flush_at = self.pending + self.batch_step
 
     def note(self, text: str) -> None:
         """A way this broker differs: one WARNING line, once, and listed in the stats."""
