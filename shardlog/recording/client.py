@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 _PUBACK = 0x40
 _PRIVATE = ("_sock_recv", "_packet_queue", "_msgtime_mutex", "_last_msg_out", "_last_bytes_received",
-            "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read")
+            "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read", "_sock_close",
+            "_do_on_disconnect")
 _time_func = getattr(mqtt, "time_func", None)
 
 
@@ -275,6 +276,13 @@ class PahoErrors:
     def take(self) -> str | None:
         last, self.last = self.last, None
         return last
+
+
+def drop_connection(client: mqtt.Client) -> None:
+    """Close the connection as paho does on a keepalive timeout (calling ``on_disconnect``),
+    e.g. when the broker never sent its CONNACK."""
+    client._sock_close()
+    client._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_CONN_LOST)
 
 
 def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:

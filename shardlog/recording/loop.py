@@ -73,6 +73,7 @@ class RecorderLoop:
     _make_client: Callable[[], BufferedClient | StockClient]
     _recall_session: Callable[[str, str], bool]
     _recheck_inflight: Callable[[float], None]
+    _check_connack: Callable[[float], None]
     _connect: Callable[[], None]
     _disconnect: Callable[[], None]
     _lost_connection: Callable[[], None]
@@ -175,6 +176,8 @@ class RecorderLoop:
                 except (OSError, ValueError) as exc:
                     log.warning("cannot reach broker %s:%s: %s; retrying in %.1fs",
                                 self.broker.host, self.broker.port, exc, next_connect - now)
+            if client.socket() is not None:
+                self._check_connack(now)
             if client.socket() is not None:
                 timeout = min(0.1, max(0.0, self.ops.next_poll - now))  # inf without a control socket
                 deadline = self._flush_deadline()

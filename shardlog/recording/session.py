@@ -25,7 +25,14 @@ from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
 from shardlog.config.tls import broker_key
 from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
-from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
+from shardlog.recording.client import (
+    BufferedClient,
+    PahoErrors,
+    StockClient,
+    apply_credentials,
+    drop_connection,
+    make_client,
+)
 from shardlog.recording.sessionmemo import (
     SessionMemo,
     expects_session,
@@ -94,6 +101,9 @@ class BrokerSession:
     _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
     _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
     _unsubscribe_mid: int = -1
+    # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
+    _connack_due: float | None = None
+    _attempt_failed: str | None = None
 
     def _recall_session(self, root_real: str, branch_root: str) -> bool:
         """At start: read the memo; whether the broker should hold this client id's session."""
@@ -129,6 +139,7 @@ class BrokerSession:
         client.on_subscribe = self.on_subscribe
         client.on_unsubscribe = self.on_unsubscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
+        client.connect_timeout = float(b.connect_timeout)  # TCP and TLS; the CONNACK: _check_connack
         if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
         # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
@@ -138,6 +149,8 @@ class BrokerSession:
     def _connect(self) -> None:
         b = self.broker
         assert self.client is not None
+        self._attempt_failed = None
+        self._connack_due = None
         if b.mqtt5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(b.session_expiry)
@@ -145,13 +158,32 @@ class BrokerSession:
             self.client.connect(b.host, b.port, b.keepalive, clean_start=False, properties=props)
         else:
             self.client.connect(b.host, b.port, b.keepalive)
+        self._connack_due = time.monotonic() + float(b.connect_timeout)
+
+    def _check_connack(self, now: float) -> None:
+        """Each turn of the loop: a CONNACK that has not come within broker.connect_timeout
+        ends the attempt (one WARNING), and the loop retries with its backoff. Without this,
+        paho waited a whole keepalive and said the broker closed the connection."""
+        due = self._connack_due
+        if due is None or now < due or self.connected or self.client is None or self.client.socket() is None:
+            return
+        self._connack_due = None
+        b = self.broker
+        self._attempt_failed = "no CONNACK"
+        log.warning("broker %s:%s sent no CONNACK within %gs of the connection%s; closing it and retrying "
+                    "(an overloaded broker, or not an MQTT broker on this port?)", b.host, b.port,
+                    float(b.connect_timeout), " (TLS completed)" if b.tls is not None else "")
+        drop_connection(self.client)
 
     # -- paho callbacks ---------------------------------------------------------------
 
     def on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                    reason: object, properties: Properties | None) -> None:
+        self._connack_due = None
         if getattr(reason, "is_failure", False):
-            log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
+            self._attempt_failed = str(reason)  # paho then closes the socket: on_disconnect says no more
+            log.error("broker %s:%s refused the connection: %s; retrying", self.broker.host, self.broker.port,
+                      reason)
             return
         self.connected = True
         self.backoff = 0.5
@@ -265,11 +297,14 @@ class BrokerSession:
                       "answering it; not asking again (set broker.sys_topics: false for this broker)")
         elif self.connected and not self.stop_requested:
             log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
+        elif self._attempt_failed is not None:
+            pass  # a refusal or a missing CONNACK, already said with its reason
         elif not self.stop_requested:
             log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
                         "certificate, credentials, or the broker's limits?)", self.broker.host,
                         self.broker.port, error or reason)
         self._sys_mid = -1
+        self._connack_due = None
         self._lost_connection()
 
     def _broker_dropped(self, payload: bytes) -> None:
