@@ -6,6 +6,7 @@ terminal. The certificates come from tests/certs.py."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import select
@@ -20,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.brokers.servers import MosquittoTLS
 from tests.certs import TestCA
-from tests.helpers import RecorderProc, wait_for, write_map
+from tests.helpers import Mosquitto, RecorderProc, wait_for, write_map
+from tests.supervisor.helpers import SupervisorProc, make_map
 
 PASSWORD = "s3cret-key"
 
@@ -157,3 +159,23 @@ def test_a_shards_own_broker_is_named(tmp_path: Path) -> None:
     assert rc == 78 and "shards[1].broker.tls.ca_file: /dev/zero: not a regular file" in out, out
     rc, out = shardlog("record", str(m), "--shard", "b")
     assert rc == 78 and "shards[1].broker.tls.ca_file: /dev/zero" in out, out
+
+
+def test_supervise_marks_a_shard_with_a_bad_tls_file_failed_without_restarting_it(
+        tmp_path: Path, broker: Mosquitto, supervisors: list[SupervisorProc]) -> None:
+    """Its recorder exits 78 at start with the key in its log: a configuration error, which the
+    supervisor never restarts (before: exit 70 with a traceback, restarted in a loop)."""
+    m = make_map(tmp_path / "shards.yaml", broker.port, [
+        {"name": "good", "prefix": "g"},
+        {"name": "tls", "prefix": "t", "broker": {"host": "localhost", "port": broker.port,
+                                                  "tls": {"ca_file": str(tmp_path)}}}])
+    sup = SupervisorProc(m, tmp_path)
+    supervisors.append(sup)
+    sup.start(wait_ready=False)
+    sup.running("good")
+    s = sup.wait_shard("tls", lambda s: s["state"] == "failed", 20, "the tls shard failed")
+    assert s["reason"] == "configuration error" and s["restarts"] == 0, s
+    assert s["last_exit"] is not None and "78" in json.dumps(s["last_exit"]), s
+    assert f"shards[1].broker.tls.ca_file: {tmp_path}: a directory" in sup.log() + "".join(
+        p.read_text(errors="replace") for p in tmp_path.rglob("*.log")), sup.log()[-2000:]
+    assert sup.shard("good")["state"] == "running"  # type: ignore[index]
