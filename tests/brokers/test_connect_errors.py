@@ -6,7 +6,6 @@ retried with the usual backoff. Real mosquitto, a real TLS server that stays sil
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 import threading
@@ -20,9 +19,6 @@ from tests.brokers.servers import MosquittoTLS
 from tests.brokers.test_tls import start, tls_map
 from tests.certs import TestCA
 from tests.helpers import RecorderProc, free_port, wait_for
-
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+)")
-
 
 def problems(rec: RecorderProc) -> list[str]:
     return [line for line in rec.log().splitlines() if " WARNING " in line or " ERROR " in line]
