@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from tests.brokers.servers import MosquittoTLS
@@ -179,3 +180,15 @@ def test_supervise_marks_a_shard_with_a_bad_tls_file_failed_without_restarting_i
     assert f"shards[1].broker.tls.ca_file: {tmp_path}: a directory" in sup.log() + "".join(
         p.read_text(errors="replace") for p in tmp_path.rglob("*.log")), sup.log()[-2000:]
     assert sup.shard("good")["state"] == "running"  # type: ignore[index]
+
+
+def test_supervise_with_mqtt_control_and_a_bad_tls_file_exits_78(tmp_path: Path) -> None:
+    """The supervisor's own MQTT client (control.mqtt) uses the map's broker.tls: checked at
+    start, exit 78 naming the key (before: a traceback from inside the client's set-up)."""
+    m = make_map(tmp_path / "shards.yaml", 1, [{"name": "a", "prefix": "a"}])
+    doc = yaml.safe_load(m.read_text())
+    doc["broker"]["tls"] = {"ca_file": "/dev/zero"}
+    doc["control"] = {"mqtt": True}
+    m.write_text(yaml.safe_dump(doc))
+    rc, out = shardlog("supervise", str(m))
+    assert rc == 78 and "broker.tls.ca_file: /dev/zero: not a regular file" in out and "Traceback" not in out, out
