@@ -11,6 +11,8 @@ import socket
 from typing import Any
 
 from shardlog.cli.common import EX_CONFIG, add_log_level, load_or_exit, setup_logging
+from shardlog.config.schema import ConfigError
+from shardlog.config.tls import ssl_context
 from supervisor.arbiter.loop import Arbiter
 from supervisor.arbiter.sdnotify import Notifier
 from supervisor.broker.supervised import ports_taken
@@ -28,6 +30,12 @@ EX_UNAVAILABLE = 69  # cannot listen
 def _cmd_supervise(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "supervisor")
     smap = load_or_exit(args.map)
+    if MqttControl.wanted(smap) and smap.broker.tls is not None:  # the supervisor's own client
+        try:
+            ssl_context(smap.broker.tls)
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EX_CONFIG
     taken = ports_taken(smap) if smap.broker.embedded else []
     if taken:
         log.error("broker.embedded: %s already in use (another MQTT broker?). To record that broker, "

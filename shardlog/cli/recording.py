@@ -64,10 +64,12 @@ def routing_table(smap: ShardMap) -> list[tuple[str, str, str, str, str]]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from shardlog.config.tls import check_tls
     from shardlog.hooks.loading import check_hooks
 
     smap = load_or_exit(args.map)
     try:
+        check_tls(smap)  # loads every TLS file, as `shardlog record` will
         n_hooks = check_hooks(smap)  # imports them, as `shardlog record` will
     except ConfigError as exc:
         print(f"shardlog: configuration error: {args.map}: {exc}", file=sys.stderr)

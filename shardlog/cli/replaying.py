@@ -25,6 +25,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                                       insecure=args.insecure, keepalive=args.keepalive)
     except ValueError as exc:
         args.parser.error(str(exc))
+    if broker.tls is not None:  # --ca-file, --cert-file, --key-file: loaded now, as the publisher will
+        from shardlog.config.schema import ConfigError
+        from shardlog.config.tls import ssl_context
+        try:
+            ssl_context(broker.tls)
+        except ConfigError as exc:
+            args.parser.error(f"TLS files (--ca-file, --cert-file, --key-file): {exc}")
     records = history.read(args.root, args.prefix, args.since, args.until)  # TopicNotFound -> 66
     tty = sys.stderr.isatty()
     progress = None

@@ -73,6 +73,7 @@ class TLS(Struct, **_STRICT):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    key_password: str | None = None  # of an encrypted key_file (never asked for on a terminal)
     insecure: bool = False  # skip host name verification (testing only)
 
 
@@ -92,6 +93,8 @@ class Broker(Struct, **_STRICT):
     # Twice batch.max_messages, so a full batch never waits for the window.
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 10000
     reconnect_max: PositiveDuration = PositiveDuration(30.0)
+    # the longest a connection attempt may take: TCP, TLS, and the broker's CONNACK
+    connect_timeout: PositiveDuration = PositiveDuration(10.0)
     # embedded: true makes `shardlog supervise` start a broker itself (iotcore, a Rust
     # MQTT broker installed with pip) as a supervised child on host:port, before the
     # shards, and stop it after them. For a laptop or a demo: it keeps sessions in

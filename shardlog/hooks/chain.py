@@ -95,6 +95,7 @@ class Chain:
         self.watchdog = watchdog or Watchdog(timeout)
         self.current = 0  # index of the hook running (the one a timeout blames)
         self.strikes = 0  # timeouts since a message last went through (for the suspension)
+        self.moved: dict[str, int] | None = None  # topic -> the hook that moved a message there
 
     def run(self, msg: Message) -> list[Message] | HookFailure:
         """The messages ``msg`` becomes (empty: dropped), or why it must be quarantined."""
@@ -124,13 +125,15 @@ class Chain:
         for m in out:  # type: ignore[union-attr]
             if m.topic is not topic and m.topic != topic:
                 problem = self.owns(m.topic)
-                if problem is not None:
-                    return self._failed(self.current, f"produced topic {m.topic!r}: {problem}", started)
+                if problem is not None:  # blamed on the hook that moved it there, not the last one
+                    mover = self.moved.get(m.topic, self.current) if self.moved else self.current
+                    return self._failed(mover, f"produced topic {m.topic!r}: {problem}", started)
         return out
 
     def _apply(self, msg: Message, now: float) -> list[Message] | HookFailure:
         batch = [msg]
         i = 0
+        self.moved = None
         for hook in self.hooks:
             self.current = i
             if hook.suspended_until > now:
@@ -145,9 +148,16 @@ class Chain:
                 elif r is None:
                     continue
                 elif r.__class__ is Message:
-                    out.append(checked(r))
+                    r = checked(r)
+                    if r.topic is not m.topic and r.topic != m.topic:
+                        self._moved_by(r.topic, i)
+                    out.append(r)
                 elif isinstance(r, (list, tuple)) or (hasattr(r, "__next__") and hasattr(r, "__iter__")):
-                    out.extend(checked(x) for x in r)  # a generator runs here, timed too
+                    for x in r:  # a generator runs here, timed too
+                        x = checked(x)
+                        if x.topic is not m.topic and x.topic != m.topic:
+                            self._moved_by(x.topic, i)
+                        out.append(x)
                 else:
                     checked(r)  # raises BadOutput naming what it got
             batch = out
@@ -155,6 +165,13 @@ class Chain:
                 break
             i += 1
         return batch
+
+    def _moved_by(self, topic: str, i: int) -> None:
+        """Hook ``i`` gave a message the topic ``topic``: it answers for that topic (the
+        latest hook to do so), not the last hook of the chain."""
+        if self.moved is None:
+            self.moved = {}
+        self.moved[topic] = i
 
     def _clear_strikes(self) -> None:
         """A message went through: every hook's run of timeouts is broken."""

@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+
+from shardlog.config.tls import ssl_context
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 _PUBACK = 0x40
 _PRIVATE = ("_sock_recv", "_packet_queue", "_msgtime_mutex", "_last_msg_out", "_last_bytes_received",
-            "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read")
+            "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read", "_sock_close",
+            "_do_on_disconnect")
 _time_func = getattr(mqtt, "time_func", None)
 
 
@@ -276,6 +278,13 @@ class PahoErrors:
         return last
 
 
+def drop_connection(client: mqtt.Client) -> None:
+    """Close the connection as paho does on a keepalive timeout (calling ``on_disconnect``),
+    e.g. when the broker never sent its CONNACK."""
+    client._sock_close()
+    client._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_CONN_LOST)
+
+
 def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
     if os.environ.get("SHARDLOG_STOCK_PAHO") == "1":
         return StockClient(*args, **kwargs)
@@ -287,11 +296,12 @@ def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
     return client
 
 
-def apply_credentials(client: mqtt.Client, broker: Broker) -> None:
-    """Username/password and TLS from a map's ``broker`` section (recorder, replay, supervisor)."""
+def apply_credentials(client: mqtt.Client, broker: Broker, where: str = "broker") -> None:
+    """Username/password and TLS from a map's ``broker`` section (recorder, replay, supervisor).
+    The TLS context is :func:`shardlog.config.tls.ssl_context`'s, as ``shardlog check`` builds it:
+    a bad file raises ConfigError naming ``where``'s key."""
     if broker.username:  # "" (an unset ${MQTT_USERNAME:-}) means anonymous
         client.username_pw_set(broker.username, broker.password)
     if broker.tls is not None:
-        client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file, keyfile=broker.tls.key_file,
-                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(ssl_context(broker.tls, where))
         client.tls_insecure_set(broker.tls.insecure)

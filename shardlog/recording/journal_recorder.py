@@ -241,7 +241,7 @@ class JournalRecorder(Recorder):
             return None
         if self.problem is not None:
             return self.next_retry
-        return self.batch_started + self.max_delay
+        return self.batch_started + self.probe.delay  # max_delay, longer for a test of a broker cap
 
     def _lost_connection(self) -> None:
         self.connected = False

@@ -29,7 +29,6 @@ from shardlog.config.routing import subscription
 from shardlog.config.schema import ConfigError
 from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import Operations
-from shardlog.recording.brokercheck import recorded_before
 from shardlog.recording.lock import LockBusy, ShardLock
 from shardlog.counters import write_stats
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
@@ -72,6 +71,9 @@ class RecorderLoop:
     _started: Callable[[], None]
     _close_store: Callable[[], None]
     _make_client: Callable[[], BufferedClient | StockClient]
+    _recall_session: Callable[[str, str], bool]
+    _recheck_inflight: Callable[[float], None]
+    _check_connack: Callable[[float], None]
     _connect: Callable[[], None]
     _disconnect: Callable[[], None]
     _lost_connection: Callable[[], None]
@@ -88,7 +90,7 @@ class RecorderLoop:
         branch = self.shard.branch
         branch_root = safe_join(root_real, topic_to_relpath(branch)) if branch else root_real
         os.makedirs(branch_root, exist_ok=True)
-        self.expect_session = recorded_before(branch_root)
+        self.expect_session = self._recall_session(root_real, branch_root)
         if not os.access(branch_root, os.W_OK):
             raise PermissionError(13, "not writable", branch_root)
         return root_real, branch_root
@@ -102,6 +104,7 @@ class RecorderLoop:
         shard = self.shard
         try:
             self.install_hooks()
+            self.client = self._make_client()  # its TLS context: a bad file is a config error
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EX_CONFIG
@@ -140,7 +143,6 @@ class RecorderLoop:
         self.store.start_preparer()  # new topics' directories and files: off the hot path
         self.store.start_recent_writer()  # +recent.json too
         self._started()
-        self.client = self._make_client()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("recording %s into %s (pid %d)", subscription(self.shard.branch), branch_root, os.getpid())
@@ -175,6 +177,8 @@ class RecorderLoop:
                 except (OSError, ValueError) as exc:
                     log.warning("cannot reach broker %s:%s: %s; retrying in %.1fs",
                                 self.broker.host, self.broker.port, exc, next_connect - now)
+            if client.socket() is not None:
+                self._check_connack(now)
             if client.socket() is not None:
                 timeout = min(0.1, max(0.0, self.ops.next_poll - now))  # inf without a control socket
                 deadline = self._flush_deadline()
@@ -213,6 +217,7 @@ class RecorderLoop:
         self.store.sweep_recent(now)
         self.store.report_recent(now, self.counters)
         self.counters.topics_cached = len(self.states)
+        self._recheck_inflight(now)
 
     def _shutdown(self) -> None:
         """Flush, acknowledge, and disconnect keeping the session."""

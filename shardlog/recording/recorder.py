@@ -282,14 +282,9 @@ class Recorder(RecorderLoop, BrokerSession):
         if last is None or self.counters.degraded:
             return
         offset = time.time() - now  # wall clock minus monotonic
-        cap = self.probe.on_deadline_flush(now, self.counters.acked - acked, first, last / 1e6 - offset)
-        if cap is not None:
-            self.batch_step = min(self.batch_max, cap)
-            self.flush_at = self.pending + self.batch_step
-            self.counters.inflight_cap = cap
-            self.note(f"the broker sends at most {cap} unacknowledged messages (its in-flight cap, below "
-                      f"batch.max_messages {self.batch_max}): flushing every {cap} messages instead of "
-                      f"waiting batch.max_delay; raise the cap on the broker for throughput (docs/brokers.md)")
+        step = self.probe.on_deadline_flush(now, self.counters.acked - acked, first, last / 1e6 - offset, acked)
+        if step is not None:
+            self._inflight_step(step)
 
     def _flush_deadline(self) -> float | None:
         """When the buffered records must be flushed: the batch's max_delay, or, while
@@ -298,7 +293,7 @@ class Recorder(RecorderLoop, BrokerSession):
             return None
         if self.counters.degraded:
             return self.next_retry
-        return self.batch_started + self.max_delay
+        return self.batch_started + self.probe.delay  # max_delay, longer for a test of a broker cap
 
     def _due(self, now: float) -> bool:
         deadline = self._flush_deadline()

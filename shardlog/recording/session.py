@@ -23,8 +23,24 @@ from paho.mqtt.properties import Properties
 
 from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
-from shardlog.recording.brokercheck import InflightProbe, connack_notes, suback_note
-from shardlog.recording.client import BufferedClient, PahoErrors, StockClient, apply_credentials, make_client
+from shardlog.config.tls import broker_key
+from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
+from shardlog.recording.client import (
+    BufferedClient,
+    PahoErrors,
+    StockClient,
+    apply_credentials,
+    drop_connection,
+    make_client,
+)
+from shardlog.recording.sessionmemo import (
+    SessionMemo,
+    expects_session,
+    memo_path,
+    read_memo,
+    stale_filters,
+    write_memo,
+)
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
@@ -41,6 +57,12 @@ _BROKER_DROPPED = "broker-dropped"
 #: mosquitto's count of messages it dropped (e.g. past max_queued_messages for an offline
 #: session). Nothing else tells a subscriber that the broker lost messages meant for it.
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+
+def _cap_note(cap: int, batch_max: int) -> str:
+    return (f"the broker sends at most {cap} unacknowledged messages (its in-flight cap, below "
+            f"batch.max_messages {batch_max}): flushing every {cap} messages instead of "
+            f"waiting batch.max_delay; raise the cap on the broker for throughput (docs/brokers.md)")
 
 
 class BrokerSession:
@@ -60,6 +82,10 @@ class BrokerSession:
     watch_sys: bool
     status_topic: str | None
     probe: InflightProbe
+    batch_max: int
+    batch_step: int
+    flush_at: int
+    pending: int
     paho_errors: PahoErrors
     backoff: float
     _subscribe_mid: int
@@ -69,6 +95,31 @@ class BrokerSession:
     on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
     _lost_connection: Callable[[], None]
     _write_stats: Callable[[], None]
+    # the session memo (shardlog/recording/sessionmemo.py), set by _recall_session
+    _memo_file: str | None = None
+    _memo: SessionMemo | None = None
+    _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
+    _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
+    _unsubscribe_mid: int = -1
+    # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
+    _connack_due: float | None = None
+    _attempt_failed: str | None = None
+
+    def _recall_session(self, root_real: str, branch_root: str) -> bool:
+        """At start: read the memo; whether the broker should hold this client id's session."""
+        self._memo_file = memo_path(root_real, self.shard.name)
+        self._memo = read_memo(self._memo_file)
+        return expects_session(self._memo, client_id(self.smap, self.shard), recorded_before(branch_root))
+
+    def _remember(self) -> None:
+        """Write the memo: the filters the session holds now (granted, and those not yet unsubscribed)."""
+        if self._memo_file is None:
+            return
+        memo = SessionMemo(client_id=client_id(self.smap, self.shard),
+                           subscriptions=sorted(self._granted | set(self._stale)))
+        if memo != self._memo:
+            write_memo(self._memo_file, memo)
+            self._memo = memo
 
     def _make_client(self) -> BufferedClient | StockClient:
         b = self.broker
@@ -79,14 +130,16 @@ class BrokerSession:
         else:
             client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
                                  protocol=mqtt.MQTTv311, manual_ack=True)
-        apply_credentials(client, b)
+        apply_credentials(client, b, broker_key(self.smap, self.shard))  # ConfigError: exit 78
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
         client.on_message = self.on_message
         if isinstance(client, BufferedClient):
             client.on_publish_fields = self.on_publish  # the fast path skips building a message
         client.on_subscribe = self.on_subscribe
+        client.on_unsubscribe = self.on_unsubscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
+        client.connect_timeout = float(b.connect_timeout)  # TCP and TLS; the CONNACK: _check_connack
         if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
         # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
@@ -96,6 +149,8 @@ class BrokerSession:
     def _connect(self) -> None:
         b = self.broker
         assert self.client is not None
+        self._attempt_failed = None
+        self._connack_due = None
         if b.mqtt5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(b.session_expiry)
@@ -103,13 +158,32 @@ class BrokerSession:
             self.client.connect(b.host, b.port, b.keepalive, clean_start=False, properties=props)
         else:
             self.client.connect(b.host, b.port, b.keepalive)
+        self._connack_due = time.monotonic() + float(b.connect_timeout)
+
+    def _check_connack(self, now: float) -> None:
+        """Each turn of the loop: a CONNACK that has not come within broker.connect_timeout
+        ends the attempt (one WARNING), and the loop retries with its backoff. Without this,
+        paho waited a whole keepalive and said the broker closed the connection."""
+        due = self._connack_due
+        if due is None or now < due or self.connected or self.client is None or self.client.socket() is None:
+            return
+        self._connack_due = None
+        b = self.broker
+        self._attempt_failed = "no CONNACK"
+        log.warning("broker %s:%s sent no CONNACK within %gs of the connection%s; closing it and retrying "
+                    "(an overloaded broker, or not an MQTT broker on this port?)", b.host, b.port,
+                    float(b.connect_timeout), " (TLS completed)" if b.tls is not None else "")
+        drop_connection(self.client)
 
     # -- paho callbacks ---------------------------------------------------------------
 
     def on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                    reason: object, properties: Properties | None) -> None:
+        self._connack_due = None
         if getattr(reason, "is_failure", False):
-            log.error("broker %s:%s refused the connection: %s", self.broker.host, self.broker.port, reason)
+            self._attempt_failed = str(reason)  # paho then closes the socket: on_disconnect says no more
+            log.error("broker %s:%s refused the connection: %s; retrying", self.broker.host, self.broker.port,
+                      reason)
             return
         self.connected = True
         self.backoff = 0.5
@@ -129,14 +203,58 @@ class BrokerSession:
             self.note(note)
         c.session_present = flags.session_present
         self.expect_session = True
+        sys_watch = self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys
+        wanted = [topic, SYS_DROPPED] if sys_watch else [topic]
+        self._granted = frozenset()
+        self._stale = ()
+        if flags.session_present:  # filters of an older prefix stay in the session until unsubscribed
+            if stale := stale_filters(self._memo, client_id(self.smap, self.shard), wanted):
+                log.info("unsubscribing from %s: kept by the broker's session, no longer this shard's",
+                         ", ".join(stale))
+                self._stale = tuple(stale)
+                self._unsubscribe_mid = client.unsubscribe(stale)[1]
         self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
-        if self.router.owner(SYS_DROPPED) != self.shard.name and self.watch_sys:
+        if sys_watch:
             self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
             self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
+
+    def on_unsubscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                       reasons: list, properties: Properties | None) -> None:
+        if mid != self._unsubscribe_mid:
+            return
+        self._unsubscribe_mid = -1
+        self._stale = ()
+        self._remember()
+
+    # -- the broker's in-flight cap (brokercheck.InflightProbe) ----------------------------
+
+    def _inflight_step(self, step: int) -> None:
+        """The probe changed how many messages a batch may hold: a test begun, a cap found,
+        kept after a test, or dropped."""
+        self.batch_step = step
+        self.flush_at = self.pending + step
+        cap, known = self.probe.cap, self.counters.inflight_cap
+        if cap is not None and known is None:
+            self.counters.inflight_cap = cap
+            self.note(_cap_note(cap, self.batch_max))
+        elif cap is None and known is not None:
+            self.counters.inflight_cap = None
+            notes = self.counters.broker_notes
+            if (text := _cap_note(known, self.batch_max)) in notes:
+                notes.remove(text)
+            log.warning("the broker sent more than %d unacknowledged messages at once: it has no such "
+                        "in-flight cap (any more); flushing by batch.max_messages %d again", known,
+                        self.batch_max)
+
+    def _recheck_inflight(self, now: float) -> None:
+        """About once a heartbeat: let one batch grow past a cap found, to see if it still holds."""
+        if self.probe.recheck(now, self.counters.acked):
+            self.batch_step = self.probe.step()
+            self.flush_at = self.pending + self.batch_step
 
     def note(self, text: str) -> None:
         """A way this broker differs: one WARNING line, once, and listed in the stats."""
@@ -152,6 +270,9 @@ class BrokerSession:
             if failed:
                 self.note(f"the broker refuses the subscription to {SYS_DROPPED} ({failed[0]}): messages it "
                           "drops go uncounted (broker_dropped); broker.sys_topics: false skips asking")
+            else:
+                self._granted |= {SYS_DROPPED}
+                self._remember()
         if mid != self._subscribe_mid:
             return
         if failed:
@@ -163,6 +284,8 @@ class BrokerSession:
             if (note := suback_note(self.shard.qos, getattr(r, "value", r), subscription(self.shard.branch))):
                 self.note(note)
         self.counters.subscribed = True
+        self._granted |= {subscription(self.shard.branch)}
+        self._remember()
         self._write_stats()
 
     def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
@@ -174,11 +297,14 @@ class BrokerSession:
                       "answering it; not asking again (set broker.sys_topics: false for this broker)")
         elif self.connected and not self.stop_requested:
             log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
+        elif self._attempt_failed is not None:
+            pass  # a refusal or a missing CONNACK, already said with its reason
         elif not self.stop_requested:
             log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
                         "certificate, credentials, or the broker's limits?)", self.broker.host,
                         self.broker.port, error or reason)
         self._sys_mid = -1
+        self._connack_due = None
         self._lost_connection()
 
     def _broker_dropped(self, payload: bytes) -> None:

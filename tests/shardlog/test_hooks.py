@@ -96,6 +96,38 @@ def test_a_topic_outside_the_shard_is_a_failure() -> None:
     assert isinstance(out, HookFailure) and "produced topic 'other/x': owned by shard 'other'" in out.reason
 
 
+def test_a_topic_outside_the_shard_is_blamed_on_the_hook_that_moved_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 22, item 17: ``[mymod:move, ..., {use: drop}]`` whose ``move`` sends a message out of
+    the branch was blamed on ``drop`` (the last hook) in the reason, the log and the count."""
+    def move(m: Message) -> Message:
+        return m._replace(topic="other/x")
+
+    def tag(m: Message) -> Message:
+        return m._replace(payload=m.payload + b" ")
+
+    def drop(m: Message) -> Message | None:
+        return None if m.topic.endswith("/junk") else m
+
+    def split(m: Message) -> list[Message]:
+        return [m, m._replace(topic="elsewhere/y")]
+
+    owns = lambda t: None if t.startswith("s/") else "owned by shard 'other'"  # noqa: E731
+    c = chain(move, tag, drop, owns=owns)
+    with caplog.at_level(logging.ERROR, "shardlog.hooks"):
+        out = c.run(MSG)
+    assert isinstance(out, HookFailure) and out.hook == 0, out
+    assert out.reason.startswith("hook move: produced topic 'other/x'"), out.reason
+    assert [h.errors for h in c.hooks] == [1, 0, 0]
+    assert "hook move:" in caplog.records[0].getMessage()
+    # a fan-out whose second output leaves the branch: the splitting hook, not the last
+    c = chain(tag, split, drop, owns=owns)
+    out = c.run(MSG)
+    assert isinstance(out, HookFailure) and out.hook == 1 and out.reason.startswith("hook split:"), out
+    # moved out, then back in by a later hook: nothing to blame
+    c = chain(move, lambda m: m._replace(topic="s/back"), owns=owns)
+    assert c.run(MSG) == [MSG._replace(topic="s/back")]
+
+
 def test_the_watchdog_interrupts_a_slow_hook_and_suspends_it_after_three() -> None:
     def slow(m: Message) -> Message:
         if m.payload == b"spin":

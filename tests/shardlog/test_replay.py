@@ -217,6 +217,11 @@ def test_unreachable_broker_and_bad_arguments(tmp_path: Path, capsys: pytest.Cap
         (["--window", "0"], 64, "--window: expected an integer >= 1"),
         (["--broker", "http://127.0.0.1:1883"], 64, "expected mqtt://"),
         (["--broker", "mqtt://u:hunter2@127.0.0.1:99999"], 64, "out of range"),
+        # TLS files are loaded before anything is read or sent (issue 22: /dev/zero hung, a
+        # missing file was a traceback)
+        (["--ca-file", "/dev/zero"], 64, "broker.tls.ca_file: /dev/zero: not a regular file"),
+        (["--ca-file", str(tmp_path / "none.pem")], 64, f"broker.tls.ca_file: {tmp_path / 'none.pem'}: cannot read"),
+        (["--key-file", str(src)], 64, "broker.tls.key_file: needs broker.tls.cert_file"),
     ]:
         with pytest.raises(SystemExit) as exit_:  # a usage error: the verb's usage line, exit 64
             cli_main(["replay", str(src), "t", "--broker", url, *args])
