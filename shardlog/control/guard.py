@@ -74,7 +74,12 @@ def foreign_below(path: str, own_lock: bool = False, protected: Collection[str] 
             return f"{d}: cannot be read ({exc.strerror}); nothing was changed"
         for e in entries:
             where = os.path.join(d, e.name)
-            st = e.stat(follow_symlinks=False)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone meanwhile (the compressor replaces a segment by its .gz)
+            except OSError as exc:
+                return f"{where}: cannot be read ({exc.strerror}); nothing was changed"
             if stat.S_ISDIR(st.st_mode):
                 if st.st_dev != top.st_dev:
                     return f"{where} is another file system mounted there; nothing was changed"
