@@ -152,3 +152,36 @@ def test_a_directory_shardlog_never_wrote_is_not_deleted(tmp_path: Path) -> None
         assert snapshot(tmp_path) == before
     finally:
         a.store.close()  # type: ignore[union-attr]
+
+
+def test_a_file_that_vanishes_during_the_walk_is_no_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compressor replaces a rotated segment by its .gz while the walk runs: the entry listed
+    is gone when it is looked at, and the delete goes on."""
+    from shardlog.control import guard
+
+    a = recorder(tmp_path / "data", "a")
+    try:
+        send(a, "a/t", 1)
+        seg = tmp_path / "data" / "a" / "t" / "+log.00000001.jsonl"
+        seg.write_text("{}\n")
+        real_scandir = os.scandir
+
+        class Listed(list):  # what scandir returns: iterable, and a context manager
+            def __enter__(self) -> Listed:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                return None
+
+        def scandir_then_compress(path):  # os.scandir itself: patched for the whole process
+            with real_scandir(path) as it:
+                entries = Listed(it)
+            if seg.exists():
+                seg.unlink()
+            return entries
+
+        monkeypatch.setattr(guard.os, "scandir", scandir_then_compress)
+        r = do(a, op="delete", prefix="a/t")
+        assert r["ok"] and r["removed"], r
+    finally:
+        a.store.close()  # type: ignore[union-attr]
