@@ -140,3 +140,12 @@ def test_check_imports_hooks_but_never_calls_a_factory(tmp_path: Path) -> None:
     r = run_cli("check", str(m))
     assert r.returncode == 78 and "shards[0].hooks[0].args: os:system(**args) would fail" in r.stderr, r.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", ["a/#\n", "#\n"])
+def test_a_topic_filter_with_a_trailing_newline_is_refused(tmp_path: Path, bad: str) -> None:
+    """`keep: [a/#\\n]` passed ($ matches before a trailing newline) and, a literal level '#\\n',
+    kept nothing: every message acknowledged and dropped."""
+    m = write(tmp_path, {"shards": [{"name": "a", "prefix": "a", "hooks": [{"use": "keep", "args": {"topics": [bad]}}]}]})
+    r = run_cli("check", str(m))
+    assert r.returncode == 78 and "shards[0].hooks[0].args.topics[0]" in r.stderr, r.stderr
