@@ -69,7 +69,20 @@ def check_layout(smap: ShardMap) -> None:
                     f"{smap.shards[outer].name!r}): one shard's topic directories could hold the other's "
                     "branch and lock, and an rm there would delete them; give both the same root or "
                     "roots apart")
+        for j, other in enumerate(reals):
+            t = smap.shards[j]
+            if other == real and smap.broker_of(t) != smap.broker_of(s) and _nest(s.branch, t.branch):
+                raise ConfigError(
+                    f"shards[{i}].root: shards[{i}] {s.name!r} (prefix {s.prefix or '#'!r}) and shards[{j}] "
+                    f"{t.name!r} (prefix {t.prefix or '#'!r}) record different brokers into one root {real} and "
+                    "their branches nest: each would write its broker's topics into the other's directories "
+                    "(shards route only against shards of their own broker); give one of them its own root")
         reals.append(real)
+
+
+def _nest(a: str, b: str) -> bool:
+    """One branch is the other or lies below it (``""``, the catch-all, holds every other)."""
+    return a == "" or b == "" or a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 # -- control topics ------------------------------------------------------------------------

@@ -44,6 +44,15 @@ REFUSED = {
     "nested through a symlink": ({"shards": [{"name": "a", "prefix": "a", "root": "r"},
                                              {"name": "b", "prefix": "b", "root": "link-into-r"}]},
                                  "shards[1].root: {tmp}/r/a/x and shards[0].root {tmp}/r lie one inside"),
+    # 1: shards of two brokers in one root, their branches nested: each routes only against its own broker's
+    "two brokers, nested branches, one root": ({"shards": [{"name": "a", "prefix": "a"},
+                                                           {"name": "b", "prefix": "a/x",
+                                                            "broker": {"host": "other", "port": 1884}}]},
+                                               "shards[1].root: shards[1] 'b' (prefix 'a/x') and shards[0] 'a' "
+                                               "(prefix 'a') record different brokers into one root"),
+    "two brokers, a catch-all, one root": ({"shards": [{"name": "rest", "prefix": "#"},
+                                                       {"name": "b", "prefix": "x", "broker": {"host": "other"}}]},
+                                           "record different brokers into one root"),
     # 2: a root that resolves to / (a symlink), or to a system directory
     "root resolving to /": ({"shards": [{"name": "a", "prefix": "a", "root": "slash"}]},
                             "shards[0].root: '{tmp}/slash' (resolves to /) is a system directory (the whole"),
@@ -107,6 +116,11 @@ def test_check_and_record_refuse_what_would_lose_or_delete_data(tmp_path: Path, 
 ACCEPTED = {
     "shards sharing one root": {"shards": [{"name": "a", "prefix": "a"}, {"name": "vip", "prefix": "a/vip"},
                                            {"name": "rest", "prefix": "#"}]},
+    "two brokers, branches apart, one root": {"shards": [{"name": "a", "prefix": "a"},
+                                                         {"name": "b", "prefix": "b", "broker": {"host": "other"}}]},
+    "two brokers, nested branches, roots apart": {"shards": [{"name": "a", "prefix": "a", "root": "d1"},
+                                                             {"name": "b", "prefix": "a/x", "root": "d2",
+                                                              "broker": {"host": "other"}}]},
     "roots side by side": {"shards": [{"name": "a", "prefix": "a", "root": "disk1"},
                                       {"name": "b", "prefix": "b", "root": "disk2"}]},
     "control topics of a catch-all map": {"shards": [{"name": "rest", "prefix": "#"}],
