@@ -3,8 +3,9 @@
 Loading goes: read text -> YAML (shardlog.config.yamlsafe) -> expand ``${VAR}`` /
 ``${VAR:-default}`` in string values -> validate ``defaults`` alone -> deep-merge
 ``defaults`` into every shard -> convert the whole map (shardlog.config.schema) ->
-cross-shard checks (names, prefixes, hosts, brokers). Relative roots are resolved
-against the directory of the shard map file.
+cross-shard checks (names, prefixes, hosts, brokers; the control topics and listen address,
+shardlog.config.checks). Relative roots are resolved against the directory of the shard map
+file, then checked (nested or system roots: shardlog.config.checks.check_layout).
 """
 
 from __future__ import annotations
