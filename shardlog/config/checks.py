@@ -143,6 +143,10 @@ def check_control_topics(smap: ShardMap) -> None:
     if c.supervisor_topic is not None and could_be_equal(c.supervisor_topic, c.topic):
         raise ConfigError(f"control.supervisor_topic: {c.supervisor_topic!r} can be the control topic "
                           f"{c.topic!r}: the /status document would be read as a command")
+    for s in smap.shards if c.status_topic is not None else ():
+        if could_be_equal(f"{c.status_topic}/{s.name}", c.topic):
+            raise ConfigError(f"control.status_topic: {c.status_topic}/{s.name} (shard {s.name!r}'s status) can be "
+                              f"the control topic {c.topic!r}: its online/offline would be read as a command")
 
 
 def prefix_subscription_problem(prefix: str) -> str | None:

@@ -85,6 +85,9 @@ REFUSED = {
     "status document on the control topic": ({"shards": ONE, "control": {"mqtt": True, "topic": "ctl/{host}",
                                                                          "supervisor_topic": "ctl/{host}"}},
                                              "control.supervisor_topic: 'ctl/{host}' can be the control topic"),
+    "a shard's status on the control topic": ({"shards": [{"name": "web1", "prefix": "a"}],
+                                               "control": {"mqtt": True, "topic": "ctl/{host}", "status_topic": "ctl"}},
+                                              "control.status_topic: ctl/web1 (shard 'web1''s status) can be the control"),
     # 11: a name with a trailing newline (the broker refuses the client id at every connect), a port past 65535
     "name with a newline": ({"shards": [{"name": "a\n", "prefix": "a"}]},
                             "shards[0].name: expected a letter or digit, then at most 63 letters"),
