@@ -70,7 +70,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     smap = load_or_exit(args.map)
     try:
         check_tls(smap)  # loads every TLS file, as `shardlog record` will
-        n_hooks = check_hooks(smap)  # imports them, as `shardlog record` will
+        n_hooks = check_hooks(smap)  # imports them, as `shardlog record` will, calling no factory
     except ConfigError as exc:
         print(f"shardlog: configuration error: {args.map}: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -3,8 +3,9 @@
 Loading goes: read text -> YAML (shardlog.config.yamlsafe) -> expand ``${VAR}`` /
 ``${VAR:-default}`` in string values -> validate ``defaults`` alone -> deep-merge
 ``defaults`` into every shard -> convert the whole map (shardlog.config.schema) ->
-cross-shard checks (names, prefixes, hosts, brokers). Relative roots are resolved
-against the directory of the shard map file.
+cross-shard checks (names, prefixes, hosts, brokers; the control topics and listen address,
+shardlog.config.checks). Relative roots are resolved against the directory of the shard map
+file, then checked (nested or system roots: shardlog.config.checks.check_layout).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import msgspec
 import yaml
 
 from shardlog.config import yamlsafe
+from shardlog.config.checks import check_control_topics, check_layout, parse_listen, prefix_subscription_problem
 from shardlog.config.schema import (
     Broker,
     ConfigError,
@@ -82,7 +84,7 @@ def prefix_problem(prefix: str) -> str | None:
         return "NUL is not allowed in a topic"
     if len(p.encode("utf-8", "surrogatepass")) > 65535:
         return "longer than an MQTT topic may be"
-    return None
+    return prefix_subscription_problem(p)
 
 
 def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = None) -> ShardMap:
@@ -110,6 +112,7 @@ def parse_map(raw: Any, base_dir: str = ".", env: Mapping[str, str] | None = Non
         settings.root = _resolve_path(base_dir, settings.root)
         paths = [settings.hooks_path] if isinstance(settings.hooks_path, str) else settings.hooks_path
         settings.hooks_path = [_resolve_path(base_dir, p) for p in paths]
+    check_layout(smap)
     return smap
 
 
@@ -179,6 +182,10 @@ def _check_control(c: Control) -> None:
 def _check_shards(smap: ShardMap) -> None:
     _check_broker(smap.broker, "broker", True)
     _check_control(smap.control)
+    try:
+        parse_listen(smap.supervisor.listen)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     names: dict[str, int] = {}
     prefixes: dict[str, int] = {}
     hosts = [s.host for s in smap.shards]
@@ -213,6 +220,7 @@ def _check_shards(smap: ShardMap) -> None:
                               "journal after a crash needs each record's ts in the topic files)")
         if s.qos not in (0, 1):  # pragma: no cover - Literal already enforces it
             raise ConfigError(f"{where}.qos: expected 0 or 1")
+    check_control_topics(smap)
 
 
 def load_map(path: str, env: Mapping[str, str] | None = None) -> ShardMap:

@@ -66,7 +66,17 @@ def _dec_hook(tp: type, obj: Any) -> Any:
 _STRICT = {"forbid_unknown_fields": True, "kw_only": True}
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
-ShardName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+# \Z, not $: "$" also matches before a trailing newline ("a\n" would pass)
+_NAME_RX = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+ShardName = Annotated[str, Meta(pattern=_NAME_RX)]
+#: no control characters: the broker refuses a client id holding one, at every connect
+_CLIENT_ID_RX = r"^[^\x00-\x1f\x7f-\x9f]*\Z"
+ClientIdPrefix = Annotated[str, Meta(pattern=_CLIENT_ID_RX)]
+#: what a pattern asks for, in words (an error quotes these instead of the regex)
+_PATTERN_WORDS = {
+    _NAME_RX: "a letter or digit, then at most 63 letters, digits, '_', '.' or '-' (no space, no newline)",
+    _CLIENT_ID_RX: "text without control characters (a newline, a tab...): the broker would refuse the client id",
+}
 
 
 class TLS(Struct, **_STRICT):
@@ -84,7 +94,7 @@ class Broker(Struct, **_STRICT):
     username: str | None = None
     password: str | None = None
     tls: TLS | None = None
-    client_id_prefix: str = "shardlog-"
+    client_id_prefix: ClientIdPrefix = "shardlog-"
     keepalive: Annotated[int, Meta(ge=5, le=65535)] = 60
     # MQTT 5 session expiry: how long the broker keeps the session (and queues
     # messages) while a shard is down. 3.1.1 sessions never expire on their own.
@@ -143,7 +153,7 @@ class Journal(Struct, **_STRICT):
     max_lag: SegmentSize = SegmentSize(1024 * 1024 * 1024)
 #: ``package.module:attribute``, or a built-in's name alone (shardlog/hooks/builtin.py)
 HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-                                       r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?$")]
+                                       r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?\Z")]
 
 
 class HookSpec(Struct, **_STRICT):
@@ -266,6 +276,8 @@ def _rewrite_error(msg: str, where: str) -> str:
     if not m:
         return f"{where or 'shard map'}: {msg}"
     text, path = m.group(1), m.group(2).lstrip(".")
+    for rx, words in _PATTERN_WORDS.items():
+        text = text.replace(f"`str` matching regex {rx!r}", words)
     text = text[0].lower() + text[1:] if text else text
     full = _join(where, path) if path else where
     return f"{full or 'shard map'}: {text}"

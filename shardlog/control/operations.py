@@ -10,7 +10,9 @@ per message), so an operation never meets an open file or a half-written batch:
 3. do the file system operation; messages that arrived meanwhile wait in the socket buffer and
    are recorded afterwards, re-creating their state (and directories) from scratch.
 
-Every path goes through the recording path's encoding and ``safe_join`` root check. Replies are
+Every path goes through the recording path's encoding and ``safe_join`` root check, and a tree is
+deleted or moved only if it is shardlog's (:mod:`shardlog.control.guard`: ``+`` files and topic
+level directories only, no other recorder's lock in it or above it, no other shard's root). Replies are
 one JSON datagram to the sender: ``{"ok": true, ...}`` or ``{"ok": false, "reason": "..."}``.
 
 :class:`Operations` works on its recorder through :class:`Host`, the few attributes and
@@ -34,6 +36,7 @@ import msgspec
 
 from shardlog.control.channel import ControlSocket
 from shardlog.control.commands import CommandError, check_topic, is_under
+from shardlog.control.guard import foreign_below, lock_above
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
@@ -87,6 +90,9 @@ class Operations:
         shard = rec.shard
         self.others = [s.branch for s in rec.smap.shards
                        if s.name != shard.name and rec.smap.broker_of(s) == rec.broker]
+        own_root = os.path.realpath(shard.root)
+        #: other shards' roots (any host, any broker): never inside a tree this shard deletes or moves
+        self.protected = sorted({r for s in rec.smap.shards if (r := os.path.realpath(s.root)) != own_root})
 
     # -- the channel ------------------------------------------------------------------------
 
@@ -152,6 +158,14 @@ class Operations:
         except TopicError as exc:
             raise Refused(f"{topic!r}: {exc}") from None
 
+    def _ours(self, path: str, topic: str, whole_branch: bool = False) -> None:
+        """Refuse unless the tree at ``path`` is shardlog's to delete or move (its own branch
+        root's lock aside, when ``whole_branch``)."""
+        branch_root = self.rec.store.branch_root  # type: ignore[union-attr]
+        why = lock_above(path, branch_root) or foreign_below(path, whole_branch, self.protected)
+        if why:
+            raise Refused(f"{topic!r}: {why}")
+
     def _settle(self, prefixes: list[str]) -> list[tuple[bytes, TopicState]]:
         """Write everything buffered; the states of topics under ``prefixes``."""
         rec = self.rec
@@ -193,6 +207,9 @@ class Operations:
         now_us = time.time_ns() // 1000
         rotated: list[str] = []
         base = self._path(prefix)
+        why = lock_above(base, store.branch_root)
+        if why:
+            raise Refused(f"prefix {prefix!r}: {why}")
         states = rec.topic_states()
         for topic in self._topics_on_disk(base, prefix):
             key = rec.state_key(topic)
@@ -213,7 +230,11 @@ class Operations:
         out: list[str] = []
         if not os.path.isdir(base):
             return out
+        own = os.path.realpath(self.rec.store.branch_root)  # type: ignore[union-attr]
         for dirpath, dirnames, filenames in os.walk(base):
+            if LOCK in filenames and os.path.realpath(dirpath) != own:
+                dirnames[:] = []  # another recorder's branch (another map's shard): not ours to rotate
+                continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("+"))
             rel = os.path.relpath(dirpath, base)
             try:
@@ -258,10 +279,12 @@ class Operations:
         if not os.path.lexists(path):
             self._let_go(affected)
             return {"removed": False, "note": f"nothing recorded under {prefix!r}"}
+        whole = os.path.realpath(path) == os.path.realpath(store.branch_root)
+        self._ours(path, prefix, whole_branch=whole)
         self._let_go(affected)
         aside = os.path.join(store.root, f"{ASIDE}{self.rec.shard.name}.{secrets.token_hex(6)}")
         with self._compressor_lock():
-            if os.path.realpath(path) == os.path.realpath(store.branch_root):
+            if whole:
                 # the shard's whole branch: its lock and quarantine files stay
                 os.mkdir(aside, 0o700)
                 for name in sorted(os.listdir(path)):
@@ -294,6 +317,10 @@ class Operations:
         if os.path.lexists(dst_path):
             raise Refused(f"dst {dst!r} exists already (a move never merges or overwrites)")
         affected = self._settle([src, dst])
+        self._ours(src_path, src)
+        why = lock_above(dst_path, store.branch_root)
+        if why:
+            raise Refused(f"dst {dst!r}: {why}")
         for _, st in affected:
             store.write_recent_now(st)
         self._let_go(affected)

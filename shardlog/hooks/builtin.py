@@ -91,7 +91,8 @@ def _ext(code: int, data: bytes) -> dict[str, Any]:
 
 # -- by topic ---------------------------------------------------------------------------
 
-TopicFilter = Annotated[str, Meta(min_length=1, pattern=r"^([^+#]*|\+)(/([^+#]*|\+))*(/#)?$|^#$")]
+# \Z, not $: "$" matches before a trailing newline, and "a/#\n" (a literal level "#\n") kept nothing
+TopicFilter = Annotated[str, Meta(min_length=1, pattern=r"^([^+#]*|\+)(/([^+#]*|\+))*(/#)?\Z|^#\Z")]
 
 
 class TopicsArgs(Struct, **_STRICT):

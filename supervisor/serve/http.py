@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from shardlog.config.checks import parse_listen  # noqa: F401 - the map's own check of supervisor.listen; status_cli imports it from here
 from supervisor.serve.front import Conn, Front, Limits, SocketWriter
 from supervisor.serve.metrics import make_registry
 from supervisor.serve.status import StatusDoc, encode
@@ -33,15 +34,6 @@ ControlFn = Callable[[str, bytes, str], dict]
 CONTROL_OPS = ("rotate", "delete", "move", "stop", "start")
 LIMITS = Limits()
 MAX_BODY = LIMITS.max_body
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port``, ``[v6addr]:port`` or ``:port`` (all interfaces) -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"supervisor.listen: expected HOST:PORT, got {listen!r}")
-    host = host.strip("[]")
-    return host, int(port)
 
 
 class _App:
