@@ -88,6 +88,7 @@ def test_bad_commands_a_flood_and_redeliveries_over_mqtt(broker, publisher, supe
             b"prefix a list": (b'{"op": "rotate", "prefix": ["a"]}', "bad command"),
             b"id an object": (b'{"op": "rotate", "prefix": "a/x", "id": {}}', "bad command"),
             b"unknown key": (b'{"op": "rotate", "prefix": "a/x", "rm": "-rf"}', "bad command"),
+            b"a duplicate op": (b'{"op": "rotate", "op": "delete", "prefix": "a/x"}', "duplicate key 'op'"),
             b"a .. prefix": (b'{"op": "delete", "prefix": "a/../.."}', "'..' level"),
             b"huge (1 MB)": (b'{"op": "rotate", "prefix": "' + b"a" * (1 << 20) + b'"}', "command too large"),
             b"deep nesting": (b'{"op": "rotate", "id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
