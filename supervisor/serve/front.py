@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor.threads import Threads
+
 log = logging.getLogger(__name__)
 
 
@@ -146,7 +148,8 @@ Handle = Callable[[Conn, bytes], bool]
 class Front:
     """The listening socket, the selector thread and the worker pools."""
 
-    def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits()) -> None:
+    def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits(),
+                 threads: Threads | None = None) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # "[::]:PORT" takes IPv4 too, as the stdlib server's socket did (create_server sets V6ONLY)
         dual = family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
@@ -166,10 +169,8 @@ class Front:
         self.accept_paused_until: float | None = None
         self.pools = {"get": queue.Queue[tuple[Conn, bytes] | None](limits.queue),
                       "control": queue.Queue[tuple[Conn, bytes] | None](limits.queue)}
-        self.threads = [threading.Thread(target=self._loop, name="shardlog-http", daemon=True)]
-        for pool, n in (("get", limits.workers), ("control", limits.control_workers)):
-            self.threads += [threading.Thread(target=self._work, args=(self.pools[pool],),
-                                              name=f"shardlog-http-{pool}-{i}", daemon=True) for i in range(n)]
+        self.registry = threads if threads is not None else Threads()
+        self.threads: list[threading.Thread] = []
 
     @property
     def address(self) -> tuple[str, int]:
@@ -177,8 +178,12 @@ class Front:
         return str(host), int(port)
 
     def start(self) -> Front:
-        for t in self.threads:
-            t.start()
+        """The selector thread and the workers, each restarted if it dies (supervisor.threads)."""
+        self.threads = [self.registry.start("shardlog-http", self._loop, self.stopping)]
+        for pool, n in (("get", self.limits.workers), ("control", self.limits.control_workers)):
+            q = self.pools[pool]
+            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", lambda q=q: self._work(q), self.stopping)
+                             for i in range(n)]
         return self
 
     def stop(self) -> None:

@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from supervisor.serve.front import Conn, Front, Limits, SocketWriter
 from supervisor.serve.metrics import make_registry
 from supervisor.serve.status import StatusDoc, encode
+from supervisor.threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 class StatusServer:
     def __init__(self, listen: str, status: Callable[[], StatusDoc], control: ControlFn | None = None,
-                 limits: Limits = LIMITS) -> None:
+                 limits: Limits = LIMITS, threads: Threads | None = None) -> None:
         self.listen = listen
         app = _App(status, control)
 
         def handle(conn: Conn, request: bytes) -> bool:
             return not _Handler(request, conn, app).close_connection
 
-        self.front = Front(parse_listen(listen), handle, limits)
+        self.front = Front(parse_listen(listen), handle, limits, threads)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -188,11 +189,11 @@ class StatusServer:
 
 
 def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0,
-         control: ControlFn | None = None) -> StatusServer:
+         control: ControlFn | None = None, threads: Threads | None = None) -> StatusServer:
     """Bind ``listen``, retrying a few times (a previous supervisor may still be exiting)."""
     for attempt in range(1, attempts + 1):
         try:
-            return StatusServer(listen, status, control)
+            return StatusServer(listen, status, control, threads=threads)
         except OSError as exc:
             if attempt == attempts:
                 raise
