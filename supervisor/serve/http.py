@@ -1,9 +1,9 @@
 """The supervisor's HTTP endpoint: ``/status`` (JSON), ``/metrics`` (Prometheus) and the
 control API (``POST /control/<op>``, docs/control.md).
 
-Connections are accepted and each request is read whole, within limits, by
+Connections are accepted, each request is read whole, within limits, and each answer written by
 :mod:`supervisor.serve.front` (one selector thread; slow clients hold no thread); a worker
-then runs one request through :class:`_Handler` (the stdlib's request parsing). Handlers build their answer
+runs one request through :class:`_Handler` (the stdlib's request parsing) into a buffer. Handlers build their answer
 from the last published snapshot and sample (immutable objects read through one
 attribute each); they take no lock and do no file or process I/O, so a scrape
 never waits on, or slows, the main loop or a recorder. A control request waits in its own
@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from supervisor.serve.front import Conn, Front, Limits, SocketWriter
+from supervisor.serve.front import Conn, Front, Limits, OutBuffer
 from supervisor.serve.metrics import make_registry
 from supervisor.serve.status import StatusDoc, encode
 from supervisor.threads import Threads
@@ -66,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.client_address = conn.addr
         self.request = self.connection = conn.sock
         self.rfile = io.BytesIO(request)
-        self.wfile = SocketWriter(conn.sock)
+        self.wfile = OutBuffer(conn.out)  # the front sends it: a handler never blocks on a client
         self.close_connection = True
         self.handle_one_request()
 
