@@ -96,6 +96,9 @@ class MqttControl:
     def start(self) -> MqttControl:
         b = self.smap.broker
         self.client.connect_async(b.host, b.port, b.keepalive)
+        if self.status_topic is not None and (why := response_topic_problem(self.status_topic, self.template)):
+            log.error("control.supervisor_topic: %s; the /status document is not published", why)
+            self.status_topic = None
         self.client.loop_start()
         self.worker = self.threads.start("shardlog-mqtt-control", self._work, self.stopping)
         if self.smap.control.mqtt:

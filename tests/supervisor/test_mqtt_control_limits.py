@@ -15,6 +15,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from shardlog.config.load import parse_map
 from supervisor.control.admission import (
     BURST,
     MAX_COMMAND,
@@ -27,6 +28,7 @@ from supervisor.control.admission import (
     response_topic_problem,
     too_large,
 )
+from supervisor.control.mqtt import MqttControl
 from tests.supervisor.helpers import Listener, SupervisorProc, make_map, read_records, topic_dir, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -134,6 +136,58 @@ def test_a_bad_response_topic_is_refused_and_the_worker_lives_on(broker, publish
         assert "Traceback" not in sup.log()
     finally:
         listen.close()
+
+
+PROBE = b'{"id": "probe"}'
+
+
+def test_replies_never_come_back_as_commands_even_with_reply_topic_the_control_topic(broker, publisher,
+                                                                                      tmp_path: Path) -> None:
+    """Issue 22, item 6: with reply_topic equal to the control topic one command produced 24,688
+    messages in 5 s (each reply read as a command, refused, answered...). `check` refuses such a
+    map; the runtime must not loop either, should one get past it: the map is changed after it
+    was checked, and the supervisor's MQTT control runs in process with a real broker."""
+    m = _control_map(tmp_path, broker.port, tmp_path / "data")
+    smap = parse_map(yaml.safe_load(m.read_text()), str(tmp_path))
+    ctl = "shardlog/control/h1"
+    smap = msgspec.structs.replace(smap, control=msgspec.structs.replace(smap.control, reply_topic=ctl))
+    seen: list[bytes] = []
+
+    class Stub:  # the controller: refuses everything, as it refuses a reply read as a command
+        def execute(self, body: bytes, op: object, source: str, check_token: bool = False) -> dict[str, Any]:
+            seen.append(body)
+            doc = msgspec.json.decode(body)
+            return {**({"id": doc["id"]} if isinstance(doc, dict) and "id" in doc else {}),
+                    "ok": False, "reason": "missing 'op'"}
+
+    control = MqttControl(smap, "h1", Stub()).start()  # type: ignore[arg-type]
+    listen = Listener(broker.port, [ctl, "resp/#"])
+    try:
+        def probe() -> bool:  # until the control client has subscribed
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "resp/probe"
+            publisher.client.publish(ctl, PROBE, qos=1, properties=props).wait_for_publish(5)
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:  # polling for the answer, with a deadline
+                if listen.reply("resp/probe", "probe"):
+                    return True
+                time.sleep(0.02)
+            return False
+
+        wait_for(probe, 15, "the control client to answer a probe")
+        publisher.publish_many([(ctl, b'{"id": %d}' % i, 1) for i in range(3)])
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "resp/last"
+        publisher.client.publish(ctl, b'{"id": "last"}', qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: listen.reply("resp/last", "last"), 10, "the answer on resp/last")
+        with listen.lock:
+            on_ctl = len([p for t, p, _, _ in listen.messages if t == ctl and p != PROBE])
+        assert on_ctl == 4, f"{on_ctl} messages on the control topic for 4 commands: replies came back as commands"
+        assert seen[-4:] == [b'{"id": 0}', b'{"id": 1}', b'{"id": 2}', b'{"id": "last"}'], seen[-6:]
+        assert control.counters()["replies_dropped"] == 3
+    finally:
+        listen.close()
+        control.stop()
 
 
 def test_a_storm_of_retained_commands_is_rate_limited_and_summarised(broker, publisher, supervisors,
