@@ -28,7 +28,9 @@ from supervisor.control.admission import (
     response_topic_problem,
     too_large,
 )
+from supervisor.control import mqtt as mqtt_control
 from supervisor.control.mqtt import MqttControl
+from supervisor.threads import Threads
 from tests.supervisor.helpers import Listener, SupervisorProc, make_map, read_records, topic_dir, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -141,6 +143,60 @@ def test_a_bad_response_topic_is_refused_and_the_worker_lives_on(broker, publish
 PROBE = b'{"id": "probe"}'
 
 
+class StubController:
+    """The controller for MqttControl in process: refuses everything (as it refuses a reply read
+    as a command), echoing the id."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def execute(self, body: bytes, op: object, source: str, check_token: bool = False) -> dict[str, Any]:
+        self.seen.append(body)
+        doc = msgspec.json.decode(body)
+        return {**({"id": doc["id"]} if isinstance(doc, dict) and "id" in doc else {}), "ok": False,
+                "reason": "missing 'op'"}
+
+
+def probe(publisher: Any, listen: Listener, ctl: str) -> bool:
+    """One probe command with a response topic: answered within 0.5 s? (until the control client
+    has subscribed)"""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "resp/probe"
+    publisher.client.publish(ctl, PROBE, qos=1, properties=props).wait_for_publish(5)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:  # polling for the answer, with a deadline
+        if listen.reply("resp/probe", "probe"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_control_worker_that_dies_anyway_is_restarted_and_shown(broker, publisher, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22, item 5: should the worker die anyway (here: the response topic check switched off,
+    so paho's publish raises in it, as before the fix), it is logged, restarted and counted, and
+    the next command is answered."""
+    m = _control_map(tmp_path, broker.port, tmp_path / "data")
+    smap = parse_map(yaml.safe_load(m.read_text()), str(tmp_path))
+    ctl = "shardlog/control/h1"
+    monkeypatch.setattr(mqtt_control, "response_topic_problem", lambda topic, template: None)
+    threads = Threads()
+    control = MqttControl(smap, "h1", StubController(), threads=threads).start()  # type: ignore[arg-type]
+    listen = Listener(broker.port, [ctl, "resp/#"])
+    try:
+        wait_for(lambda: probe(publisher, listen, ctl), 15, "the control client to answer a probe")
+        for i, response in enumerate(["resp/+", "resp/ok"]):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = response
+            publisher.client.publish(ctl, b'{"id": %d}' % i, qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: listen.reply("resp/ok", 1), 10, "the answer after the worker died")
+        [rec] = [r for r in threads.view() if r.name == "shardlog-mqtt-control"]
+        assert rec.alive and rec.restarts == 1 and (rec.last_error or "").startswith("ValueError"), rec
+    finally:
+        listen.close()
+        control.stop()
+
+
 def test_replies_never_come_back_as_commands_even_with_reply_topic_the_control_topic(broker, publisher,
                                                                                       tmp_path: Path) -> None:
     """Issue 22, item 6: with reply_topic equal to the control topic one command produced 24,688
@@ -151,30 +207,12 @@ def test_replies_never_come_back_as_commands_even_with_reply_topic_the_control_t
     smap = parse_map(yaml.safe_load(m.read_text()), str(tmp_path))
     ctl = "shardlog/control/h1"
     smap = msgspec.structs.replace(smap, control=msgspec.structs.replace(smap.control, reply_topic=ctl))
-    seen: list[bytes] = []
-
-    class Stub:  # the controller: refuses everything, as it refuses a reply read as a command
-        def execute(self, body: bytes, op: object, source: str, check_token: bool = False) -> dict[str, Any]:
-            seen.append(body)
-            doc = msgspec.json.decode(body)
-            return {**({"id": doc["id"]} if isinstance(doc, dict) and "id" in doc else {}),
-                    "ok": False, "reason": "missing 'op'"}
-
-    control = MqttControl(smap, "h1", Stub()).start()  # type: ignore[arg-type]
+    stub = StubController()
+    control = MqttControl(smap, "h1", stub).start()  # type: ignore[arg-type]
+    seen = stub.seen
     listen = Listener(broker.port, [ctl, "resp/#"])
     try:
-        def probe() -> bool:  # until the control client has subscribed
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = "resp/probe"
-            publisher.client.publish(ctl, PROBE, qos=1, properties=props).wait_for_publish(5)
-            deadline = time.monotonic() + 0.5
-            while time.monotonic() < deadline:  # polling for the answer, with a deadline
-                if listen.reply("resp/probe", "probe"):
-                    return True
-                time.sleep(0.02)
-            return False
-
-        wait_for(probe, 15, "the control client to answer a probe")
+        wait_for(lambda: probe(publisher, listen, ctl), 15, "the control client to answer a probe")
         publisher.publish_many([(ctl, b'{"id": %d}' % i, 1) for i in range(3)])
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = "resp/last"
