@@ -233,13 +233,15 @@ class MqttControl:
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         topic = response if response is not None and response_topic_problem(response, self.template) is None \
             else self.reply_topic
-        if response_topic_problem(topic, self.template) is not None:
-            self.replies_dropped += 1
+        if (why := response_topic_problem(topic, self.template)) is not None:
             now = time.monotonic()
-            if now - self.replies_dropped_logged >= 1.0:
-                self.replies_dropped_logged = now
-                log.warning("control: a reply dropped: %s (%d dropped so far)",
-                            response_topic_problem(topic, self.template), self.replies_dropped)
+            with self.refusals_lock:
+                self.replies_dropped += 1
+                quiet = now - self.replies_dropped_logged < 1.0
+                if not quiet:
+                    self.replies_dropped_logged = now
+            if not quiet:
+                log.warning("control: a reply dropped: %s (%d dropped so far)", why, self.replies_dropped)
             return
         out = None
         if self.mqtt5 and (response is not None or correlation is not None):
