@@ -148,9 +148,10 @@ def test_clients_pipelining_without_reading_do_not_stall_status() -> None:
     try:
         xs = latencies(s.address, 20, pause=0.05)
         print(f"\n[bad input] /status while 4 clients pipeline /metrics without reading: {summary(xs)}")
-        # a stall is write_timeout (5 s) per blocked worker; the first answers to the hogs cost
-        # a render each (~1 MB of /metrics), which a loaded machine may queue /status behind
-        assert max(xs) < 2.5, summary(xs)
+        # a stall is write_timeout (5 s) per blocked worker (9 s seen before the fix); the first
+        # answer to each hog costs a render (~1 MB of /metrics) that /status may queue behind
+        # (0.4-0.9 s seen on a loaded 2-core machine): the bound sits between the two
+        assert max(xs) < 4.0, summary(xs)
     finally:
         for h in hogs:
             h.close()
