@@ -5,11 +5,14 @@ shown in /status. Real threads, no mocks; waits poll with a deadline."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from supervisor.serve.http import StatusServer
 from supervisor.serve.status import Sample, build_status, encode
 from supervisor.snapshot import EMPTY
 from supervisor.threads import FIRST_PAUSE, MAX_PAUSE, Threads, restart_pause
@@ -67,3 +70,29 @@ def test_a_thread_that_returns_has_ended_and_one_stopped_is_not_restarted() -> N
     t = threads.start("stopping", dies_while_stopping, stop)
     t.join(5)
     assert not t.is_alive() and threads.view()[1].restarts == 0
+
+
+def test_shardlog_status_names_a_restarted_thread() -> None:
+    threads = Threads()
+    stop = threading.Event()
+    runs: list[int] = []
+
+    def target() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        stop.wait()
+
+    threads.start("shardlog-mqtt-control", target, stop)
+    wait_for(lambda: len(runs) == 2, 10, "the restart")
+    server = StatusServer("127.0.0.1:0", lambda: build_status(EMPTY, Sample(), time.monotonic(), threads.view())).start()
+    try:
+        host, port = server.address
+        r = subprocess.run([sys.executable, "-m", "shardlog", "status", "--url", f"http://{host}:{port}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert ("supervisor thread shardlog-mqtt-control: restarted 1 times, last error: ValueError: Publish topic "
+                "cannot contain wildcards.") in r.stdout, r.stdout
+    finally:
+        stop.set()
+        server.stop()
