@@ -162,14 +162,17 @@ def test_clients_resetting_mid_answer_are_a_quiet_line_not_a_traceback(caplog: p
     """Issue 22, item 7: 100 clients resetting mid-answer were 100 ERROR tracebacks."""
     s = StatusServer("127.0.0.1:0", _big_status(), limits=Limits(workers=4)).start()
     try:
-        with caplog.at_level(logging.DEBUG, logger="supervisor"):
-            assert reset_mid_answer(s.address, 100, METRICS) == 100
-            wait_for(lambda: s.front.open_connections() == 0, 10, "the reset connections to be closed")
+        with caplog.at_level(logging.DEBUG, logger="supervisor.serve"):
+            started = reset_mid_answer(s.address, 100, METRICS)
+            assert started == 100, f"only {started} of 100 clients saw the start of an answer"
+            wait_for(lambda: s.front.open_connections() == 0, 20, "the reset connections to be closed")
             assert exchange(s.address, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n") == 200
-        loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
-        assert not loud, f"{len(loud)} loud records, e.g. {loud[0].getMessage()}"
-        quiet = [r for r in caplog.records if "went away" in r.getMessage()]
-        assert 1 <= len(quiet) <= 100 and all(r.levelno <= logging.INFO for r in quiet), len(quiet)
+        ours = [r for r in caplog.records if r.name.startswith("supervisor.serve")]
+        loud = [r for r in ours if r.levelno >= logging.WARNING or r.exc_info]
+        assert not loud, f"{len(loud)} loud records, e.g. {loud[0].name}: {loud[0].getMessage()}"
+        quiet = [r for r in ours if "went away" in r.getMessage()]
+        assert 1 <= len(quiet) <= 100 and all(r.levelno <= logging.INFO for r in quiet), \
+            f"{len(quiet)} 'went away' lines; the records: {[r.getMessage() for r in ours][:5]}"
     finally:
         s.stop()
 
