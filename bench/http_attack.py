@@ -8,9 +8,10 @@ and attacked; in each, a raw-socket publisher sends MESSAGES QoS 1 messages as f
 takes them and the clock runs until the shard's stats file counts them all (so the figure is the
 recording rate, publisher and broker included). Meanwhile a probe in this process GETs /status 20
 times a second (both modes). The attack runs in another process: 200 slowloris connections held
-open (one more header line every 5 s), and every second 300 concurrent keep-alive clients each
-GET /status once plus every bad request of tests/http_attack.py (1 MB header, garbage, oversized
-and non-JSON bodies, `..` paths). Prints medians and ratios, /status latency and the
+open (one more header line every 5 s), 4 clients pipelining GET /metrics without reading (opened
+again every 5 s: the server closes them after its write timeout; issue 22), and every second 300
+concurrent keep-alive clients each GET /status once plus every bad request of tests/http_attack.py
+(1 MB header, garbage, oversized and non-JSON bodies, `..` paths). Prints medians and ratios, /status latency and the
 supervisor's CPU.
 """
 
@@ -32,12 +33,21 @@ import psutil  # noqa: E402
 
 from shardlog.counters import read_stats  # noqa: E402
 from tests.helpers import FastPublisher, Mosquitto, wait_for  # noqa: E402
-from tests.http_attack import BAD_REQUESTS, Slowloris, concurrent_gets, exchange, get_status, summary  # noqa: E402
+from tests.http_attack import (  # noqa: E402
+    BAD_REQUESTS,
+    Slowloris,
+    concurrent_gets,
+    exchange,
+    get_status,
+    pipeline_without_reading,
+    summary,
+)
 from tests.supervisor.helpers import SupervisorProc, make_map  # noqa: E402
 
 
 def attack(addr: tuple[str, int], stop: Any, counts: dict) -> None:
     slow = Slowloris(addr, 200)
+    hogs = pipeline_without_reading(addr, 4, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     last_trickle = time.monotonic()
     rounds = 0
     try:
@@ -50,12 +60,17 @@ def attack(addr: tuple[str, int], stop: Any, counts: dict) -> None:
                 counts[status] = counts.get(status, 0) + 1
             if time.monotonic() - last_trickle > 5:
                 counts["slowloris_open"] = slow.trickle()
+                for h in hogs:
+                    h.close()
+                hogs = pipeline_without_reading(addr, 4, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
                 last_trickle = time.monotonic()
             rounds += 1
             counts["rounds"] = rounds
             stop.wait(max(0.0, 1.0 - (time.monotonic() - t0)))
     finally:
         slow.close()
+        for h in hogs:
+            h.close()
 
 
 def one_round(sup: SupervisorProc, stats_file: str, port: int, n: int, addr: tuple[str, int],

@@ -21,6 +21,7 @@ from supervisor.control.mqtt import MqttControl
 from supervisor.serve.http import bind
 from supervisor.serve.sampler import Sampler
 from supervisor.serve.status import StatusDoc, build_status, encode
+from supervisor.threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,13 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
         return EX_CONFIG
     notifier = Notifier()
     arbiter = Arbiter(smap, args.map, host=args.host, log_level=args.log_level, notifier=notifier)
-    sampler = Sampler(lambda: arbiter.snapshot)
+    threads = Threads()  # every thread beside the main loop: restarted if it dies, shown in /status
+    sampler = Sampler(lambda: arbiter.snapshot, threads=threads)
+    mqtt_control: MqttControl | None = None
 
     def status() -> StatusDoc:
-        return build_status(arbiter.snapshot, sampler.sample, arbiter.clock.monotonic())
+        return build_status(arbiter.snapshot, sampler.sample, arbiter.clock.monotonic(), threads.view(),
+                            mqtt_control.counters() if mqtt_control is not None else None)
 
     controller = Controller(arbiter)
 
@@ -55,17 +59,16 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
         return controller.execute(body, op, source)
 
     try:
-        server = bind(smap.supervisor.listen, status, control=control)
+        server = bind(smap.supervisor.listen, status, control=control, threads=threads)
     except (OSError, ValueError) as exc:
         log.error("cannot serve /status on %s: %s", smap.supervisor.listen, exc)
         return EX_UNAVAILABLE
     server.start()
     sampler.start()
     log.info("serving /status and /metrics on http://%s:%d", *server.address)
-    mqtt_control = None
     if MqttControl.wanted(smap):  # the control section applies when the supervisor (re)starts
         mqtt_control = MqttControl(smap, args.host or socket.gethostname(), controller,
-                                   lambda: encode(status())).start()
+                                   lambda: encode(status()), threads).start()
     try:
         return arbiter.run()
     finally:

@@ -10,6 +10,7 @@ import re
 import selectors
 import socket
 import statistics
+import struct
 import time
 
 Addr = tuple[str, int]
@@ -230,3 +231,40 @@ class Slowloris:
     def close(self) -> None:
         for s in self.socks:
             s.close()
+
+
+def pipeline_without_reading(addr: Addr, n: int, request: bytes, rcvbuf: int = 4096) -> list[socket.socket]:
+    """``n`` connections, each pipelining as many copies of ``request`` as its send buffer takes,
+    never reading an answer (issue 22: four such clients of GET /metrics stalled /status). A small
+    receive buffer, so that the answers back up into the server at once. The caller closes them."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.connect(addr)
+        s.setblocking(False)
+        try:
+            for _ in range(10_000):
+                s.send(request)
+        except BlockingIOError:
+            pass  # as much as fits: the server reads one request at a time
+        socks.append(s)
+    return socks
+
+
+def reset_mid_answer(addr: Addr, n: int, request: bytes, rcvbuf: int = 4096) -> int:
+    """``n`` clients, one after the other: each sends ``request``, reads the first bytes of the
+    answer, then resets the connection (SO_LINGER 0: RST) while the server is still writing.
+    How many saw the start of an answer."""
+    started = 0
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(10)
+        s.connect(addr)
+        s.sendall(request)
+        if s.recv(64):
+            started += 1
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    return started

@@ -12,6 +12,7 @@ changes nothing: every check runs before any shard is asked to do anything.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,18 +46,35 @@ class Command(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token: str | None = None        # the map's control.token, when it sets one
 
 
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise CommandError(f"duplicate key {key!r} (a command names each key once)")
+        obj[key] = value
+    return obj
+
+
+def decode_strict(body: bytes | str) -> Any:
+    """JSON text -> Python, as strictly as the shard map is read: strict JSON (msgspec: no NaN,
+    no trailing commas, valid UTF-8) and no key twice in one object (``{"op": "rotate", "op":
+    "delete"}`` would otherwise be a delete: a decoder keeps the last). Raises CommandError."""
+    if not body:
+        return {}
+    try:
+        msgspec.json.decode(body)  # strictness and the depth limit (about 1,000 levels)
+        # the same text again, only to see every key of every object (msgspec keeps the last)
+        return json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except msgspec.DecodeError as exc:
+        raise CommandError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise CommandError("malformed JSON: nested too deeply") from None
+
+
 def parse_command(body: bytes | str | dict[str, Any], op: str | None = None) -> Command:
     """JSON (or an already decoded object) -> Command. ``op``, when given (the HTTP path),
     fills in or must match the body's ``op``. Raises CommandError."""
-    if isinstance(body, (bytes, str)):
-        try:
-            obj = msgspec.json.decode(body) if body else {}
-        except msgspec.DecodeError as exc:
-            raise CommandError(f"malformed JSON: {exc}") from None
-        except RecursionError:  # msgspec's own depth limit (about 1,000 levels)
-            raise CommandError("malformed JSON: nested too deeply") from None
-    else:
-        obj = body
+    obj = decode_strict(body) if isinstance(body, (bytes, str)) else body
     if not isinstance(obj, dict):
         raise CommandError(f"expected a JSON object, got {type(obj).__name__}")
     if op is not None:

@@ -6,14 +6,20 @@ decision takes ``now`` (monotonic seconds) and touches nothing but its own state
   MQTT 5 correlation data) and its exact bytes, so that a QoS 1 redelivery (the same PUBLISH sent
   again: DUP set, or a publisher's retry after a lost PUBACK) is answered from memory instead of
   being carried out twice;
-- :func:`dedup_key`, :func:`too_large`.
+- :class:`Refusals`: what was refused before it ran, counted by kind and logged as one line per
+  interval (a flood of 3,000 commands is a few lines, not 3,000);
+- :func:`dedup_key`, :func:`too_large`, :func:`response_topic_problem` (a reply must go to a topic
+  it can be published to, and never to a control topic: it would come back as a command).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from typing import Any
+
+from shardlog.topics import MAX_TOPIC_BYTES
 
 #: the largest command accepted (the same as the HTTP API's body limit)
 MAX_COMMAND = 64 * 1024
@@ -86,4 +92,70 @@ def dedup_key(ident: object, correlation: bytes | None, payload: bytes) -> str |
 def too_large(payload: bytes) -> str | None:
     if len(payload) > MAX_COMMAND:
         return f"command too large ({len(payload):,} bytes; at most {MAX_COMMAND:,}): not read"
+    return None
+
+
+#: refusal kinds (the counters of /status ``supervisor.mqtt_control``)
+KINDS = ("too_large", "rate_limited", "retained", "response_topic", "queue_full")
+_LABEL = {"too_large": "too large", "rate_limited": "rate limited", "retained": "retained",
+          "response_topic": "bad response topic", "queue_full": "queue full"}
+
+
+class Refusals:
+    """Refusals before a command runs, by kind: ``totals`` since the start, and what is logged.
+    The first refusal after a quiet interval gets a line of its own (:meth:`add` says so); the
+    ones after it within ``interval`` are summed into one line (:meth:`due`)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.totals = dict.fromkeys(KINDS, 0)
+        self.pending: dict[str, int] = {}
+        self.logged = float("-inf")
+
+    def add(self, kind: str, now: float) -> bool:
+        """Count one refusal of ``kind``; True when it is to be logged on its own line now."""
+        self.totals[kind] = self.totals.get(kind, 0) + 1
+        if not self.pending and now - self.logged >= self.interval:
+            self.logged = now
+            return True
+        self.pending[kind] = self.pending.get(kind, 0) + 1
+        return False
+
+    def due(self, now: float) -> str | None:
+        """The summary line of the refusals not logged yet, once ``interval`` has passed since the
+        last line (and they are then forgotten); else None."""
+        if not self.pending or now - self.logged < self.interval:
+            return None
+        n = sum(self.pending.values())
+        parts = ", ".join(f"{v:,} {_LABEL.get(k, k)}" for k, v in sorted(self.pending.items(), key=lambda kv: -kv[1]))
+        since = now - self.logged
+        self.pending, self.logged = {}, now
+        return (f"{n:,} more commands refused in the last {since:.1f}s ({parts}); "
+                f"{sum(self.totals.values()):,} refused since the start")
+
+
+def is_control_topic(topic: str, template: str) -> bool:
+    """``topic`` is the control topic of some host (``template`` with ``{host}`` as any one level's
+    text): a message published there is read as a command by a supervisor."""
+    rx = re.escape(template).replace(re.escape("{host}"), "[^/]+")
+    return re.fullmatch(rx, topic, re.S) is not None
+
+
+def response_topic_problem(topic: str, template: str) -> str | None:
+    """Why a reply cannot be published to ``topic`` (an MQTT 5 response topic, or the reply
+    topic), or None. Pure."""
+    if topic == "":
+        return "empty"
+    if "+" in topic or "#" in topic:
+        return f"{topic[:200]!r} contains a wildcard ('+' or '#'): a reply needs a topic name"
+    if "\x00" in topic:
+        return "contains NUL"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"{size:,} bytes, longer than an MQTT topic may be"
+    if is_control_topic(topic, template):
+        return f"{topic!r} is a control topic: the reply would come back as a command"
     return None

@@ -1,10 +1,11 @@
-"""The supervisor's HTTP connections: accept, read each request whole, within limits, then hand it
-to a small pool of worker threads (supervisor.serve.http handles it).
+"""The supervisor's HTTP connections: accept, read each request whole, within limits, hand it to a
+small pool of worker threads (supervisor.serve.http answers it into a buffer), then write the
+answer.
 
 A thread per connection (``ThreadingHTTPServer``) let every slow or idle client hold a thread for
 as long as it liked: 200 slowloris connections were 200 threads, each waiting forever for a header
-line. Here one selector thread owns every socket while a request arrives, so a slow client costs a
-file descriptor and a buffer, never a worker, and:
+line. Here one selector thread owns every socket, both while a request arrives and while its answer
+is written, so a slow client costs a file descriptor and a buffer, never a worker, and:
 
 - at most ``max_connections`` are open (the next gets ``503`` and is closed at once);
 - a request's head (request line and headers) is at most ``max_head`` bytes (``431``), and its
@@ -14,10 +15,14 @@ file descriptor and a buffer, never a worker, and:
   keep-alive connection is closed after ``idle_timeout``;
 - GETs and control POSTs have their own workers (a control command waits up to 30 s for a shard;
   it never holds up ``/status``), each pool with a bounded queue (``503`` when full);
-- a response is written with ``write_timeout`` on the socket, so a client that does not read
-  holds a worker for that long at most.
+- a worker never writes to a socket: it renders the answer into the connection's buffer and the
+  selector thread sends it as the client reads. A client that reads nothing for ``write_timeout``
+  is closed. While an answer is being written, the connection's next (pipelined) request is not
+  read, so a connection holds one answer at most. (Workers writing with ``sendall`` let four clients
+  pipelining ``GET /metrics`` without reading hold all four GET workers: ``/status`` waited ~10 s.)
+- a client gone mid-answer (reset, broken pipe) is one DEBUG line, not a traceback.
 
-The framing decision is the pure :func:`frame`; the rest is the selector loop.
+The framing decision is the pure :func:`supervisor.serve.framing.frame`; the rest is the selector loop.
 """
 
 from __future__ import annotations
@@ -25,95 +30,23 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import re
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from supervisor.serve.framing import LINGER, Frame, Limits, error_response, frame
+from supervisor.threads import Threads
+
+__all__ = ["LINGER", "Conn", "Frame", "Front", "Handle", "Limits", "OutBuffer", "error_response", "frame"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 512
-    max_head: int = 16 * 1024
-    max_body: int = 64 * 1024
-    request_timeout: float = 10.0
-    idle_timeout: float = 30.0
-    write_timeout: float = 5.0
-    workers: int = 4
-    control_workers: int = 2
-    # requests read whole and waiting for a worker; a connection has at most one in the queue, so
-    # this equals max_connections: a burst of every connection at once waits, it is not refused
-    queue: int = 512
-
-
-@dataclass(frozen=True)
-class Frame:
-    """What :func:`frame` makes of a connection's buffer: ``size`` bytes form one complete
-    request (0: not yet), or ``status`` is the error to answer before closing."""
-
-    size: int = 0
-    status: int = 0
-    reason: str = ""
-    expect_continue: bool = False
-
-
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[01]\r?\n")
-_LINE_SO_FAR = re.compile(rb"[ -~]*\r?")  # what a request line may start with (garbage fails at once)
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
-_TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:", re.I | re.M)
-_EXPECT_CONTINUE = re.compile(rb"^expect[ \t]*:[ \t]*100-continue[ \t]*\r?$", re.I | re.M)
-
-
-def frame(buf: bytes | bytearray, limits: Limits) -> Frame:
-    """Is there one whole request at the start of ``buf``, and how long is it? Pure."""
-    eol = buf.find(b"\n", 0, limits.max_head)
-    if (not _REQUEST_LINE.match(buf, 0, eol + 1) if eol >= 0
-            else not _LINE_SO_FAR.fullmatch(buf, 0, min(len(buf), limits.max_head))):
-        return Frame(status=400, reason="malformed request line (expected METHOD /path HTTP/1.x)")
-    m = _HEAD_END.search(buf, 0, limits.max_head + 4)
-    if m is None:
-        if len(buf) > limits.max_head:
-            return Frame(status=431, reason=f"request head larger than {limits.max_head} bytes")
-        return Frame()
-    head = bytes(buf[:m.start()])
-    if _TRANSFER_ENCODING.search(head):
-        return Frame(status=411, reason="send the body with Content-Length (Transfer-Encoding is not supported)")
-    lengths = {v.strip() for v in _CONTENT_LENGTH.findall(head)}
-    length = 0
-    if lengths:
-        value = lengths.pop()
-        if lengths or not value.isdigit() or len(value) > 18:
-            return Frame(status=400, reason="malformed Content-Length")
-        length = int(value)
-    if length > limits.max_body:
-        return Frame(status=413, reason=f"a body of at most {limits.max_body} bytes")
-    total = m.end() + length
-    if len(buf) < total:
-        return Frame(expect_continue=bool(_EXPECT_CONTINUE.search(head)))
-    return Frame(size=total)
-
-
-#: seconds a refused connection is read (and discarded) before it is closed
-LINGER = 2.0
-
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-
-
-def error_response(status: int, reason: str) -> bytes:
-    body = ('{"ok": false, "reason": "%s"}\n' % reason.replace('"', "'")).encode()
-    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n").encode() + body
-
-
 class Conn:
-    __slots__ = ("sock", "addr", "buf", "started", "idle_since", "continued", "linger_until")
+    __slots__ = ("sock", "addr", "buf", "started", "idle_since", "continued", "linger_until", "out", "keep",
+                 "write_since")
 
     def __init__(self, sock: socket.socket, addr: tuple, now: float) -> None:
         self.sock = sock
@@ -123,19 +56,22 @@ class Conn:
         self.idle_since = now
         self.continued = False  # "100 Continue" sent for this request
         self.linger_until: float | None = None  # refused: reading what still comes, then closing
+        self.out = bytearray()  # the answer a worker rendered, not yet sent
+        self.keep = False       # keep the connection open once ``out`` is sent
+        self.write_since: float | None = None  # writing ``out``: the last time the client took bytes
 
 
-class SocketWriter(io.BufferedIOBase):
-    """``wfile`` for a handler: every write goes out at once (sendall, with the socket's timeout)."""
+class OutBuffer(io.BufferedIOBase):
+    """``wfile`` for a handler: every write goes to the connection's buffer (never the socket)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, out: bytearray) -> None:
+        self._out = out
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: bytes) -> int:  # type: ignore[override]
-        self._sock.sendall(b)
+        self._out += b
         return len(b)
 
 
@@ -146,7 +82,8 @@ Handle = Callable[[Conn, bytes], bool]
 class Front:
     """The listening socket, the selector thread and the worker pools."""
 
-    def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits()) -> None:
+    def __init__(self, address: tuple[str, int], handle: Handle, limits: Limits = Limits(),
+                 threads: Threads | None = None) -> None:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         # "[::]:PORT" takes IPv4 too, as the stdlib server's socket did (create_server sets V6ONLY)
         dual = family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
@@ -166,10 +103,8 @@ class Front:
         self.accept_paused_until: float | None = None
         self.pools = {"get": queue.Queue[tuple[Conn, bytes] | None](limits.queue),
                       "control": queue.Queue[tuple[Conn, bytes] | None](limits.queue)}
-        self.threads = [threading.Thread(target=self._loop, name="shardlog-http", daemon=True)]
-        for pool, n in (("get", limits.workers), ("control", limits.control_workers)):
-            self.threads += [threading.Thread(target=self._work, args=(self.pools[pool],),
-                                              name=f"shardlog-http-{pool}-{i}", daemon=True) for i in range(n)]
+        self.registry = threads if threads is not None else Threads()
+        self.threads: list[threading.Thread] = []
 
     @property
     def address(self) -> tuple[str, int]:
@@ -177,8 +112,12 @@ class Front:
         return str(host), int(port)
 
     def start(self) -> Front:
-        for t in self.threads:
-            t.start()
+        """The selector thread and the workers, each restarted if it dies (supervisor.threads)."""
+        self.threads = [self.registry.start("shardlog-http", self._loop, self.stopping)]
+        for pool, n in (("get", self.limits.workers), ("control", self.limits.control_workers)):
+            q = self.pools[pool]
+            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", lambda q=q: self._work(q), self.stopping)
+                             for i in range(n)]
         return self
 
     def stop(self) -> None:
@@ -210,13 +149,13 @@ class Front:
     def _loop(self) -> None:
         next_sweep = time.monotonic()
         while not self.stopping.is_set():
-            for key, _ in self.sel.select(timeout=0.25):
+            for key, mask in self.sel.select(timeout=0.25):
                 if key.data is None:
                     self._accept()
                 elif key.data == "wake":
                     self._returned()
                 else:
-                    self._read(key.data)
+                    self._event(key.data, mask)
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
@@ -249,6 +188,16 @@ class Front:
         except OSError:
             pass
         sock.close()
+
+    def _event(self, c: Conn, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._write(c)
+            else:
+                self._read(c)
+        except Exception:  # noqa: BLE001 - one connection's trouble must not end the selector
+            log.exception("http: %s: unexpected error; connection closed", c.addr[0])
+            self._drop(c)
 
     def _read(self, c: Conn) -> None:
         try:
@@ -305,13 +254,35 @@ class Front:
             if self.stopping.is_set():
                 self._drop(c)
                 continue
-            now = time.monotonic()
-            c.started = now if c.buf else None  # pipelined bytes start the next request's clock
-            c.idle_since = now
-            c.continued = False
-            self.sel.register(c.sock, selectors.EVENT_READ, c)
-            if c.buf:
-                self._advance(c)
+            c.write_since = time.monotonic()
+            self.sel.register(c.sock, selectors.EVENT_WRITE, c)
+            self._write(c)
+
+    def _write(self, c: Conn) -> None:
+        """Send what the client takes of ``c.out`` now; once all is sent, read the next request
+        (or close)."""
+        try:
+            while c.out:
+                n = c.sock.send(c.out)
+                del c.out[:n]
+                c.write_since = time.monotonic()
+        except (BlockingIOError, InterruptedError):
+            return  # the rest when the socket is writable again
+        except OSError as exc:  # reset, broken pipe: the client went away mid-answer
+            log.debug("http: %s went away mid-answer (%s)", c.addr[0], exc.strerror or exc)
+            self._drop(c)
+            return
+        c.write_since = None
+        if not c.keep or self.stopping.is_set():
+            self._drop(c)
+            return
+        now = time.monotonic()
+        c.started = now if c.buf else None  # pipelined bytes start the next request's clock
+        c.idle_since = now
+        c.continued = False
+        self.sel.modify(c.sock, selectors.EVENT_READ, c)
+        if c.buf:
+            self._advance(c)
 
     def _sweep(self, now: float) -> None:
         if self.accept_paused_until is not None and now >= self.accept_paused_until:
@@ -321,7 +292,11 @@ class Front:
             c = key.data
             if not isinstance(c, Conn):
                 continue
-            if c.linger_until is not None:
+            if c.write_since is not None:
+                if now - c.write_since > self.limits.write_timeout:
+                    log.debug("http: %s read none of its answer for %gs; closed", c.addr[0], self.limits.write_timeout)
+                    self._drop(c)
+            elif c.linger_until is not None:
                 if now > c.linger_until:
                     self._drop(c)
             elif c.started is not None and now - c.started > self.limits.request_timeout:
@@ -362,25 +337,17 @@ class Front:
     # -- the workers ----------------------------------------------------------------------------
 
     def _work(self, q: queue.Queue[tuple[Conn, bytes] | None]) -> None:
+        """Answer requests into their connection's buffer; the selector thread sends it."""
         while True:
             item = q.get()
             if item is None or self.stopping.is_set():
                 return
             c, request = item
-            keep = False
+            c.keep = False
             try:
-                c.sock.settimeout(self.limits.write_timeout)
-                keep = self.handle(c, request)
-            except Exception as exc:  # noqa: BLE001 - a client gone mid-answer, or a handler bug
-                log.debug("http: %s: %s", c.addr[0], exc)
-            if keep and not self.stopping.is_set():
-                try:
-                    c.sock.setblocking(False)
-                except OSError:
-                    keep = False
-            if keep:
-                self.returned.put(c)
-                self._wake()
-            else:
-                with self.lock:
-                    self._close(c)
+                c.keep = self.handle(c, request)
+            except Exception:  # noqa: BLE001 - a handler bug: logged, the connection closed
+                log.exception("http: %s: error answering a request", c.addr[0])
+                c.out.clear()
+            self.returned.put(c)
+            self._wake()

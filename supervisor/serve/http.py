@@ -1,9 +1,9 @@
 """The supervisor's HTTP endpoint: ``/status`` (JSON), ``/metrics`` (Prometheus) and the
 control API (``POST /control/<op>``, docs/control.md).
 
-Connections are accepted and each request is read whole, within limits, by
+Connections are accepted, each request is read whole, within limits, and each answer written by
 :mod:`supervisor.serve.front` (one selector thread; slow clients hold no thread); a worker
-then runs one request through :class:`_Handler` (the stdlib's request parsing). Handlers build their answer
+runs one request through :class:`_Handler` (the stdlib's request parsing) into a buffer. Handlers build their answer
 from the last published snapshot and sample (immutable objects read through one
 attribute each); they take no lock and do no file or process I/O, so a scrape
 never waits on, or slows, the main loop or a recorder. A control request waits in its own
@@ -23,9 +23,10 @@ from http.server import BaseHTTPRequestHandler
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from shardlog.config.checks import parse_listen  # noqa: F401 - the map's own check of supervisor.listen; status_cli imports it from here
-from supervisor.serve.front import Conn, Front, Limits, SocketWriter
+from supervisor.serve.front import Conn, Front, Limits, OutBuffer
 from supervisor.serve.metrics import make_registry
 from supervisor.serve.status import StatusDoc, encode
+from supervisor.threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.client_address = conn.addr
         self.request = self.connection = conn.sock
         self.rfile = io.BytesIO(request)
-        self.wfile = SocketWriter(conn.sock)
+        self.wfile = OutBuffer(conn.out)  # the front sends it: a handler never blocks on a client
         self.close_connection = True
         self.handle_one_request()
 
@@ -158,14 +159,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 class StatusServer:
     def __init__(self, listen: str, status: Callable[[], StatusDoc], control: ControlFn | None = None,
-                 limits: Limits = LIMITS) -> None:
+                 limits: Limits = LIMITS, threads: Threads | None = None) -> None:
         self.listen = listen
         app = _App(status, control)
 
         def handle(conn: Conn, request: bytes) -> bool:
             return not _Handler(request, conn, app).close_connection
 
-        self.front = Front(parse_listen(listen), handle, limits)
+        self.front = Front(parse_listen(listen), handle, limits, threads)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -180,11 +181,11 @@ class StatusServer:
 
 
 def bind(listen: str, status: Callable[[], StatusDoc], attempts: int = 5, delay: float = 1.0,
-         control: ControlFn | None = None) -> StatusServer:
+         control: ControlFn | None = None, threads: Threads | None = None) -> StatusServer:
     """Bind ``listen``, retrying a few times (a previous supervisor may still be exiting)."""
     for attempt in range(1, attempts + 1):
         try:
-            return StatusServer(listen, status, control)
+            return StatusServer(listen, status, control, threads=threads)
         except OSError as exc:
             if attempt == attempts:
                 raise

@@ -62,6 +62,13 @@ class StatusCollector(Collector):
                        [], [((), sup.reloads)])
         yield _gauge("shardlog_supervisor_ready", "1 once every shard has subscribed (or failed)",
                      [], [((), int(sup.ready))])
+        yield _counter("shardlog_supervisor_thread_restarts", "Times a supervisor thread died and was restarted",
+                       ["thread"], [((t.name,), t.restarts) for t in sup.threads])
+        mc = sup.mqtt_control
+        if mc is not None:  # control.mqtt: true
+            yield _counter("shardlog_control_refused", "MQTT control commands refused before they ran, by why",
+                           ["why"], [((k,), getattr(mc, k)) for k in ("too_large", "rate_limited", "retained",
+                                                                        "response_topic", "queue_full")])
         eb = sup.embedded_broker
         if eb is not None:  # broker.embedded: true
             yield _gauge("shardlog_embedded_broker_up", "1 while the embedded broker accepts connections",

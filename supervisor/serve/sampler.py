@@ -21,6 +21,7 @@ import psutil
 
 from supervisor.serve.status import Disk, ProcessFigures, Sample
 from supervisor.snapshot import Snapshot
+from supervisor.threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +31,24 @@ SAMPLE_INTERVAL = 1.0
 class Sampler:
     """Owns the psutil.Process cache; only its thread touches it."""
 
-    def __init__(self, source: Callable[[], Snapshot], interval: float = SAMPLE_INTERVAL) -> None:
+    def __init__(self, source: Callable[[], Snapshot], interval: float = SAMPLE_INTERVAL,
+                 threads: Threads | None = None) -> None:
         self.source = source
         self.interval = interval
         self.sample = Sample()
         self._procs: dict[int, psutil.Process] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardlog-sampler", daemon=True)
+        self._threads = threads if threads is not None else Threads()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Sampler:
-        self._thread.start()
+        self._thread = self._threads.start("shardlog-sampler", self._run, self._stop)  # restarted if it dies
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.is_set():

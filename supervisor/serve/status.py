@@ -14,6 +14,7 @@ the main loop or a recorder.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ import msgspec
 
 from shardlog import __version__
 from supervisor.snapshot import Snapshot
+from supervisor.threads import ThreadRecord
 
 StateName = Literal["starting", "running", "backoff", "stopping", "stopped", "failed", "degraded"]
 
@@ -120,6 +122,29 @@ class EmbeddedBrokerStatus(msgspec.Struct, **_CLOSED):
     last_exit: LastExit | None
 
 
+class ThreadStatus(msgspec.Struct, **_CLOSED):
+    """One of the supervisor's own threads (HTTP, sampler, MQTT control): restarted if it dies."""
+
+    name: str                  # e.g. "shardlog-mqtt-control", "shardlog-http-get-0", "shardlog-sampler"
+    alive: bool                # false only once it has ended (the supervisor stopping)
+    restarts: int              # times it died (an uncaught error, logged) and was started again
+    last_error: str | None     # the error that ended it last, e.g. "ValueError: ..."
+    last_error_ts: float | None  # Unix time, seconds
+
+
+class MqttControlStatus(msgspec.Struct, **_CLOSED):
+    """The MQTT control topic (control.mqtt: true): commands received, and those refused before
+    they ran, by why (docs/control.md); refusals of the commands themselves are in the log."""
+
+    received: int
+    too_large: int
+    rate_limited: int          # beyond 10 a second (20 at once), retained ones included
+    retained: int              # retained commands (never carried out)
+    response_topic: int        # an MQTT 5 response topic with a wildcard, or a control topic
+    queue_full: int
+    replies_dropped: int       # replies with nowhere to go (the reply topic is a control topic)
+
+
 class SupervisorStatus(msgspec.Struct, **_CLOSED):
     pid: int
     version: str
@@ -132,6 +157,8 @@ class SupervisorStatus(msgspec.Struct, **_CLOSED):
     reloads: int               # successful SIGHUP reloads
     sampled_ts: float | None   # when the process and disk figures were gathered
     embedded_broker: EmbeddedBrokerStatus | None = None  # null unless broker.embedded is true
+    threads: list[ThreadStatus] = []  # the supervisor's own threads (added in issue 22)
+    mqtt_control: MqttControlStatus | None = None  # null unless the MQTT control client runs
 
 
 class StatusDoc(msgspec.Struct, **_CLOSED):
@@ -152,7 +179,8 @@ def _r(x: float) -> float:
     return round(x, 3)
 
 
-def build_status(snap: Snapshot, sample: Sample, now_mono: float) -> StatusDoc:
+def build_status(snap: Snapshot, sample: Sample, now_mono: float, threads: Sequence[ThreadRecord] = (),
+                 mqtt_control: dict[str, int] | None = None) -> StatusDoc:
     shards = []
     for v in snap.shards:
         counters = None
@@ -177,7 +205,13 @@ def build_status(snap: Snapshot, sample: Sample, now_mono: float) -> StatusDoc:
                            started_ts=_r(snap.started_wall), uptime=_r(now_mono - snap.started_mono),
                            ready=snap.ready, stopping=snap.stopping, reloads=snap.reloads,
                            sampled_ts=_r(sample.ts) if sample.ts is not None else None,
-                           embedded_broker=_broker_status(snap, now_mono))
+                           embedded_broker=_broker_status(snap, now_mono),
+                           threads=[ThreadStatus(name=t.name, alive=t.alive, restarts=t.restarts,
+                                                 last_error=t.last_error,
+                                                 last_error_ts=_r(t.last_error_ts) if t.last_error_ts else None)
+                                    for t in threads],
+                           mqtt_control=(msgspec.convert(mqtt_control, MqttControlStatus)
+                                         if mqtt_control is not None else None))
     return StatusDoc(supervisor=sup, shards=shards)
 
 

@@ -121,6 +121,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"embedded broker: {eb['state']}, pid {eb['pid'] or '-'}, {eb['listen']}, "
                   f"restarts {eb['restarts']}"
                   + (f", last exit: {eb['last_exit']['reason']}" if eb.get("last_exit") else ""))
+        for t in sup.get("threads") or []:  # a supervisor thread that died and was restarted
+            if t["restarts"] or not t["alive"]:
+                print(f"supervisor thread {t['name']}: restarted {t['restarts']} times"
+                      f"{'' if t['alive'] else ', not running'}"
+                      + (f", last error: {t['last_error']}" if t.get("last_error") else ""))
         print(format_table(("SHARD", "STATE", "PID", "UPTIME", "RESTARTS", "MESSAGES", "LAST MSG", "CPU",
                             "RSS", "ROOT FREE", "PREFIX", "NOTE"), status_rows(doc)))
     failed = [s["name"] for s in doc["shards"] if s["state"] == "failed"]

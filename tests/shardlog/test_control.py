@@ -46,11 +46,23 @@ def refused(body: dict, why: str, shards: list[ShardRef] = SHARDS) -> None:
     (b'{"op": "delete", "prefix": 5}', "bad command"),
     (b'{"op": "delete", "prefix": "a", "extra": 1}', "bad command"),
     (b'{"op": "delete", "prefix": "a", "id": [1]}', "bad command"),
+    # issue 22: a decoder keeps the last of two keys, so this was a delete of chat/dup
+    (b'{"op": "rotate", "op": "delete", "prefix": "chat/dup"}', "duplicate key 'op'"),
+    (b'{"op": "delete", "prefix": "chat/a", "prefix": "chat/b"}', "duplicate key 'prefix'"),
+    (b'{"op": "rotate", "prefix": "a", "id": 1, "id": 2}', "duplicate key 'id'"),
+    ('{"op": "rotate", "prefix": "a", "\\u006fp": "delete"}', "duplicate key 'op'"),  # an escaped "op"
+    (b'{"op": "rotate", "prefix": NaN}', "malformed JSON"),
+    (b'{"op": "rotate", "id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
 ])
 def test_parse_refuses_malformed_commands(body: bytes, why: str) -> None:
     with pytest.raises(CommandError) as exc:
         parse_command(body)
     assert why in str(exc.value)
+
+
+def test_a_duplicate_key_is_refused_over_the_request_path_too() -> None:
+    with pytest.raises(CommandError, match="duplicate key 'prefix'"):
+        parse_command(b'{"prefix": "chat/keep", "prefix": "chat/gone"}', "delete")
 
 
 def test_parse_takes_the_op_from_the_request_path() -> None:

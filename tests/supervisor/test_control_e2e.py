@@ -179,6 +179,9 @@ def test_refused_commands_change_nothing_and_say_why(broker, publisher, supervis
         assert reply["id"] == 7
     code, reply = _raw_post(sup.url, "delete", b'{"prefix": "a/x"')
     assert code == 400 and "malformed JSON" in reply["reason"]
+    # issue 22: a key twice (a decoder keeps the last) is refused, not read as the last one
+    code, reply = _raw_post(sup.url, "delete", b'{"id": 8, "prefix": "a/y", "prefix": "a/x"}')
+    assert code == 400 and "duplicate key 'prefix'" in reply["reason"] and reply["id"] == 8, reply
     code, reply = _raw_post(sup.url, "delete", b'["a/x"]')
     assert code == 400 and "expected a JSON object" in reply["reason"]
     code, reply = _raw_post(sup.url, "delete", b'{"prefix": "a/x"}', ctype="text/plain")
