@@ -3,7 +3,7 @@
 the known topics see.
 
     python bench/new_topics.py                              # 10,000 new topics, 3 runs
-    python bench/new_topics.py --src /work/main --src .     # before/after, interleaved
+    python bench/new_topics.py --src ../other --src .       # before/after (another checkout), interleaved
 
 One shard (``shardlog record``, QoS 1, the map's defaults) on a private mosquitto, as
 in bench/throughput.py. A steady publisher sends ``--steady-rate`` msg/s round-robin

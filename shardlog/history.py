@@ -1,6 +1,6 @@
 """Read what shardlog recorded: list topics, tail, read a time range, follow, export.
 
-Pure reading of the on-disk format of DESIGN.md ("Files on disk"); nothing here
+Pure reading of the on-disk format of docs/design.md ("Files on disk"); nothing here
 writes into a recording root. A web app can use it directly::
 
     from shardlog import history

@@ -1,4 +1,4 @@
-"""One record = one line of strict JSON (the public format, see DESIGN.md).
+"""One record = one line of strict JSON (the public format: docs/design.md, "Files on disk").
 
     {"ts":1763815800123456,"qos":1,"retain":false,"payload":{"user":"ann"}}
     {"ts":1763815800123457,"qos":0,"retain":false,"enc":"utf8","payload":"not json"}

@@ -1,7 +1,7 @@
 """A throwaway test CA with a server and a client certificate (the ``cryptography`` package).
 
 Made once per test session (the ``test_ca`` fixture in tests/brokers/conftest.py) and by
-bench/tls_throughput.py; every key is an ECDSA P-256 key (fast to make), every certificate is
+bench/throughput.py --tls; every key is an ECDSA P-256 key (fast to make), every certificate is
 valid for a day. The server certificate names ``localhost``, ``127.0.0.1`` and ``::1``, so a
 client verifies the host name for real (no ``insecure``)."""
 

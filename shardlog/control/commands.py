@@ -4,7 +4,7 @@ A command arrives as JSON (the supervisor's HTTP API, ``shardlog rotate|rm|mv|st
 MQTT control topic), is parsed into a :class:`Command`, its topic arguments are checked by
 :func:`check_topic` and :func:`route` decides which shard(s) carry it out, or refuses it with a
 reason. Nothing here touches the disk or the network: the recorder that owns the branch does the
-file system work (:mod:`shardlog.operations`) and the supervisor the process work.
+file system work (:mod:`shardlog.control.operations`) and the supervisor the process work.
 
 Refusals are :class:`CommandError` with a sentence meant for the operator. A refused command
 changes nothing: every check runs before any shard is asked to do anything.

@@ -7,7 +7,7 @@ history tools see records whatever the format. A segment's format is written in
 its name, so a directory may mix formats (a shard whose format changed):
 
     key             current segment          one record is
-    jsonl           +log.jsonl               an envelope line (the default; DESIGN.md)
+    jsonl           +log.jsonl               an envelope line (the default; docs/design.md)
     json            +log.json                an envelope line inside a JSON array
     csv             +log.csv                 a row ts,qos,retain,payload,enc (header first)
     payload.jsonl   +log.payload.jsonl       the JSON payload alone, one a line
@@ -128,8 +128,9 @@ class Format:
         return iter(lines)
 
     def envelopes(self, lines: Iterable[bytes], mtime_us: int = 0) -> Iterator[bytes]:
-        """Envelope record lines (DESIGN.md) of complete segment lines, in their order.
-        ``mtime_us``: the segment's mtime, the ts of payload-only records."""
+        """Envelope record lines (docs/design.md, "Files on disk") of complete segment
+        lines, in their order. ``mtime_us``: the segment's mtime, the ts of payload-only
+        records."""
         return self.items(lines)
 
     def first_ts(self, head: list[bytes]) -> int | None:

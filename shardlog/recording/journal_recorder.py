@@ -9,9 +9,10 @@ number of topics; the topic files follow as fast as the file system allows, at m
 ``journal.max_lag`` bytes behind (past that the shard stops acknowledging and the
 broker keeps the rest, as when the disk is full).
 
-The delivery promise is DESIGN.md's with "written" meaning "in the journal": a
-record is acknowledged only after it is in the journal (and synced, with fsync), and
-a journal record reaches its topic file exactly once, across kills and restarts.
+The delivery promise of docs/design.md ("The delivery promise") holds with "written"
+meaning "in the journal": a record is acknowledged only after it is in the journal (and
+synced, with fsync), and a journal record reaches its topic file exactly once, across
+kills and restarts.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def broker_from_url(url: str, protocol: str = "5", ca_file: str | None = None, c
                     key_file: str | None = None, insecure: bool = False, keepalive: int = 60,
                     env: dict[str, str] | None = None) -> Broker:
     """The broker settings of ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS,
-    port 8883 by default) as the recorder's :class:`shardlog.config.Broker`. User and
+    port 8883 by default) as the recorder's :class:`shardlog.config.schema.Broker`. User and
     password are percent-decoded; a URL with a user but no password takes the password
     from ``$MQTT_PASSWORD`` (as the example shard map does). Raises ValueError."""
     env = dict(os.environ) if env is None else env

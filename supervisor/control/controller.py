@@ -7,7 +7,7 @@
    shard, a shard this supervisor does not run, or a shard that is not running;
 2. ``rotate``/``delete``/``move``: send one JSON datagram to each target recorder's control socket
    (``<run dir>/<shard>.ctl``) and wait for its answer; the recorder does the work in its own
-   thread between batches (:mod:`shardlog.operations`);
+   thread between batches (:mod:`shardlog.control.operations`);
 3. ``stop``/``start``: hand the job to the main loop (which owns the processes) and wait.
 
 Nothing here changes the main loop's state directly: it reads its last published snapshot and
