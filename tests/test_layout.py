@@ -46,7 +46,7 @@ DOWNWARD = {
         ["shardlog.cli", "shardlog.history", "shardlog.__main__"],
     ],
     "supervisor": [
-        ["supervisor", "supervisor.shards"],
+        ["supervisor", "supervisor.shards", "supervisor.threads"],
         ["supervisor.snapshot"],
         ["supervisor.serve"],
         ["supervisor.control"],
