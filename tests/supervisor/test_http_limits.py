@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from supervisor.serve.http import StatusServer
 from supervisor.serve.framing import Frame, Limits, frame
-from shardlog.recording.stats import Counters
+from shardlog.counters import Counters
 from supervisor.snapshot import EMPTY, ShardView
 from supervisor.serve.status import Sample, build_status
 from tests.http_attack import (
