@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -110,8 +111,10 @@ def _cmd_cat(args: argparse.Namespace) -> int:
     w.writerow(["topic", "ts", "qos", "retain", "payload", "enc"])
     for topic, ts, line in lines:
         try:
-            rec = decode_record(line)
-        except ValueError:
+            rec = decode_record(line, value=False)  # the payload's bytes only: any depth
+        except ValueError as exc:
+            logging.getLogger("shardlog.reading").warning("a line that is no record left out (%s): %.80r",
+                                                          exc, line)
             continue
         try:
             payload, enc = rec.payload.decode("utf-8"), ""

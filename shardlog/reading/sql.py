@@ -1,8 +1,7 @@
 """SQL over a recording root: an in-process DuckDB with one ``records`` view.
 
-    from shardlog.reading.ranges import _segments_in_range
-from shardlog.reading.times import parse_time
-from shardlog.reading.tree import TopicNotFound, _root, _walk
+    from shardlog import history
+
     con = history.connect("/srv/mqtt", "chat", since="2026-11-22T10:00Z")
     con.sql("SELECT topic, count(*) FROM records GROUP BY ALL").show()
 
@@ -55,6 +54,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
+from shardlog.reading.files import Skipped, check_regular
 from shardlog.reading.ranges import _segments_in_range
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound, _root, _walk
@@ -94,13 +94,15 @@ def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object 
         paths.extend(os.path.join(path, c) for c in CURRENTS if c in names)
         for p in _segments_in_range(paths, lo, hi):
             try:
-                st = os.stat(p)
+                st = check_regular(p)
+            except Skipped:
+                continue  # not a regular file (DuckDB would block on a FIFO): warned
             except FileNotFoundError:
                 p += ".gz"  # compressed since the listing
                 try:
-                    st = os.stat(p)
+                    st = check_regular(p)
                 except FileNotFoundError:
-                    continue  # removed by retention
+                    continue  # removed by retention (or skipped, warned)
             size = _gz_size(p, st.st_size) if p.endswith(".gz") else st.st_size
             out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size))
     return out
