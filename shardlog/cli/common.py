@@ -15,8 +15,8 @@ from shardlog.config.schema import ConfigError, ShardMap
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound
 
-EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_CONFIG = \
-    0, 64, 65, 66, 69, 70, 73, 74, 78
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_NOPERM, EX_CONFIG = \
+    0, 64, 65, 66, 69, 70, 73, 74, 77, 78
 
 
 class _Parser(argparse.ArgumentParser):
