@@ -8,7 +8,7 @@ import os
 import sys
 
 from shardlog.cli.argtypes import integer, seconds
-from shardlog.cli.common import EX_CANTCREAT, _history_errors, _time_arg
+from shardlog.cli.common import EX_CANTCREAT, EX_DATAERR, _history_errors, _time_arg
 
 
 def _with_topic(topic: str, line: bytes) -> bytes:
@@ -160,9 +160,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
             n = _export_parquet(args, tty)
         else:
             n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(args.to):
             os.unlink(args.to)  # never leave half an export behind
+        if parquet and type(exc).__module__.startswith(("duckdb", "_duckdb")):
+            print(f"shardlog: export: {exc}", file=sys.stderr)  # DuckDB's reason, naming the file
+            return EX_DATAERR
         raise
     if tty:
         sys.stderr.write("\n")

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
-from shardlog.reading.files import Skipped, check_regular
+from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
 from shardlog.reading import sandbox as _sandbox
 from shardlog.reading.ranges import _segments_in_range
 from shardlog.reading.times import parse_time
@@ -72,6 +72,7 @@ __all__ = ["SegmentFile", "connect", "segment_files", "query"]
 #: the largest JSON value DuckDB's reader accepts in one line (MQTT allows 256 MB payloads)
 MAX_OBJECT = 512 * 1024 * 1024
 _GLOB = frozenset("*?[]{}\\")
+_HOLE_SLACK = 1024 * 1024  # holes smaller than this in all are left to DuckDB
 
 
 class SegmentFile(NamedTuple):
@@ -80,6 +81,7 @@ class SegmentFile(NamedTuple):
     key: str        # its format (formats.KEYS), from its name
     mtime_us: int   # the ts of payload-only records
     size: int       # bytes of its content (a .gz one: decompressed, from its trailer)
+    sparse: bool = False  # a plain file with holes (read as NULs): DuckDB reads a cleaned copy
 
 
 def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object = None,
@@ -108,7 +110,8 @@ def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object 
                 except FileNotFoundError:
                     continue  # removed by retention (or skipped, warned)
             size = _gz_size(p, st.st_size) if p.endswith(".gz") else st.st_size
-            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size))
+            sparse = not p.endswith(".gz") and st.st_blocks * 512 + _HOLE_SLACK < st.st_size
+            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size, sparse))
     return out
 
 
@@ -228,6 +231,22 @@ class _Safe:
         self.dir: str | None = None
         self.n = 0
 
+    def cleaned(self, path: str) -> str:
+        """A copy of a sparse segment's lines without the holes' NUL lines (shardlog.reading.
+        files, each skipped run warned about), for DuckDB, whose reader would hold a hole of
+        gigabytes as one line and fail."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="links-", dir=self.base)
+        self.n += 1
+        copy = os.path.join(self.dir, f"{self.n}.{os.path.basename(path)[1:]}")
+        try:
+            with open_file(path) as f, open(copy, "wb") as out:
+                for line in bounded_lines(f.read1, path):
+                    out.write(line)
+        except FileNotFoundError:
+            open(copy, "wb").close()  # removed (or skipped, warned) since the listing: no records
+        return copy
+
     def name(self, path: str) -> str:
         if not _GLOB.intersection(path):
             return path
@@ -255,7 +274,8 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
             since: int | None, until: int | None) -> None:
     files = segment_files(root, prefix, since, until)
     safe = _Safe(_sandbox.private_dir(con))
-    names = [safe.name(f.path) for f in files]
+    names = [safe.cleaned(f.path) if f.sparse else safe.name(f.path) for f in files]
+    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names)]
     con.execute("CREATE OR REPLACE TEMP TABLE shardlog_files (filename VARCHAR, topic VARCHAR, mtime_us BIGINT)")
     if files:
         con.execute("INSERT INTO shardlog_files SELECT unnest($1), unnest($2), unnest($3)",

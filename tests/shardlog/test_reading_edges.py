@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from shardlog import history
@@ -194,13 +195,18 @@ def test_a_hole_in_the_middle_of_a_segment_is_skipped_by_tail_cat_and_export_in_
     root = str(tmp_path / "r")
     r = run_cli("tail", root, "t", "-n", "7")
     assert r.returncode == 0 and [json.loads(x)["payload"]["i"] for x in r.stdout.splitlines()] == list(range(5, 12))
-    for verb in (["cat", root, "t"], ["export", root, "t", "--to", str(tmp_path / "x.sqlite"), "--force"]):
+    for verb in (["cat", root, "t"], ["export", root, "t", "--to", str(tmp_path / "x.sqlite"), "--force"],
+                 ["sql", root, "SELECT count(*) AS n FROM records"],  # DuckDB reads a copy without the hole
+                 ["export", root, "t", "--to", str(tmp_path / "x.parquet"), "--force"]):
         r, rss, secs = peak_rss_mib(*verb)
         assert_warned(r, f"{seg}: a line of {4 * GiB - len(recs(0, 5)) + 1} bytes at offset {len(recs(0, 5))} "
                       "holds a NUL byte")
         assert rss < 200 and secs < 60, (verb, rss, secs)
     with sqlite3.connect(tmp_path / "x.sqlite") as con:
         assert [ts - T0 for (ts,) in con.execute("SELECT ts FROM records ORDER BY ts")] == list(range(12))
+    con = history.connect(root)
+    assert [ts - T0 for (ts,) in con.execute("SELECT ts_us FROM records ORDER BY ts_us").fetchall()] == list(range(12))
+    assert duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'x.parquet'}')").fetchone() == (12,)
 
 
 # -- a topic directory without read permission -------------------------------------------------
