@@ -60,11 +60,12 @@ __all__ = [
 # -- SQL and Parquet (DuckDB, imported only by these: shardlog/reading/sql.py, parquet.py) --
 
 def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None,
-            until: object = None) -> duckdb.DuckDBPyConnection:
-    """An in-process DuckDB connection with a ``records`` view (see shardlog.reading.sql)."""
+            until: object = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+    """An in-process DuckDB connection with a ``records`` view (see shardlog.reading.sql),
+    confined to reading ``root`` unless ``sandbox`` is False (shardlog.reading.sandbox)."""
     from shardlog.reading import sql
 
-    return sql.connect(root, prefix, since, until)
+    return sql.connect(root, prefix, since, until, sandbox=sandbox)
 
 
 def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],

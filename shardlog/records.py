@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -52,24 +52,79 @@ class Record(NamedTuple):
     value: Any  # the payload as JSON.parse would see it (object, string, ...)
 
 
-def decode_record(line: bytes) -> Record:
-    """Parse one record line and recover the payload's original bytes."""
-    obj = _json_decode(line)
-    enc = obj.get("enc")
+class RecordError(ValueError):
+    """A line that is no record: not strict JSON, a member missing or of the wrong type, a ts
+    outside 64 bits, a payload nested deeper than the decoder goes (about 1,000 levels)."""
+
+
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Head(msgspec.Struct, kw_only=True):
+    ts: _Int64
+    qos: Annotated[int, msgspec.Meta(ge=0, le=2)]
+    retain: bool
+    enc: str | None = None
+
+
+class _Envelope(_Head, kw_only=True):
+    payload: msgspec.Raw
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def _envelope(line: bytes) -> tuple[_Head, bytes, bool]:
+    """(the members before the payload, the payload's JSON text, whether it nests too deep
+    to decode). A payload too deep for msgspec is cut out of the line (it is the last member)."""
+    try:
+        env = _ENVELOPE.decode(line)
+    except RecursionError:
+        i = line.find(_PAYLOAD_KEY)
+        if i < 0:
+            raise RecordError("not a record: nested too deep") from None
+        try:
+            head = _HEAD.decode(line[:i] + b"}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise RecordError(f"not a record: {exc}") from None
+        return head, line[i + len(_PAYLOAD_KEY):line.rstrip(b"\r\n").rindex(b"}")], True
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise RecordError(f"not a record: {exc}") from None
+    return env, bytes(env.payload), False
+
+
+def decode_record(line: bytes, value: bool = True) -> Record:
+    """Parse one record line and recover the payload's original bytes. ``value=False``:
+    ``Record.value`` is None and the payload is not decoded (a payload nested deeper than
+    the decoder goes still gives its bytes). Raises :class:`RecordError` (a ValueError)."""
+    head, text, deep = _envelope(line)
+    enc = head.enc
     if enc is None:
-        start = line.index(_PAYLOAD_KEY) + len(_PAYLOAD_KEY)
-        end = line.rstrip(b"\r\n").rindex(b"}")
-        raw = line[start:end]
-    elif enc == "utf8":
-        raw = obj["payload"].encode("utf-8")
+        raw = text
+        if not value:
+            return Record(head.ts, head.qos, head.retain, raw, None)
+        if deep:
+            raise RecordError("payload nests deeper than the JSON decoder goes (about 1,000 levels)")
+        try:
+            obj = _json_decode(text)
+        except RecursionError:
+            raise RecordError("payload nests deeper than the JSON decoder goes (about 1,000 levels)") from None
+        return Record(head.ts, head.qos, head.retain, raw, obj)
+    try:
+        s = _json_decode(text, type=str)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"not a record: payload with enc {enc!r} is no string: {exc}") from None
+    if enc == "utf8":
+        raw = s.encode("utf-8")
     elif enc == "base64":
         try:
-            raw = base64.b64decode(obj["payload"], validate=True)
+            raw = base64.b64decode(s, validate=True)
         except binascii.Error as exc:
-            raise ValueError(f"bad base64 payload: {exc}") from None
+            raise RecordError(f"bad base64 payload: {exc}") from None
     else:
-        raise ValueError(f"unknown payload encoding {enc!r}")
-    return Record(obj["ts"], obj["qos"], obj["retain"], raw, obj["payload"])
+        raise RecordError(f"unknown payload encoding {enc!r}")
+    return Record(head.ts, head.qos, head.retain, raw, s if value else None)
 
 
 def encode_quarantine(ts_us: int, shard: str, reason: str, topic: bytes, qos: int, retain: bool,

@@ -15,8 +15,8 @@ from shardlog.config.schema import ConfigError, ShardMap
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound
 
-EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = \
-    0, 64, 65, 66, 69, 70, 73, 78
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_IOERR, EX_NOPERM, EX_CONFIG = \
+    0, 64, 65, 66, 69, 70, 73, 74, 77, 78
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,11 +64,31 @@ def _time_arg(value: str) -> int:
     return t
 
 
+class _Skips(logging.Handler):
+    """The readers' warnings (a file or directory skipped, a damaged segment, a line that
+    is no record): each printed once on stderr, and counted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg not in self.seen:
+            self.seen.add(msg)
+            sys.stderr.write(f"shardlog: warning: {msg}\n")
+
+
 def _history_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Missing root/topic -> 66 with a message; a closed pipe (| head) -> quiet exit."""
+    """Missing root/topic -> 66 with a message; a closed pipe (| head) -> quiet exit; anything
+    the readers skipped (warned on stderr) -> 74 after the output of what could be read."""
     def run(args: argparse.Namespace) -> int:
+        readers = logging.getLogger("shardlog.reading")
+        skips = _Skips()
+        readers.addHandler(skips)
+        propagate, readers.propagate = readers.propagate, False
         try:
-            return func(args)
+            rc = func(args)
         except TopicNotFound as exc:
             print(f"shardlog: {exc}", file=sys.stderr)
             return EX_NOINPUT
@@ -76,4 +96,11 @@ def _history_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argp
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             return 0
+        finally:
+            readers.removeHandler(skips)
+            readers.propagate = propagate
+        if rc == EX_OK and skips.seen:
+            print(f"shardlog: {len(skips.seen)} warning(s): the output leaves out what they name", file=sys.stderr)
+            return EX_IOERR
+        return rc
     return run

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 from shardlog.cli.argtypes import integer, seconds
-from shardlog.cli.common import EX_CANTCREAT, _history_errors, _time_arg
+from shardlog.cli.common import EX_CANTCREAT, EX_DATAERR, _history_errors, _time_arg
 
 
 def _with_topic(topic: str, line: bytes) -> bytes:
@@ -110,8 +111,10 @@ def _cmd_cat(args: argparse.Namespace) -> int:
     w.writerow(["topic", "ts", "qos", "retain", "payload", "enc"])
     for topic, ts, line in lines:
         try:
-            rec = decode_record(line)
-        except ValueError:
+            rec = decode_record(line, value=False)  # the payload's bytes only: any depth
+        except ValueError as exc:
+            logging.getLogger("shardlog.reading").warning("a line that is no record left out (%s): %.80r",
+                                                          exc, line)
             continue
         try:
             payload, enc = rec.payload.decode("utf-8"), ""
@@ -157,9 +160,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
             n = _export_parquet(args, tty)
         else:
             n = history.export_sqlite(args.root, args.prefix, args.to, args.since, args.until, progress=progress)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(args.to):
             os.unlink(args.to)  # never leave half an export behind
+        if parquet and type(exc).__module__.startswith(("duckdb", "_duckdb")):
+            print(f"shardlog: export: {exc}", file=sys.stderr)  # DuckDB's reason, naming the file
+            return EX_DATAERR
         raise
     if tty:
         sys.stderr.write("\n")

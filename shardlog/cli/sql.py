@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from shardlog.cli.common import EX_DATAERR, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
+from shardlog.cli.common import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
 
 
 _BATCH = 10_000
@@ -33,6 +33,8 @@ def _value(v: Any, is_json: bool) -> Any:
         except ValueError:
             return v
     if isinstance(v, dt.datetime):
+        if v.tzinfo is not None and v.utcoffset() == dt.timedelta(0):
+            return v.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"  # ts (TIMESTAMPTZ, UTC)
         return v.isoformat(timespec="microseconds") + ("" if v.tzinfo else "Z")
     if isinstance(v, dt.date | dt.time):
         return v.isoformat()
@@ -106,12 +108,20 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     except ImportError:
         print("shardlog: sql needs DuckDB (pip install duckdb)", file=sys.stderr)
         return EX_UNAVAILABLE
-    from shardlog.reading import sql
+    from shardlog.reading import sandbox, sql
 
     fmt = args.format or ("table" if sys.stdout.isatty() else "csv")
     try:
-        cur = sql.query(args.root, args.query, args.prefix, args.since, args.until)
+        cur = sql.query(args.root, args.query, args.prefix, args.since, args.until, sandbox=not args.unsafe)
+    except sandbox.Refused as exc:
+        print(f"shardlog: sql: {exc}", file=sys.stderr)
+        return EX_NOPERM
     except duckdb.Error as exc:
+        if isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc):
+            # the sandbox: its file system, extensions, locked settings
+            print(f"shardlog: sql: {exc} (a query may only read the root; --unsafe lifts this, for trusted use)",
+                  file=sys.stderr)
+            return EX_NOPERM
         print(f"shardlog: sql: {exc}", file=sys.stderr)
         return EX_DATAERR
     if cur.description is None:  # a statement without a result (CREATE, SET, ...)
@@ -134,6 +144,9 @@ def add_sql(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="", help="only this topic and the topics below it (default: all)")
     p.add_argument("--since", type=_time_arg, help="from this time on (µs or ISO 8601), inclusive")
     p.add_argument("--until", type=_time_arg, help="before this time, exclusive")
+    p.add_argument("--unsafe", action="store_true",
+                   help="trusted use: let the query write files (COPY, EXPORT), ATTACH databases, INSTALL/LOAD "
+                        "extensions and read outside the root")
     p.add_argument("--format", choices=["table", "csv", "json"],
                    help="table (default on a terminal), csv (default otherwise) or json (one object a line)")
     p.set_defaults(func=_history_errors(_cmd_sql))

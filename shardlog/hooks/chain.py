@@ -43,6 +43,16 @@ class BadOutput(TypeError):
     """A hook returned something that is not a message (its reason says what)."""
 
 
+def same_ts(out: Message, given: Message) -> Message:
+    """``out`` if it keeps the reception time of the message the hook was given, else
+    BadOutput: ``ts`` orders a topic's records and the readers rely on it never going back
+    (docs/history.md); a device's own time belongs in the payload (docs/hooks.md)."""
+    if out.ts != given.ts:
+        raise BadOutput(f"changed ts from {given.ts} to {out.ts}: ts is the reception time, which orders the "
+                        "records; put the device's time in the payload (msg.with_json({..., 'device_ts': t}))")
+    return out
+
+
 def checked(m: Any) -> Message:
     """A hook's output as a valid Message (a str payload becomes UTF-8), or BadOutput."""
     if m.__class__ is not Message:
@@ -148,13 +158,13 @@ class Chain:
                 elif r is None:
                     continue
                 elif r.__class__ is Message:
-                    r = checked(r)
+                    r = same_ts(checked(r), m)
                     if r.topic is not m.topic and r.topic != m.topic:
                         self._moved_by(r.topic, i)
                     out.append(r)
                 elif isinstance(r, (list, tuple)) or (hasattr(r, "__next__") and hasattr(r, "__iter__")):
                     for x in r:  # a generator runs here, timed too
-                        x = checked(x)
+                        x = same_ts(checked(x), m)
                         if x.topic is not m.topic and x.topic != m.topic:
                             self._moved_by(x.topic, i)
                         out.append(x)

@@ -16,8 +16,8 @@ import msgspec
 
 class Message(NamedTuple):
     """One message as a hook sees it. ``ts``: reception time, integer microseconds since
-    the epoch (it becomes the record's ``ts``). Change it with ``msg._replace(...)`` or
-    :meth:`replace`."""
+    the epoch (it becomes the record's ``ts``; a hook may not change it: it orders the
+    records, see docs/hooks.md). Change the rest with ``msg._replace(...)`` or :meth:`replace`."""
 
     topic: str
     payload: bytes

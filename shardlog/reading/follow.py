@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import threading
 import time
@@ -10,6 +9,7 @@ from collections.abc import Iterator
 
 from shardlog.ondisk import formats
 from shardlog.ondisk.segments import rotated_segments
+from shardlog.reading.files import open_fd, open_gzip
 from shardlog.reading.lines import _complete_end, _decode, _mtime_us, _pread, _segment_file_lines
 from shardlog.reading.tail import _tail_lines_dir
 from shardlog.reading.tree import _current_name, _require_topic, _safe_listdir, topic_dir
@@ -62,9 +62,9 @@ class _Follower:
     def open(self) -> bool:
         while True:
             try:
-                fd = os.open(self.file, os.O_RDONLY)
+                fd = open_fd(self.file)
                 break
-            except FileNotFoundError:
+            except FileNotFoundError:  # or skipped (logged): no regular file
                 now = _current_name(_safe_listdir(self.dir))
                 if now is None or os.path.join(self.dir, now) == self.file:
                     return False
@@ -93,7 +93,7 @@ class _Follower:
                 if not seg.compressed and os.stat(p).st_ino == self.ino:
                     return seg.seq
                 if seg.compressed and unlinked and head:
-                    with gzip.open(p, "rb") as g:
+                    with open_gzip(p) as g:
                         if g.readline(len(head) + 1) == head:
                             return seg.seq
         return rot[-1].seq + 1

@@ -25,8 +25,15 @@ def topics(root: str | os.PathLike[str], prefix: str = "", long: bool = False) -
         for seg in segments_of(path):
             try:
                 count += _count_lines(seg)
-                size += os.stat(seg if os.path.exists(seg) else seg + ".gz").st_size
+                size += os.stat(seg if os.path.lexists(seg) else seg + ".gz").st_size
             except FileNotFoundError:
-                continue  # deleted by retention meanwhile
+                continue  # deleted by retention meanwhile, or skipped (logged): no regular file
         last = _tail_lines_dir(path, 1)
-        yield TopicInfo(topic, path, count, size, _ts_of(last[-1]) if last else None)
+        yield TopicInfo(topic, path, count, size, _last_ts(last))
+
+
+def _last_ts(last: list[bytes]) -> int | None:
+    try:
+        return _ts_of(last[-1]) if last else None
+    except ValueError:  # no record: unknown (the line was warned about when read)
+        return None

@@ -1,6 +1,6 @@
 """Export a branch to one Parquet file, written by DuckDB over the ``records`` view.
 
-Columns: ``topic, ts (TIMESTAMP, µs), qos, retain, enc, payload (JSON text)``, then a
+Columns: ``topic, ts (TIMESTAMPTZ, µs, UTC), qos, retain, enc, payload (JSON text)``, then a
 typed column ``payload.<key>`` for each top-level member of JSON object payloads that
 holds a scalar somewhere (as ``history.export_sqlite`` does; nested values stay in
 ``payload``). Parquet wants one type per column, so a key's type is decided from all
@@ -96,7 +96,8 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
     path = os.fspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; remove it first")
-    con = sql.connect(root, prefix, since, until)  # TopicNotFound before anything is created
+    # our own COPY writes the file: not the sandbox of user queries
+    con = sql.connect(root, prefix, since, until, sandbox=False)  # TopicNotFound before anything is created
     try:
         total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
         keys = [(k, set(types), bool(big)) for k, types, big, _ in con.execute(_KEYS).fetchall()]

@@ -11,6 +11,7 @@ backwards (it is the recorder's reception time).
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 import resource
 import tempfile
@@ -18,10 +19,13 @@ from collections.abc import Iterator
 
 from shardlog.ondisk import formats
 from shardlog.ondisk.segments import rotated_segments
+from shardlog.reading.files import open_file
 from shardlog.reading.lines import _decode, _first_ts, _lines_forward, _mtime_us, _segment_file_lines, _skip_to, _ts_of
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound, _current_name, _root, _safe_listdir, _walk
 from shardlog.records import Record
+
+log = logging.getLogger(__name__)
 
 
 def _segments_in_range(segs: list[str], since: int | None, until: int | None) -> list[str]:
@@ -62,8 +66,8 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
         return  # the current segment starts at or after ``until``
     while True:
         try:
-            f = open(cur, "rb")
-        except FileNotFoundError:
+            f = open_file(cur)
+        except FileNotFoundError:  # or skipped (logged): no regular file
             f = None
             now = _current_name(_safe_listdir(path))
             if now is not None and os.path.join(path, now) != cur:  # the format changed
@@ -82,7 +86,7 @@ def _topic_lines(path: str, since: int | None, until: int | None) -> Iterator[tu
         with f:
             fmt = formats.of_name(cur)
             _skip_to(f, since, fmt)
-            yield from _filter(fmt.envelopes(_lines_forward(f), _mtime_us(f.fileno())), since, until)
+            yield from _filter(fmt.envelopes(_lines_forward(f, cur), _mtime_us(f.fileno())), since, until)
         return
 
 
@@ -90,7 +94,8 @@ def _filter(lines: Iterator[bytes], since: int | None, until: int | None) -> Ite
     for line in lines:
         try:
             ts = _ts_of(line)
-        except Exception:  # noqa: BLE001 - an unreadable line is left out
+        except ValueError as exc:  # a line that is no record: left out, said
+            log.warning("a line that is no record left out (%s): %.80r", exc, line)
             continue
         if since is not None and ts < since:
             continue

@@ -1,8 +1,7 @@
 """SQL over a recording root: an in-process DuckDB with one ``records`` view.
 
-    from shardlog.reading.ranges import _segments_in_range
-from shardlog.reading.times import parse_time
-from shardlog.reading.tree import TopicNotFound, _root, _walk
+    from shardlog import history
+
     con = history.connect("/srv/mqtt", "chat", since="2026-11-22T10:00Z")
     con.sql("SELECT topic, count(*) FROM records GROUP BY ALL").show()
 
@@ -10,7 +9,7 @@ The view (one row per record, every write format, rotated and gzipped segments):
 
     topic VARCHAR     decoded from the directory path by shardlog.topics (a hashed
                       level through its +topic file), never from SQL string functions
-    ts TIMESTAMP      reception time, microseconds (UTC, no zone)
+    ts TIMESTAMPTZ    reception time, microseconds, an instant (shown in UTC: the session's zone)
     ts_us BIGINT      the same as stored: µs since the epoch
     qos UTINYINT, retain BOOLEAN
     enc VARCHAR       NULL: payload is the published JSON; 'utf8': payload is a JSON
@@ -27,6 +26,11 @@ What is pushed down, decided here in Python before DuckDB reads anything:
   backwards in ts, so a segment's records lie between its first ts and the next
   segment's). Payload-only segments (no stored ts) are never left out. The view then
   filters ``since <= ts_us < until`` exactly.
+
+The connection is confined to reading the root by default (shardlog.reading.sandbox:
+``allowed_directories``, ``enable_external_access = false``, no extension autoload or
+install, ``lock_configuration``; ``query`` also refuses statements that write, attach or
+load); ``sandbox=False`` lifts it, for trusted use.
 
 The file list is a snapshot taken by ``connect``: a segment compressed after it
 makes DuckDB miss a file (``query`` lists again and retries once); segments rotated
@@ -47,14 +51,14 @@ directory, so it can never match a sibling. Records are read per format:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
+from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
+from shardlog.reading import sandbox as _sandbox
 from shardlog.reading.ranges import _segments_in_range
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound, _root, _walk
@@ -68,6 +72,7 @@ __all__ = ["SegmentFile", "connect", "segment_files", "query"]
 #: the largest JSON value DuckDB's reader accepts in one line (MQTT allows 256 MB payloads)
 MAX_OBJECT = 512 * 1024 * 1024
 _GLOB = frozenset("*?[]{}\\")
+_HOLE_SLACK = 1024 * 1024  # holes smaller than this in all are left to DuckDB
 
 
 class SegmentFile(NamedTuple):
@@ -76,6 +81,7 @@ class SegmentFile(NamedTuple):
     key: str        # its format (formats.KEYS), from its name
     mtime_us: int   # the ts of payload-only records
     size: int       # bytes of its content (a .gz one: decompressed, from its trailer)
+    sparse: bool = False  # a plain file with holes (read as NULs): DuckDB reads a cleaned copy
 
 
 def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object = None,
@@ -94,15 +100,18 @@ def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object 
         paths.extend(os.path.join(path, c) for c in CURRENTS if c in names)
         for p in _segments_in_range(paths, lo, hi):
             try:
-                st = os.stat(p)
+                st = check_regular(p)
+            except Skipped:
+                continue  # not a regular file (DuckDB would block on a FIFO): warned
             except FileNotFoundError:
                 p += ".gz"  # compressed since the listing
                 try:
-                    st = os.stat(p)
+                    st = check_regular(p)
                 except FileNotFoundError:
-                    continue  # removed by retention
+                    continue  # removed by retention (or skipped, warned)
             size = _gz_size(p, st.st_size) if p.endswith(".gz") else st.st_size
-            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size))
+            sparse = not p.endswith(".gz") and st.st_blocks * 512 + _HOLE_SLACK < st.st_size
+            out.append(SegmentFile(p, topic, formats.of_name(p).key, st.st_mtime_ns // 1000, size, sparse))
     return out
 
 
@@ -195,7 +204,7 @@ def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None,
     if until is not None:
         where.append(f"ts_us < {int(until)}")
     body = " UNION ALL ".join(f"({p})" for p in parts)
-    return ("CREATE OR REPLACE TEMP VIEW records AS SELECT topic, make_timestamp(ts_us) AS ts, ts_us, qos, "
+    return ("CREATE OR REPLACE TEMP VIEW records AS SELECT topic, make_timestamptz(ts_us) AS ts, ts_us, qos, "
             f"retain, enc, payload FROM ({body}) AS u" + (" WHERE " + " AND ".join(where) if where else ""))
 
 
@@ -215,17 +224,34 @@ def _csv_envelope(payload: str | None, enc: str | None) -> str | None:
 
 class _Safe:
     """Names DuckDB reads verbatim: a path with a glob character becomes a symlink with a
-    plain name in a private directory (removed with the connection)."""
+    plain name in a directory of the connection's private one (removed with it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: str) -> None:
+        self.base = base
         self.dir: str | None = None
         self.n = 0
+
+    def cleaned(self, path: str) -> str:
+        """A copy of a sparse segment's lines without the holes' NUL lines (shardlog.reading.
+        files, each skipped run warned about), for DuckDB, whose reader would hold a hole of
+        gigabytes as one line and fail."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="links-", dir=self.base)
+        self.n += 1
+        copy = os.path.join(self.dir, f"{self.n}.{os.path.basename(path)[1:]}")
+        try:
+            with open_file(path) as f, open(copy, "wb") as out:
+                for line in bounded_lines(f.read1, path):
+                    out.write(line)
+        except FileNotFoundError:
+            open(copy, "wb").close()  # removed (or skipped, warned) since the listing: no records
+        return copy
 
     def name(self, path: str) -> str:
         if not _GLOB.intersection(path):
             return path
         if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="shardlog-sql-")
+            self.dir = tempfile.mkdtemp(prefix="links-", dir=self.base)
         self.n += 1
         link = os.path.join(self.dir, f"{self.n}.{os.path.basename(path)[1:]}")  # keeps the extension
         os.symlink(path, link)
@@ -247,10 +273,9 @@ def _install(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefi
 def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix: str,
             since: int | None, until: int | None) -> None:
     files = segment_files(root, prefix, since, until)
-    safe = _Safe()
-    names = [safe.name(f.path) for f in files]
-    if safe.dir is not None:
-        weakref.finalize(con, shutil.rmtree, safe.dir, True)
+    safe = _Safe(_sandbox.private_dir(con))
+    names = [safe.cleaned(f.path) if f.sparse else safe.name(f.path) for f in files]
+    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names)]
     con.execute("CREATE OR REPLACE TEMP TABLE shardlog_files (filename VARCHAR, topic VARCHAR, mtime_us BIGINT)")
     if files:
         con.execute("INSERT INTO shardlog_files SELECT unnest($1), unnest($2), unnest($3)",
@@ -262,35 +287,45 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
 
 
 def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None,
-            con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+            con: duckdb.DuckDBPyConnection | None = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection (or ``con``) with a ``records`` view of the
-    records of ``prefix`` and below (``''``: all) with ``since <= ts < until``."""
+    records of ``prefix`` and below (``''``: all) with ``since <= ts < until``. A new
+    connection is confined to reading ``root`` (shardlog.reading.sandbox) unless ``sandbox``
+    is False; a given ``con`` is used as it is."""
     import duckdb
 
     lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    new = con is None
     if con is None:
         con = duckdb.connect()
-    # DuckDB draws its own progress bar on stdout for long queries: never into a result
-    # (query_progress() still works, for the Parquet export's bar on stderr)
-    con.execute("SET enable_progress_bar_print = false")
+    if new:
+        # DuckDB draws its own progress bar on stdout for long queries: never into a result
+        # (query_progress() still works, for the Parquet export's bar on stderr)
+        con.execute("SET enable_progress_bar_print = false")
+        con.execute("SET TimeZone = 'UTC'")  # ts is an instant: shown in UTC
     try:
         con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",
                             null_handling="special", side_effects=False)
     except duckdb.CatalogException:
         pass  # already there (connect called again on the same connection)
+    if new and sandbox:
+        _sandbox.confine(con, _root(root))
     _install(con, root, prefix, lo, hi)
     return con
 
 
 def query(root: str | os.PathLike[str], sql: str, prefix: str = "", since: object = None,
-          until: object = None, params: object = None) -> duckdb.DuckDBPyConnection:
+          until: object = None, params: object = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """Run ``sql`` over a fresh ``connect`` (the result is materialised: fetch it from the
     returned connection). A segment compressed or removed between the listing and the read
-    (DuckDB: no such file) makes it list again and retry once."""
+    (DuckDB: no such file) makes it list again and retry once. With ``sandbox`` (the default)
+    a statement that is not ``sandbox.ALLOWED`` raises ``sandbox.Refused`` before anything runs."""
     import duckdb
 
     lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
-    con = connect(root, prefix, lo, hi)
+    con = connect(root, prefix, lo, hi, sandbox=sandbox)
+    if sandbox:
+        _sandbox.check(con, sql)
     try:
         return con.execute(sql, params)
     except duckdb.IOException:

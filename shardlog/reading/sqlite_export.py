@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable
 
 from shardlog.reading.lines import _decode
+from shardlog.records import Record, decode_record
 from shardlog.reading.ranges import _read_lines
 from shardlog.reading.times import parse_time
 
@@ -55,6 +56,19 @@ def _is_json_record(line: bytes) -> bool:
     return i >= 0 and b',"enc":' not in line[:i]
 
 
+def _record(line: bytes) -> Record | None:
+    """A line's record; one whose payload nests too deep to decode keeps its bytes (and its
+    JSON text in payload_json) without flat columns; None (warned) for a line that is no record."""
+    try:
+        return decode_record(line)
+    except ValueError:
+        pass
+    try:
+        return decode_record(line, value=False)
+    except ValueError:
+        return _decode(line)  # warns
+
+
 def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
                   since: object = None, until: object = None, batch: int = 5000,
                   progress: Callable[[int], None] | None = None) -> int:
@@ -86,7 +100,7 @@ def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.Path
             rows.clear()
 
         for topic, _ts, line in lines:
-            rec = _decode(line)
+            rec = _record(line)
             if rec is None:
                 continue
             is_json = _is_json_record(line)

@@ -35,8 +35,8 @@ def _tail_lines_dir(path: str, n: int, current: tuple[int, int, Format] | None =
         sources: list[Iterator[bytes]] = []
         if current is not None:
             fd, end, fmt = current
-            sources.append(fmt.envelopes(_lines_backwards(fd, end), _mtime_us(fd)))
-        sources.extend(_segment_lines_backwards(s) for s in reversed(segs))
+            sources.append(fmt.envelopes(_lines_backwards(fd, end, os.path.join(path, fmt.current)), _mtime_us(fd)))
+        sources.extend(_segment_lines_backwards(s, n) for s in reversed(segs))
         out: list[bytes] = []
         for src in sources:
             for line in src:

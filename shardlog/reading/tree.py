@@ -1,12 +1,14 @@
 """Where things are in a recording root: topic directories and their segments.
 
 Only directory listings (and the ``+topic`` file of a hashed, over-long level): no
-segment is read here. Topic names are decoded from the directory path by
+segment is read here. A directory that cannot be listed (no permission) is left out with
+a warning (``shardlog.reading.tree``; the read verbs then exit non-zero), never silently. Topic names are decoded from the directory path by
 :mod:`shardlog.topics`, never guessed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -14,6 +16,13 @@ from typing import NamedTuple
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import TOPIC_FILE, parse_segment, rotated_segments
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
+
+
+log = logging.getLogger(__name__)
+
+
+def _unlistable(path: str, exc: OSError) -> None:
+    log.warning("%s: cannot be listed (%s); left out", path, exc.strerror)
 
 
 class TopicNotFound(FileNotFoundError):
@@ -66,6 +75,9 @@ def segments_of(topic_dir: str) -> list[str]:
         names = os.listdir(topic_dir)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        _unlistable(topic_dir, exc)
+        return []
     out = [os.path.join(topic_dir, s.name) for s in rotated_segments(names)]
     out.extend(os.path.join(topic_dir, c) for c in CURRENTS if c in names)
     return out
@@ -95,7 +107,10 @@ def _walk(root_real: str, prefix: str) -> Iterator[tuple[str, str, list[str]]]:
                         files.append(name)
                     elif e.is_dir(follow_symlinks=False):
                         subdirs.append((name, e.path))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # no permission, I/O error: said, not silently left out
+            _unlistable(path, exc)
             continue
         if topic is not None and _is_topic(files):
             yield topic, path, files
@@ -126,4 +141,7 @@ def _safe_listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        _unlistable(path, exc)
         return []

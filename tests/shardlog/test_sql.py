@@ -93,14 +93,14 @@ def test_records_view_equals_history_read_in_every_format(tmp_path: Path) -> Non
     topics = dict(con.execute("SELECT topic, count(*) FROM records GROUP BY ALL").fetchall())
     assert topics["glob*"] == 3 and topics["globby"] == 4
     assert topics["odd/%/..//it's [1]"] == 3 and topics["long/" + "x" * 300] == 3
-    # enc and payload as the record line holds them; ts is a TIMESTAMP in µs
+    # enc and payload as the record line holds them; ts is a TIMESTAMPTZ in µs (an instant, UTC)
     enc = dict(con.execute("SELECT coalesce(enc, '-'), count(*) FROM records WHERE topic = 'plant/a' "
                            "GROUP BY ALL").fetchall())
     assert set(enc) == {"-", "utf8", "base64"}
     t, text = con.execute("SELECT ts, payload->>'$' FROM records WHERE enc = 'base64' LIMIT 1").fetchone()
     assert t.microsecond % 1000 == 0 and text == "/wBiaW5hcnk="
     kinds = dict(con.execute("DESCRIBE records").fetchall()[i][:2] for i in range(7))
-    assert kinds == {"topic": "VARCHAR", "ts": "TIMESTAMP", "ts_us": "BIGINT", "qos": "UTINYINT",
+    assert kinds == {"topic": "VARCHAR", "ts": "TIMESTAMP WITH TIME ZONE", "ts_us": "BIGINT", "qos": "UTINYINT",
                      "retain": "BOOLEAN", "enc": "VARCHAR", "payload": "JSON"}
 
 
@@ -186,7 +186,7 @@ def test_parquet_export_typed_columns_read_with_pandas(tmp_path: Path) -> None:
     dtypes = {c: str(df[c].dtype) for c in df.columns[6:]}
     assert dtypes == {"payload.user": "string", "payload.n": "Int64", "payload.ok": "boolean", "payload.x": "Float64",
                       "payload.User~2": "string", "payload.mixed": "string", "payload.big": "string"}, dtypes
-    assert str(df["ts"].dtype) == "datetime64[us]" and df["ts"].iloc[0].value // 1000 == T0 + 1
+    assert str(df["ts"].dtype) == "datetime64[us, UTC]" and df["ts"].iloc[0].value // 1000 == T0 + 1
     assert df["payload.n"].tolist()[:2] == [1, 2] and df["payload.x"].tolist()[1:3] == [1.5, 2.0]
     assert df["payload.mixed"].dropna().tolist() == ["1", "one"]
     assert df["payload.big"].dropna().tolist() == ["18446744073709551615"]
