@@ -72,10 +72,8 @@ class Preparer:
                     raise
                 st.size = 0
             else:
-                try:
-                    st.size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
+                st.size = files.regular_size(fd)  # closes it if it raises
+                os.close(fd)
             if not created and st.size == 0:
                 files.retire_other_currents(st)  # as open_fd does
             torn = files.load(st, path)

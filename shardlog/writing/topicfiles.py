@@ -36,6 +36,8 @@ TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 #: directories remembered as checked (ensure_dir); past it the set starts again
 MAX_SAFE_DIRS = 100_000
+#: added to every open of a segment: no symlink followed, no FIFO waited for
+_SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK
 PWRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # json: positioned writes
 
 
@@ -181,9 +183,9 @@ class TopicFiles:
             st.size_known = False
             created = self.ensure_dir(st, checked=True)
             fd = self.open_segment(path)
-        st.fd = fd
         if not (st.size_known and self.plain):  # else: the size it had when evicted (one writer)
-            st.size = os.fstat(fd).st_size
+            st.size = self.regular_size(fd)
+        st.fd = fd
         st.size_known = False
         if not created and not st.loaded and st.size == 0:
             self.retire_other_currents(st)
@@ -199,13 +201,26 @@ class TopicFiles:
 
     def open_segment(self, path: str, create: bool = True) -> int:
         """The current segment's descriptor (created if missing, unless ``create`` is
-        False: then FileNotFoundError). A path that cannot hold it is a TopicError."""
+        False: then FileNotFoundError). A path that cannot hold it is a TopicError: a
+        symlink (O_NOFOLLOW: it could lead out of the root), a FIFO without a reader
+        (O_NONBLOCK: never a hang), a directory; see :meth:`regular_size` for the rest."""
+        flags = (self.flags if create else self.flags & ~os.O_CREAT) | _SAFE_OPEN
         try:
-            return os.open(path, self.flags if create else self.flags & ~os.O_CREAT, 0o644)
+            return os.open(path, flags, 0o644)
         except OSError as exc:
-            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP):
-                raise TopicError(f"cannot open {self.current}: {exc.strerror}") from None
+            if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENXIO):
+                reason = "not a regular file" if exc.errno in (errno.ELOOP, errno.ENXIO) else exc.strerror
+                raise TopicError(f"cannot open {self.current}: {reason}") from None
             raise
+
+    def regular_size(self, fd: int) -> int:
+        """The size of the segment open at ``fd``; a TopicError (``fd`` closed) if it is
+        not a regular file (a FIFO with a reader, a device)."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise TopicError(f"cannot open {self.current}: not a regular file")
+        return info.st_size
 
     def ensure_dir(self, st: TopicState, checked: bool = False) -> bool:
         """Make ``st``'s directory, or check the one there (a first open); True if made.

@@ -425,3 +425,48 @@ def test_released_ids_survive_a_flush_that_raises(tmp_path: Path, monkeypatch: p
     put(store, states, "w", 1, start=2)
     assert store.flush(T0, 2.0) == set() and store.released == [1, 2]  # not lost, not repeated
     store.close()
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["in the flush", "by the preparer"])
+@pytest.mark.parametrize("kind", ["fifo", "fifo with a reader", "symlink out of the root", "directory"])
+def test_a_current_segment_that_is_no_regular_file_is_quarantined_never_waited_on(
+        tmp_path: Path, kind: str, prepared: bool) -> None:
+    """A FIFO (with or without a reader), a symlink leading out of the root or a directory
+    where +log.jsonl should be: the topic's records go to the quarantine file with the
+    reason, the flush returns at once (no blocking open), nothing is written through it."""
+    root = tmp_path / "root"
+    (root / "t").mkdir(parents=True)
+    seg = root / "t" / "+log.jsonl"
+    outside = tmp_path / "outside.jsonl"
+    reader = None
+    if kind.startswith("fifo"):
+        os.mkfifo(seg)
+        if kind == "fifo with a reader":
+            reader = os.open(seg, os.O_RDONLY | os.O_NONBLOCK)
+    elif kind == "directory":
+        seg.mkdir()
+    else:
+        outside.write_bytes(b"")
+        seg.symlink_to(outside)
+    store, c = make(root)
+    if prepared:
+        store.start_preparer()
+    states: dict[str, TopicState] = {}
+    lines = put(store, states, "t", 3)
+    done = threading.Event()
+
+    def flush() -> None:
+        store.flush(T0, 0.0, wait=True)
+        done.set()
+
+    threading.Thread(target=flush, daemon=True).start()
+    assert done.wait(10), "the flush hung on a segment that is no regular file"
+    q = [json.loads(x) for x in (root / "+quarantine.jsonl").read_bytes().splitlines()]
+    assert len(q) == 3 and all("not a regular file" in r["reason"] or "Is a directory" in r["reason"] for r in q), q
+    assert [base64.b64decode(r["payload"]) for r in q] == lines
+    if kind == "symlink out of the root":
+        assert outside.read_bytes() == b"", "a record was written through the symlink, out of the root"
+    if reader is not None:
+        assert os.read(reader, 4096) == b""
+        os.close(reader)
+    store.close()
