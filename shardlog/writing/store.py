@@ -384,8 +384,11 @@ class Store:
         self.recent.write_now(st)
 
     def evictable(self, st: TopicState) -> bool:
-        # a topic waiting for the preparer is out of dirty but has lines (and st.prep set)
-        return not st.dirty and st.fd < 0 and st.prep is None and not st.lines and not st.recent_queued
+        """May the recorder forget ``st``? Not while it has lines (a topic waiting for the
+        preparer is out of dirty but has lines, and st.prep set) or an open file. A stale
+        +recent.json does not keep it: the writer's queue holds the state until its file
+        is written; a new state of the topic, if it speaks again, is queued behind it."""
+        return not st.dirty and st.fd < 0 and st.prep is None and not st.lines
 
     def close(self) -> None:
         if self.preparer is not None:

@@ -151,7 +151,9 @@ def test_refused_commands_change_nothing_and_say_why(broker, publisher, supervis
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("precious")
-    wait_for(lambda: sup.shard("a")["counters"]["pending"] == 0, 5, "a to settle")
+    # settled: nothing pending, and every +recent.json written (its thread trails the log)
+    wait_for(lambda: all(sup.shard(n)["counters"]["pending"] == 0 and sup.shard(n)["counters"]["recent_stale"] == 0
+                         for n in ("a", "vip", "b")), 10, "the shards to settle")
     before = tree(root), tree(outside)
     refusals = [
         ("delete", {"prefix": "../outside"}, "'..' level"),

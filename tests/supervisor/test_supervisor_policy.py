@@ -113,8 +113,9 @@ def test_map_diff_added_removed_changed_and_nested() -> None:
     flat = _map([{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"}])
     plan = diff(specs(flat, flat.shards), specs(nested, nested.shards))
     assert plan.added == ["ax"] and plan.changed == ["a"] and plan.unchanged == ["b"]
-    # a shard on another broker does not affect the routing of this one
+    # a shard on another broker does not affect the routing of this one (its own root: two
+    # brokers' nested branches in one root are refused, shardlog/config/checks.py)
     other = _map([{"name": "a", "prefix": "a"}, {"name": "b", "prefix": "b"},
-                  {"name": "ax", "prefix": "a/x", "broker": {"host": "elsewhere"}}])
+                  {"name": "ax", "prefix": "a/x", "root": "/srv/other", "broker": {"host": "elsewhere"}}])
     plan = diff(specs(flat, flat.shards), specs(other, other.shards))
     assert plan.changed == [] and plan.added == ["ax"]
