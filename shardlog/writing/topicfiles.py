@@ -200,10 +200,9 @@ class TopicFiles:
                 self.on_torn(st, torn)
 
     def open_segment(self, path: str, create: bool = True) -> int:
-        """The current segment's descriptor (created if missing, unless ``create`` is
-        False: then FileNotFoundError). A path that cannot hold it is a TopicError: a
-        symlink (O_NOFOLLOW: it could lead out of the root), a FIFO without a reader
-        (O_NONBLOCK: never a hang), a directory; see :meth:`regular_size` for the rest."""
+        """The current segment's descriptor (created if missing, unless ``create`` is False:
+        then FileNotFoundError). A TopicError if the path cannot hold it: a symlink (it could
+        lead out of the root), a FIFO without a reader (never a hang), a directory."""
         flags = (self.flags if create else self.flags & ~os.O_CREAT) | _SAFE_OPEN
         try:
             return os.open(path, flags, 0o644)
