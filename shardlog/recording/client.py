@@ -23,7 +23,9 @@ properties, packet decoding. This subclass changes three things, all measured
    per-message ``MQTTMessage`` (with its own ``threading.Condition``), MQTT 5
    ``Properties`` object and callback topic matching. Everything else goes to
    paho's own reader: other packet types, a packet not yet complete, QoS 2, a
-   topic alias (an empty topic), filtered callbacks, anything malformed.
+   topic alias (an empty topic), a PUBLISH with a non-empty MQTT 5 properties block
+   (paho decodes them; ``on_message`` records them), filtered callbacks, anything
+   malformed.
    tests/shardlog/test_client.py proves it equivalent to paho's decoder.
 
 5. **TLS records gathered.** Over TLS one ``recv`` returns one TLS record, and brokers
@@ -175,15 +177,9 @@ class BufferedClient(mqtt.Client):
                     mid = (buf[p] << 8) | buf[p + 1]
                     p += 2
                 if v5:
-                    if p < stop and buf[p] < 0x80:  # property length in one byte (nearly always 0)
-                        p += 1 + buf[p]
-                    else:
-                        p, plen = _varint(buf, p, stop)
-                        if p < 0:
-                            break
-                        p += plen
-                    if p > stop:
-                        break
+                    if p >= stop or buf[p]:
+                        break  # properties (or malformed): paho decodes them, on_message records them
+                    p += 1
                 if handler is not None:
                     handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0)
                 else:
