@@ -1,0 +1,267 @@
+"""MQTT 5 fidelity (issue 23): a message's PUBLISH properties are recorded (plain, journal
+and hooked paths, a message without properties keeping today's bytes), survive a SIGKILL
+of the recorder, and `shardlog replay --rename` gives them back to a real MQTT 5
+subscriber; plus the pure parts (the record member, the replay's expiry countdown)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shardlog import history
+from shardlog.records import decode_record, encode_quarantine, encode_record, props_member
+from shardlog.replay.plan import replay_properties
+from tests.helpers import Mosquitto, RecorderProc, wait_for, write_map
+
+USER = [("k", "1"), ("other", "ü ✓"), ("k", "2")]  # order and the repeated key matter
+CORR = b"\x00\xff\x10 binary"
+EXPIRY = 3600
+PLAIN = re.compile(rb'\{"ts":\d+,"qos":1,"retain":false,"payload":\{"i":\d+(,"secret":"[^"]*")?\}\}\n')
+
+
+def full_properties(i: int) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = [*USER, ("i", str(i))]
+    p.ContentType = "application/json"
+    p.PayloadFormatIndicator = 1
+    p.ResponseTopic = "reply/to/me"
+    p.CorrelationData = CORR + bytes([i % 256])
+    p.MessageExpiryInterval = EXPIRY
+    return p
+
+
+def expected_props(i: int) -> dict[str, Any]:
+    return {"user": [*USER, ("i", str(i))], "content_type": "application/json", "payload_format": 1,
+            "response_topic": "reply/to/me", "correlation_data": CORR + bytes([i % 256]),
+            "message_expiry": EXPIRY}
+
+
+class Client5:
+    """A real MQTT 5 client with its network thread: publishes (waiting for each PUBACK)
+    and collects what its subscriptions deliver."""
+
+    def __init__(self, port: int, client_id: str) -> None:
+        self.got: list[mqtt.MQTTMessage] = []
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.c.max_inflight_messages_set(1000)
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.got.append(msg)
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.subscribe(topic, 1)
+        assert done.wait(10), "no SUBACK"
+
+    def publish(self, msgs: list[tuple[str, bytes, Properties | None]]) -> None:
+        infos = [self.c.publish(t, p, 1, properties=props) for t, p, props in msgs]
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def client5(broker: Mosquitto) -> Iterator[Client5]:
+    c = Client5(broker.port, "t-mqtt5-client")
+    yield c
+    c.close()
+
+
+def messages(n: int, first: int = 0) -> list[tuple[str, bytes, Properties | None]]:
+    """Every third message without properties; some with a "secret" a hook redacts."""
+    out = []
+    for i in range(first, first + n):
+        body: dict[str, Any] = {"i": i}
+        if i % 5 == 4:
+            body["secret"] = "x"
+        out.append((f"m5/{i % 3}", json.dumps(body, separators=(",", ":")).encode(),
+                    None if i % 3 == 0 else full_properties(i)))
+    return out
+
+
+def all_lines(root: Path) -> list[bytes]:
+    out = []
+    for seg in sorted(root.rglob("+log.*")):
+        out.extend(seg.read_bytes().splitlines(keepends=True))
+    return out
+
+
+def check_recorded(root: Path, n: int, redacted: bool = False, slack: int = 0) -> None:
+    """Every message 0..n-1 recorded (duplicates allowed) with exactly its properties; a
+    message without properties recorded as before this change, byte for byte. ``slack``:
+    seconds a message may have waited in the broker, which counts its expiry down."""
+    seen: dict[int, dict[str, Any]] = {}
+    for line in all_lines(root):
+        rec = decode_record(line)
+        i = rec.value["i"]
+        if i % 3 == 0:
+            assert PLAIN.fullmatch(line), line
+        seen[i] = rec.properties()
+        if slack and "message_expiry" in seen[i]:
+            assert EXPIRY - slack <= seen[i]["message_expiry"] <= EXPIRY, line
+            seen[i]["message_expiry"] = EXPIRY
+        if i % 5 == 4:
+            assert (rec.value["secret"] != "x") == redacted, line
+    assert sorted(seen) == list(range(n))
+    for i, props in seen.items():
+        assert props == ({} if i % 3 == 0 else expected_props(i)), i
+
+
+PATHS = {"plain": {}, "journal": {"journal": {"enabled": True}},
+         "hooks": {"hooks": [{"use": "redact", "args": {"keys": ["secret"]}}]}}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_properties_recorded_on_every_path(tmp_path: Path, broker: Mosquitto, client5: Client5,
+                                           recorders: list[RecorderProc], path: str) -> None:
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "m5", **PATHS[path]}])
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    n = 300
+    client5.publish(messages(n))
+    wait_for(lambda: (s := rec.stats()) is not None and s.acked >= n, 30, f"{n} acks ({rec.stderr_path})")
+    assert rec.stop() == 0
+    check_recorded(tmp_path / "data", n, redacted=path == "hooks")
+    if path == "hooks":  # a changed message keeps the properties of the message it came from
+        changed = [decode_record(x) for x in all_lines(tmp_path / "data") if b'"secret":"x"' not in x and b"secret" in x]
+        assert changed and all(r.properties() == ({} if r.value["i"] % 3 == 0 else expected_props(r.value["i"]))
+                               for r in changed)
+
+
+def test_sigkill_mid_recording_then_replay_round_trip(tmp_path: Path, broker: Mosquitto, client5: Client5,
+                                                      recorders: list[RecorderProc]) -> None:
+    """Record with every property, SIGKILL the recorder while messages flow, restart it:
+    nothing lost. Then `shardlog replay --rename` to another branch: a MQTT 5 subscriber
+    gets every message with the same properties (the expiry counted down)."""
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": "m5"}])
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    n = 3000
+    msgs = messages(n)
+    sender = threading.Thread(target=client5.publish, args=(msgs,))
+    sender.start()
+    wait_for(lambda: (s := rec.stats()) is not None and s.acked >= 300, 30, "the first acks")
+    rec.kill()  # mid-stream: messages buffered, unacknowledged, in flight
+    sender.join(60)
+    rec = RecorderProc(m, "all", tmp_path).start()
+    recorders.append(rec)
+    root = tmp_path / "data"
+    wait_for(lambda: len({decode_record(x).value["i"] for x in all_lines(root)}) >= n, 60,
+             f"every message after the restart ({rec.stderr_path})")
+    assert rec.stop() == 0
+    check_recorded(root, n, slack=60)
+
+    watcher = Client5(broker.port, "t-mqtt5-watcher")
+    try:
+        watcher.subscribe("again/#")
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "shardlog", "replay", str(root), "m5", "--broker",
+                            f"mqtt://127.0.0.1:{broker.port}", "--speed", "max", "--rename", "m5=again"],
+                           capture_output=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stderr
+        replayed = len(list(history.read(root, "m5")))
+        wait_for(lambda: len(watcher.got) >= replayed, 30, f"{replayed} replayed messages")
+        elapsed = time.time() - t0
+    finally:
+        watcher.close()
+    got: dict[int, dict[str, Any]] = {}
+    for msg in watcher.got:
+        assert msg.topic.startswith("again/")
+        p = msg.properties
+        i = json.loads(msg.payload)["i"]
+        props = {k: v for k, v in {
+            "user": getattr(p, "UserProperty", None), "content_type": getattr(p, "ContentType", None),
+            "payload_format": getattr(p, "PayloadFormatIndicator", None),
+            "response_topic": getattr(p, "ResponseTopic", None),
+            "correlation_data": getattr(p, "CorrelationData", None),
+            "message_expiry": getattr(p, "MessageExpiryInterval", None)}.items() if v is not None}
+        if i % 3:
+            # counted down from the recorded value: by the seconds since reception (and the broker's)
+            assert EXPIRY - 120 - elapsed <= props["message_expiry"] <= EXPIRY, props
+            props["message_expiry"] = EXPIRY
+        got[i] = props
+    assert sorted(got) == list(range(n))
+    for i, props in got.items():
+        assert props == ({} if i % 3 == 0 else expected_props(i)), i
+
+
+def test_replay_to_mqtt_311_drops_properties_with_one_warning(tmp_path: Path, broker: Mosquitto) -> None:
+    root = tmp_path / "data"
+    d = root / "p" / "x"
+    d.mkdir(parents=True)
+    now = time.time_ns() // 1000
+    member = props_member({"UserProperty": USER, "MessageExpiryInterval": 600})
+    (d / "+log.jsonl").write_bytes(b"".join(encode_record(now + k, 1, False, b'{"i":%d}' % k, member)
+                                            for k in range(20)))
+    watcher = Client5(broker.port, "t-mqtt5-watcher311")
+    try:
+        watcher.subscribe("q/#")
+        r = subprocess.run([sys.executable, "-m", "shardlog", "replay", str(root), "p", "--broker",
+                            f"mqtt://127.0.0.1:{broker.port}", "--speed", "max", "--rename", "p=q",
+                            "--protocol", "3.1.1"], capture_output=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(watcher.got) >= 20, 30, "20 replayed messages")
+    finally:
+        watcher.close()
+    assert r.stderr.count(b"MQTT 3.1.1") == 1, r.stderr
+    assert all(getattr(m.properties, "UserProperty", None) is None for m in watcher.got)
+
+
+def test_props_member_and_decode() -> None:
+    assert props_member({}) == b""
+    assert props_member({"TopicAlias": 3, "SubscriptionIdentifier": [1]}) == b""  # the connection's own
+    member = props_member({"UserProperty": [("a", "1"), ("a", "2")], "CorrelationData": b"\x00\x01",
+                           "ContentType": "t", "PayloadFormatIndicator": 0, "ResponseTopic": "r",
+                           "MessageExpiryInterval": 0})
+    assert member == (b',"props":{"user":[["a","1"],["a","2"]],"content_type":"t","payload_format":0,'
+                      b'"response_topic":"r","correlation_data":"AAE=","message_expiry":0}')
+    assert encode_record(1, 1, False, b'{"x":1}') == b'{"ts":1,"qos":1,"retain":false,"payload":{"x":1}}\n'
+    for payload in (b'{"x":1}', b"text", b"\xff\x00", b'{"a":\n1}'):
+        line = encode_record(5, 1, True, payload, member)
+        rec = decode_record(line)
+        assert rec.payload == payload and rec.ts == 5 and rec.retain is True
+        assert rec.properties()["user"] == [("a", "1"), ("a", "2")]
+        assert rec.properties()["correlation_data"] == b"\x00\x01"
+        assert json.loads(line)["payload"] == rec.value and list(json.loads(line))[-1] == "payload"
+    assert decode_record(encode_record(1, 0, False, b"x")).props is None
+    q = json.loads(encode_quarantine(1, "s", "why", b"t", 1, False, b"p", member))
+    assert q["props"]["user"] == [["a", "1"], ["a", "2"]] and q["payload"] == "cA=="
+
+
+def test_replay_properties_expiry_countdown() -> None:
+    props = {"user": [["a", "1"]], "correlation_data": "AAE=", "message_expiry": 10}
+    ts = 1_000_000_000
+    assert replay_properties(None, ts, ts) == {}
+    assert replay_properties(props, ts, ts + 999_999) == {
+        "UserProperty": [("a", "1")], "CorrelationData": b"\x00\x01", "MessageExpiryInterval": 10}
+    assert replay_properties(props, ts, ts + 3_500_000)["MessageExpiryInterval"] == 7
+    assert replay_properties(props, ts, ts + 9_999_999)["MessageExpiryInterval"] == 1
+    assert replay_properties(props, ts, ts + 10_000_000) is None  # run out: not published
+    assert replay_properties({"user": [["a", "1"]]}, ts, ts + 10**12) == {"UserProperty": [("a", "1")]}
+    with pytest.raises(ValueError):
+        replay_properties({"nope": 1}, ts, ts)
+    with pytest.raises(ValueError):
+        replay_properties({"message_expiry": -1}, ts, ts)
