@@ -126,6 +126,28 @@ class Recorder(RecorderLoop, BrokerSession):
         from shardlog.hooks import path as hook_path
         return hook_path.install(self)
 
+    def install_retained_filter(self) -> None:
+        """With ``retained: new|none``: put :meth:`_skip_retained` in front of ``on_publish``
+        (after the hooks; a shard with ``retained: all`` keeps its path unchanged)."""
+        if self.shard.retained == "all":
+            return
+        inner = self.on_publish
+        c = self.counters
+
+        def on_publish(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                       props: bytes = b"") -> None:
+            if not (retain and self.skip_retained) or self.states.get(topic) is _BROKER_DROPPED:
+                inner(topic, payload, qos, mid, dup, retain, props)
+                return
+            c.retained_skipped += 1  # acknowledged with the next flush, never written
+            if qos:
+                self.acks.append(mid)
+            self.pending += 1
+            if self.pending == 1:
+                self.batch_started = time.monotonic()
+
+        self.on_publish = on_publish  # type: ignore[method-assign]
+
     # -- messages -----------------------------------------------------------------------
 
     def _lost_connection(self) -> None:

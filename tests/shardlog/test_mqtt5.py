@@ -265,3 +265,46 @@ def test_replay_properties_expiry_countdown() -> None:
         replay_properties({"nope": 1}, ts, ts)
     with pytest.raises(ValueError):
         replay_properties({"message_expiry": -1}, ts, ts)
+
+
+@pytest.mark.parametrize("mode,protocol,want", [("all", 5, 11), ("new", 5, 5), ("none", 5, 0),
+                                                ("all", "3.1.1", 11), ("new", "3.1.1", 5), ("none", "3.1.1", 0)])
+def test_retained_on_restart(tmp_path: Path, broker: Mosquitto, recorders: list[RecorderProc],
+                             mode: str, protocol: int | str, want: int) -> None:
+    """A persistent session restarted: the broker sends the branch's retained messages again
+    (Retain Handling 0, or MQTT 3.1.1). ``retained: all`` records them at each start (5, then
+    5 + the first live one, retained meanwhile), ``new`` once, ``none`` never; a live message
+    (published with retain, delivered with the flag cleared) is recorded in every mode."""
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="t-rt-pub", protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    root = tmp_path / "data"
+    skipped = []
+    try:
+        for k in range(5):
+            pub.publish(f"rt/{k}", b'{"retained":%d}' % k, 1, retain=True).wait_for_publish(10)
+        m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "rt", "prefix": "rt", "retained": mode}],
+                      broker_keys={"protocol": protocol})
+        for run in range(2):
+            rec = RecorderProc(m, "rt", tmp_path).start()
+            recorders.append(rec)
+            # published after the SUBACK: it comes after the retained ones the subscription brings
+            pub.publish(f"rt/live{run}", b'{"live":%d}' % run, 1, retain=True).wait_for_publish(10)
+            wait_for(lambda: any((r := decode_record(x)).value.get("live") == run and not r.retain
+                                 for x in all_lines(root)), 20, f"live{run} recorded ({rec.stderr_path})")
+            assert rec.stop() == 0
+            s = rec.stats()
+            assert s is not None
+            skipped.append(s.retained_skipped)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    recs = [decode_record(x) for x in all_lines(root)]
+    assert len([r for r in recs if r.retain]) == want, [(r.value, r.retain) for r in recs]
+    assert sorted((r.value["live"], r.retain) for r in recs if not r.retain) == [(0, False), (1, False)]
+    if mode == "none":  # mosquitto honours Retain Handling 2 on MQTT 5; the filter does it on 3.1.1
+        assert skipped == ([0, 0] if protocol == 5 else [5, 6])
+    elif mode == "new":  # Retain Handling 1 on MQTT 5; on 3.1.1 the session memo says the filter is old
+        assert skipped == ([0, 0] if protocol == 5 else [0, 6])
+    else:
+        assert skipped == [0, 0]
