@@ -7,6 +7,10 @@ holds a scalar somewhere (as ``history.export_sqlite`` does; nested values stay 
 its values (``column_type``): booleans -> BOOLEAN, integers -> BIGINT, integers and
 floats -> DOUBLE, strings -> VARCHAR, anything mixed (or integers beyond 64 bits) ->
 VARCHAR holding each value's JSON text. Rows are ordered by topic, then ts.
+
+MQTT 5 properties: ``props`` (the record's member as JSON text, NULL without one) and
+``user_properties``, a list of ``{key, value}`` structs in the order received (NULL without
+any), so pyarrow, polars or DuckDB filter on a user property without parsing JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from shardlog.reading.sqlite_export import MAX_FLAT_COLUMNS, _utf8_ok
 
 __all__ = ["column_type", "export_parquet", "flat_columns"]
 
+_USER_PROPERTIES = ("list_transform(CAST(props->'user' AS VARCHAR[][]), "
+                    "lambda x: {'key': x[1], 'value': x[2]}) AS user_properties")
 _SCALARS = ("BOOLEAN", "BIGINT", "UBIGINT", "DOUBLE", "VARCHAR")
 _INTS = {"BIGINT", "UBIGINT"}
 
@@ -47,7 +53,7 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
     order: keys that only ever hold nested values get none; a name equal to an earlier
     one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
     ``sqlite_export.MAX_FLAT_COLUMNS``."""
-    taken = {"topic", "ts", "qos", "retain", "enc", "payload"}
+    taken = {"topic", "ts", "qos", "retain", "enc", "payload", "props", "user_properties"}
     out = []
     for key, types, big in keys:
         if not types & (set(_SCALARS) | {"NULL"}) or not _utf8_ok(key):
@@ -100,7 +106,7 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
     try:
         total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
         keys = [(k, set(types), bool(big)) for k, types, big, _ in con.execute(_KEYS).fetchall()]
-        cols = ["topic", "ts", "qos", "retain", "enc", "payload"]
+        cols = ["topic", "ts", "qos", "retain", "enc", "payload", "props", _USER_PROPERTIES]
         cols += [_column(*c) for c in flat_columns(keys)]
         copy = (f"COPY (SELECT {', '.join(cols)} FROM records ORDER BY topic, ts_us) "
                 f"TO {sql._lit(path)} (FORMAT parquet, COMPRESSION zstd)")

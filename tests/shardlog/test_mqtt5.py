@@ -308,3 +308,75 @@ def test_retained_on_restart(tmp_path: Path, broker: Mosquitto, recorders: list[
         assert skipped == ([0, 0] if protocol == 5 else [0, 6])
     else:
         assert skipped == [0, 0]
+
+
+def write_props_root(root: Path) -> None:
+    """Two topics in jsonl and json, records with and without properties."""
+    from shardlog.ondisk import formats
+    from shardlog.topics import topic_to_relpath
+    now = 1_763_815_800_000_000
+    for topic, key in (("p/a", "jsonl"), ("p/b", "json")):
+        d = root / topic_to_relpath(topic)
+        d.mkdir(parents=True)
+        lines = [encode_record(now + k, 1, False, b'{"i":%d}' % k,
+                               props_member({"UserProperty": [("site", f"s{k % 2}"), ("site", "x")],
+                                             "ContentType": "application/json", "CorrelationData": b"\x00\x01"})
+                               if k % 2 else b"")
+                 for k in range(6)]
+        fmt = formats.FORMATS[key]
+        (d / fmt.current).write_bytes(fmt.pack(lines, 0))
+
+
+def test_readers_expose_properties(tmp_path: Path) -> None:
+    import sqlite3
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "data"
+    write_props_root(root)
+    # the history API (read and tail)
+    for topic in ("p/a", "p/b"):
+        recs = [r for _t, r in history.read(root, topic)]
+        assert [r.properties().get("user") for r in recs] == [
+            None, [("site", "s1"), ("site", "x")], None, [("site", "s1"), ("site", "x")], None,
+            [("site", "s1"), ("site", "x")]]
+        assert [r.props is None for r in history.tail(root, topic, 2)] == [True, False]
+        assert recs[1].properties()["correlation_data"] == b"\x00\x01"
+    # tail and cat: jsonl lines keep the member; cat's csv has a props column
+    r = subprocess.run([sys.executable, "-m", "shardlog", "tail", str(root), "p/b", "-n", "1"],
+                       capture_output=True, check=True)
+    assert json.loads(r.stdout.splitlines()[-1])["props"]["user"] == [["site", "s1"], ["site", "x"]]
+    r = subprocess.run([sys.executable, "-m", "shardlog", "cat", str(root), "p", "--format", "csv"],
+                       capture_output=True, check=True)
+    import csv
+    import io
+    rows = list(csv.DictReader(io.StringIO(r.stdout.decode())))
+    assert len(rows) == 12 and all(bool(x["props"]) == (json.loads(x["payload"])["i"] % 2 == 1) for x in rows)
+    assert {json.loads(x["props"])["content_type"] for x in rows if x["props"]} == {"application/json"}
+    # SQL: filter on a user property
+    con = history.connect(root)
+    got = con.execute("SELECT topic, payload->>'i' FROM records WHERE user_property(props, 'site') = 's1' "
+                      "ORDER BY topic, ts").fetchall()
+    assert got == [(t, str(i)) for t in ("p/a", "p/b") for i in (1, 3, 5)]
+    assert con.execute("SELECT count(*) FROM records WHERE list_contains(user_properties(props, 'site'), 'x')"
+                       ).fetchone() == (6,)
+    assert con.execute("SELECT count(*) FROM records WHERE props IS NULL").fetchone() == (6,)
+    # Parquet: a list of {key, value} structs, filtered by pyarrow without parsing JSON
+    out = tmp_path / "out.parquet"
+    assert history.export_parquet(root, "p", out) == 12
+    table = pq.read_table(out)
+    flat = pc.list_flatten(table["user_properties"])
+    assert flat.type.field(0).name == "key"
+    has = pc.list_value_length(table["user_properties"]).fill_null(0)
+    assert pc.sum(has).as_py() == 12
+    df = table.to_pandas()
+    hits = df[df["user_properties"].map(lambda u: u is not None and any(p["value"] == "s1" for p in u))]
+    assert sorted(hits["payload.i"].tolist()) == [1, 1, 3, 3, 5, 5]
+    # SQLite
+    db = tmp_path / "out.sqlite"
+    history.export_sqlite(root, "p", db)
+    n = sqlite3.connect(db).execute(
+        "SELECT count(*) FROM records WHERE EXISTS (SELECT 1 FROM json_each(props, '$.user') "
+        "WHERE value ->> 0 = 'site' AND value ->> 1 = 's1')").fetchone()[0]
+    assert n == 6
