@@ -2,7 +2,8 @@
 
 Columns: ``topic, ts (TIMESTAMP, µs), qos, retain, enc, payload (JSON text)``, then a
 typed column ``payload.<key>`` for each top-level member of JSON object payloads that
-holds a scalar somewhere (as ``history.export_sqlite`` does; nested values stay in
+holds a scalar somewhere (in the order the keys first appear: by the first record holding
+each, then by their place in it) (as ``history.export_sqlite`` does; nested values stay in
 ``payload``). Parquet wants one type per column, so a key's type is decided from all
 its values (``column_type``): booleans -> BOOLEAN, integers -> BIGINT, integers and
 floats -> DOUBLE, strings -> VARCHAR, anything mixed (or integers beyond 64 bits) ->
@@ -71,13 +72,14 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
 
 _KEYS = """
 WITH kv AS (
-    SELECT ts_us, k, '/' || replace(replace(k, '~', '~0'), '/', '~1') AS p, payload
-    FROM (SELECT ts_us, payload, unnest(json_keys(payload)) AS k FROM records
+    SELECT ts_us, k, i, '/' || replace(replace(k, '~', '~0'), '/', '~1') AS p, payload
+    FROM (SELECT ts_us, payload, unnest(json_keys(payload)) AS k,
+                 generate_subscripts(json_keys(payload), 1) AS i FROM records
           WHERE enc IS NULL AND json_type(payload) = 'OBJECT'))
 SELECT k, list(DISTINCT json_type(payload, p)),
        bool_or(json_type(payload, p) = 'UBIGINT' AND TRY_CAST(payload ->> p AS BIGINT) IS NULL),
-       min(ts_us) AS first
-FROM kv GROUP BY k ORDER BY first, k
+       min(ts_us) AS first, arg_min(i, ts_us) AS pos
+FROM kv GROUP BY k ORDER BY first, pos, k
 """
 
 
@@ -105,8 +107,11 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
     con = sql.connect(root, prefix, since, until)  # TopicNotFound before anything is created
     try:
         total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
-        keys = [(k, set(types), bool(big)) for k, types, big, _ in con.execute(_KEYS).fetchall()]
-        cols = ["topic", "ts", "qos", "retain", "enc", "payload", "props", _USER_PROPERTIES]
+        keys = [(k, set(types), bool(big)) for k, types, big, _, _ in con.execute(_KEYS).fetchall()]
+        # payload and props as plain text (VARCHAR): DuckDB's JSON type becomes Arrow's JSON
+        # extension type, which pyarrow shows as extension<arrow.json> and polars as Binary
+        cols = ["topic", "ts", "qos", "retain", "enc", "payload::VARCHAR AS payload", "props::VARCHAR AS props",
+                _USER_PROPERTIES]
         cols += [_column(*c) for c in flat_columns(keys)]
         copy = (f"COPY (SELECT {', '.join(cols)} FROM records ORDER BY topic, ts_us) "
                 f"TO {sql._lit(path)} (FORMAT parquet, COMPRESSION zstd)")

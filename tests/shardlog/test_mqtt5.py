@@ -380,3 +380,29 @@ def test_readers_expose_properties(tmp_path: Path) -> None:
         "SELECT count(*) FROM records WHERE EXISTS (SELECT 1 FROM json_each(props, '$.user') "
         "WHERE value ->> 0 = 'site' AND value ->> 1 = 's1')").fetchone()[0]
     assert n == 6
+
+
+def test_parquet_payload_is_text_and_keys_in_first_seen_order(tmp_path: Path) -> None:
+    """Interchange (issue 23): ``payload``/``props`` are plain strings for pyarrow and pandas
+    (not Arrow's JSON extension type), and the flattened columns follow the order the keys
+    first appear (first record, then their place in it), not the alphabet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "data"
+    d = root / "o"
+    d.mkdir(parents=True)
+    t0 = 1_763_815_800_000_000
+    (d / "+log.jsonl").write_bytes(
+        encode_record(t0, 1, False, b'{"zeta":1,"alpha":"a","mid":true}', props_member({"ContentType": "c"}))
+        + encode_record(t0 + 1, 1, False, b'{"beta":2,"alpha":"b"}'))
+    out = tmp_path / "o.parquet"
+    history.export_parquet(root, "o", out)
+    table = pq.read_table(out)
+    assert table.schema.field("payload").type == pa.string(), table.schema.field("payload").type
+    assert table.schema.field("props").type == pa.string()
+    assert [c for c in table.column_names if c.startswith("payload.")] == [
+        "payload.zeta", "payload.alpha", "payload.mid", "payload.beta"]
+    df = pq.read_table(out).to_pandas()
+    assert json.loads(df["payload"][0]) == {"zeta": 1, "alpha": "a", "mid": True}
+    assert json.loads(df["props"][0]) == {"content_type": "c"} and df["props"].isna()[1]
