@@ -110,8 +110,9 @@ def run(client_cls: type, proto: int, data: bytes, cuts: list[int],
 
     client.on_message = on_message
     if fields:  # the recorder's way: the fast path calls a function with the fields
-        def on_fields(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
-            seen.append((topic, payload, qos, mid if qos else 0, dup, retain, b""))
+        def on_fields(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                      props: bytes = b"") -> None:
+            seen.append((topic, payload, qos, mid if qos else 0, dup, retain, props))
             FAST[0] += 1
             if qos:
                 client.ack(mid, qos)
@@ -172,6 +173,9 @@ def test_split_at_every_byte_boundary() -> None:
         got, _ = run(BufferedClient, proto, raw, [])
         # paho's loop() reads the first packet after its select; the fast path takes the rest
         assert got == want and FAST[0] == fast, "the fast path did not take the buffered packets"
+        # the recorder's way (on_publish_fields) decodes the properties itself: the same records
+        got, _ = run(BufferedClient, proto, raw, [], fields=True)
+        assert got == want and FAST[0] == 3, "the fast path did not decode the properties"
         for cut in range(1, len(raw)):
             got, _ = run(BufferedClient, proto, raw, [cut])
             assert got == want, f"split at byte {cut}"
