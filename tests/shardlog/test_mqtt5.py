@@ -53,10 +53,12 @@ class Client5:
     """A real MQTT 5 client with its network thread: publishes (waiting for each PUBACK)
     and collects what its subscriptions deliver."""
 
-    def __init__(self, port: int, client_id: str) -> None:
+    def __init__(self, port: int, client_id: str, username: str | None = None, password: str | None = None) -> None:
         self.got: list[mqtt.MQTTMessage] = []
         self.lock = threading.Lock()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username:
+            self.c.username_pw_set(username, password)
         self.c.max_inflight_messages_set(1000)
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)
@@ -190,14 +192,8 @@ def test_sigkill_mid_recording_then_replay_round_trip(tmp_path: Path, broker: Mo
     got: dict[int, dict[str, Any]] = {}
     for msg in watcher.got:
         assert msg.topic.startswith("again/")
-        p = msg.properties
         i = json.loads(msg.payload)["i"]
-        props = {k: v for k, v in {
-            "user": getattr(p, "UserProperty", None), "content_type": getattr(p, "ContentType", None),
-            "payload_format": getattr(p, "PayloadFormatIndicator", None),
-            "response_topic": getattr(p, "ResponseTopic", None),
-            "correlation_data": getattr(p, "CorrelationData", None),
-            "message_expiry": getattr(p, "MessageExpiryInterval", None)}.items() if v is not None}
+        props = received_props(msg)
         if i % 3:
             # counted down from the recorded value: by the seconds since reception (and the broker's)
             assert EXPIRY - 120 - elapsed <= props["message_expiry"] <= EXPIRY, props
@@ -206,6 +202,17 @@ def test_sigkill_mid_recording_then_replay_round_trip(tmp_path: Path, broker: Mo
     assert sorted(got) == list(range(n))
     for i, props in got.items():
         assert props == ({} if i % 3 == 0 else expected_props(i)), i
+
+
+def received_props(msg: mqtt.MQTTMessage) -> dict[str, Any]:
+    """The properties a subscriber got, keyed as the record's ``props``."""
+    p = msg.properties
+    return {k: v for k, v in {
+        "user": getattr(p, "UserProperty", None), "content_type": getattr(p, "ContentType", None),
+        "payload_format": getattr(p, "PayloadFormatIndicator", None),
+        "response_topic": getattr(p, "ResponseTopic", None),
+        "correlation_data": getattr(p, "CorrelationData", None),
+        "message_expiry": getattr(p, "MessageExpiryInterval", None)}.items() if v is not None}
 
 
 def test_replay_to_mqtt_311_drops_properties_with_one_warning(tmp_path: Path, broker: Mosquitto) -> None:
