@@ -25,7 +25,7 @@ properties, packet decoding. This subclass changes three things, all measured
    paho's own reader: other packet types, a packet not yet complete, QoS 2, a
    topic alias (an empty topic). A PUBLISH with a non-empty MQTT 5 properties block
    goes to ``on_publish_fields`` with a seventh argument, the record's ``props`` member,
-   decoded by :func:`_properties` (paho's decoder costs ~200 µs a message); one it
+   decoded by shardlog/recording/properties.py (paho's decoder costs ~200 µs a message); one it
    cannot take (a topic alias, an unknown or repeated property, a bad string) goes to
    paho, and ``on_message`` records its properties. Filtered callbacks and anything
    malformed go to paho too.
@@ -54,7 +54,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from shardlog.config.tls import ssl_context
-from shardlog.records import props_member
+from shardlog.recording.properties import _properties, _varint
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker
@@ -244,93 +244,6 @@ class Publish:
     @property
     def topic(self) -> str:
         return self._topic.decode("utf-8")
-
-
-def _utf8(buf: bytes, i: int, end: int) -> tuple[int, str]:
-    """An MQTT UTF-8 string at ``buf[i]``: (index after it, text); raises ValueError when it
-    runs past ``end`` or is not a valid MQTT string (paho then decides)."""
-    j = i + 2 + ((buf[i] << 8) | buf[i + 1])
-    if j > end:
-        raise ValueError("string past the block")
-    text = buf[i + 2:j].decode("utf-8")
-    if "\x00" in text or "\ufeff" in text:
-        raise ValueError("NUL or BOM in a string")
-    return j, text
-
-
-def _properties(buf: bytes, i: int, end: int) -> tuple[int, bytes]:
-    """The PUBLISH properties block at ``buf[i]``: (index of the payload, the record's
-    ``props`` member, shardlog.records.props_member), or (-1, b"") for anything paho
-    should decode itself: a topic alias, an unknown or repeated property, a bad string,
-    a block past ``end``. paho's own ``Properties.unpack`` costs ~200 µs a message."""
-    start, length = _varint(buf, i, end)
-    if start < 0 or start + length > end:
-        return -1, b""
-    stop = start + length
-    attrs: dict[str, object] = {}
-    user: list[tuple[str, str]] = []
-    j = start
-    try:
-        while j < stop:
-            ident = buf[j]
-            j += 1
-            if ident == 0x26:  # user property: a pair of strings, repeatable
-                j, k = _utf8(buf, j, stop)
-                j, v = _utf8(buf, j, stop)
-                user.append((k, v))
-                continue
-            name = _PROPERTY.get(ident)
-            if name is None or name in attrs:
-                return -1, b""
-            if ident == 0x01:
-                if j >= stop or buf[j] > 1:
-                    return -1, b""
-                attrs[name] = buf[j]
-                j += 1
-            elif ident == 0x02:
-                if j + 4 > stop:
-                    return -1, b""
-                attrs[name] = int.from_bytes(buf[j:j + 4], "big")
-                j += 4
-            elif ident == 0x09:
-                n = j + 2 + ((buf[j] << 8) | buf[j + 1])
-                if n > stop:
-                    return -1, b""
-                attrs[name] = buf[j + 2:n]
-                j = n
-            elif ident == 0x0B:  # subscription identifier (the connection's, not kept)
-                j, _ = _varint(buf, j, stop)
-                if j < 0:
-                    return -1, b""
-            else:  # 0x03 content type, 0x08 response topic
-                j, attrs[name] = _utf8(buf, j, stop)
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return -1, b""
-    if j != stop:
-        return -1, b""
-    if user:
-        attrs["UserProperty"] = user
-    return stop, props_member(attrs)
-
-
-#: PUBLISH property identifiers the fast path decodes -> paho's attribute names (0x23, the
-#: topic alias, is not here: paho keeps those)
-_PROPERTY = {0x01: "PayloadFormatIndicator", 0x02: "MessageExpiryInterval", 0x03: "ContentType",
-             0x08: "ResponseTopic", 0x09: "CorrelationData", 0x0B: "SubscriptionIdentifier"}
-
-
-def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
-    """MQTT variable byte integer at ``buf[i]``: (index after it, value), or (-1, 0)
-    when it runs past ``end`` or is longer than four bytes."""
-    value = 0
-    shift = 0
-    for j in range(i, min(end, i + 4)):
-        b = buf[j]
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return j + 1, value
-        shift += 7
-    return -1, 0
 
 
 class StockClient(mqtt.Client):

@@ -413,3 +413,21 @@ def test_parquet_payload_is_text_and_keys_in_first_seen_order(tmp_path: Path) ->
     df = pq.read_table(out).to_pandas()
     assert json.loads(df["payload"][0]) == {"zeta": 1, "alpha": "a", "mid": True}
     assert json.loads(df["props"][0]) == {"content_type": "c"} and df["props"].isna()[1]
+
+
+def test_fast_path_keeps_a_properties_block_it_cannot_read() -> None:
+    """A block paho would answer by dropping the connection (so the broker would send the
+    message again and again) is recorded whole, base64 under ``raw``; U+FEFF is valid MQTT."""
+    from shardlog.recording.properties import _properties
+
+    def block(body: bytes) -> bytes:
+        return bytes([len(body)]) + body + b"payload"
+    for bad in (b"\x01\x02", b"\x7f\x00", b"\x03\x00\x02\xff\xfe", b"\x01\x01\x01\x00"):
+        stop, member = _properties(block(bad), 0, len(block(bad)))
+        assert stop == 1 + len(bad), bad
+        raw = json.loads(b"{" + member[1:] + b"}")["props"]["raw"]
+        assert __import__("base64").b64decode(raw) == bad
+    ok = b"\x03\x00\x03\xef\xbb\xbf"  # content type "\ufeff"
+    stop, member = _properties(block(ok), 0, len(block(ok)))
+    assert member == props_member({"ContentType": "\ufeff"}) and stop == 1 + len(ok)
+    assert _properties(block(b"\x23\x00\x01"), 0, 10) == (-1, b"")  # a topic alias: paho's
