@@ -29,6 +29,7 @@ class Counters(msgspec.Struct, kw_only=True):
     quarantined: int = 0       # records written to the quarantine file
     hook_errors: int = 0       # messages quarantined because a hook raised, returned garbage or timed out
     hook_dropped: int = 0      # messages a hook dropped (acknowledged, not written)
+    retained_skipped: int = 0  # retained messages not recorded (`retained: new|none`; acked, not written)
     repaired: int = 0          # torn tails cut back on reopen
     errors: int = 0            # I/O errors (each logged)
     pending: int = 0           # records received, not yet written

@@ -3,7 +3,10 @@
     {"ts":1763815800123456,"qos":1,"retain":false,"payload":{"user":"ann"}}
     {"ts":1763815800123457,"qos":0,"retain":false,"enc":"utf8","payload":"not json"}
     {"ts":1763815800123458,"qos":1,"retain":true,"enc":"base64","payload":"AAEC"}
+    {"ts":1763815800123459,"qos":1,"retain":false,"props":{"user":[["k","v"]],"content_type":"text/plain"},"enc":"utf8","payload":"hi"}
 
+``props`` (MQTT 5 PUBLISH properties) is there only when the message carried some that a
+record keeps (:func:`props_member`): a message without them gets the same bytes as before.
 ``payload`` is always the last member. A JSON payload is embedded byte for byte as
 it arrived (so its original bytes are the text between ``"payload":`` and the final
 ``}``); a JSON payload holding a raw line break is stored as text instead, so every
@@ -23,20 +26,45 @@ _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 _PAYLOAD_KEY = b',"payload":'
-_JSON_RECORD = b'{"ts":%d,"qos":%d,"retain":%s,"payload":%s}\n'
+_JSON_RECORD = b'{"ts":%d,"qos":%d,"retain":%s%s,"payload":%s}\n'
 _RETAIN = (b"false", b"true")  # indexed by retain (a bool or 0/1)
 
+#: paho's Properties attribute -> the record's ``props`` key, in the order written. Left out:
+#: TopicAlias and SubscriptionIdentifier, which belong to one connection, not to the message.
+PROPS = (("UserProperty", "user"), ("ContentType", "content_type"),
+         ("PayloadFormatIndicator", "payload_format"), ("ResponseTopic", "response_topic"),
+         ("CorrelationData", "correlation_data"), ("MessageExpiryInterval", "message_expiry"))
 
-def encode_record(ts_us: int, qos: int, retain: bool, payload: bytes) -> bytes:
-    """The record line for one message, newline included. Hot path: keep it lean."""
+
+def props_member(attrs: dict[str, Any]) -> bytes:
+    """``,"props":{...}`` for the attributes of a received paho ``Properties`` (its
+    ``__dict__``), or b"" when none of them is kept. ``user``: [[key, value], ...] in the
+    order received, repeated keys kept; ``correlation_data``: standard base64;
+    ``message_expiry``: seconds as received (the broker's remaining lifetime)."""
+    out: dict[str, Any] = {}
+    for attr, key in PROPS:
+        value = attrs.get(attr)
+        if value is None:
+            continue
+        if key == "correlation_data":
+            value = base64.b64encode(value).decode("ascii")
+        elif key == "user":
+            value = [[k, v] for k, v in value]
+        out[key] = value
+    return b',"props":%s' % _json_encode(out) if out else b""
+
+
+def encode_record(ts_us: int, qos: int, retain: bool, payload: bytes, props: bytes = b"") -> bytes:
+    """The record line for one message, newline included (``props``: :func:`props_member`'s
+    bytes, empty for most messages). Hot path: keep it lean."""
     if payload and b"\n" not in payload and b"\r" not in payload:
         try:
             _json_decode(payload)
         except _DECODE_ERRORS:
             pass
         else:  # one formatting operation: this is most of the records
-            return _JSON_RECORD % (ts_us, qos, _RETAIN[retain], payload)
-    head = b'{"ts":%d,"qos":%d,"retain":%s' % (ts_us, qos, _RETAIN[retain])
+            return _JSON_RECORD % (ts_us, qos, _RETAIN[retain], props, payload)
+    head = b'{"ts":%d,"qos":%d,"retain":%s%s' % (ts_us, qos, _RETAIN[retain], props)
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -50,6 +78,19 @@ class Record(NamedTuple):
     retain: bool
     payload: bytes
     value: Any  # the payload as JSON.parse would see it (object, string, ...)
+    props: dict[str, Any] | None = None  # the record's "props" member as stored, if any
+
+    def properties(self) -> dict[str, Any]:
+        """The MQTT 5 properties as values: ``user`` a list of (key, value) tuples,
+        ``correlation_data`` bytes, the others as stored; {} when there are none."""
+        if not self.props:
+            return {}
+        out = dict(self.props)
+        if "user" in out:
+            out["user"] = [(k, v) for k, v in out["user"]]
+        if "correlation_data" in out:
+            out["correlation_data"] = base64.b64decode(out["correlation_data"])
+        return out
 
 
 class RecordError(ValueError):
@@ -65,6 +106,7 @@ class _Head(msgspec.Struct, kw_only=True):
     qos: Annotated[int, msgspec.Meta(ge=0, le=2)]
     retain: bool
     enc: str | None = None
+    props: dict[str, Any] | None = None  # MQTT 5 properties, before the payload
 
 
 class _Envelope(_Head, kw_only=True):
@@ -103,14 +145,14 @@ def decode_record(line: bytes, value: bool = True) -> Record:
     if enc is None:
         raw = text
         if not value:
-            return Record(head.ts, head.qos, head.retain, raw, None)
+            return Record(head.ts, head.qos, head.retain, raw, None, head.props)
         if deep:
             raise RecordError("payload nests deeper than the JSON decoder goes (about 1,000 levels)")
         try:
             obj = _json_decode(text)
         except RecursionError:
             raise RecordError("payload nests deeper than the JSON decoder goes (about 1,000 levels)") from None
-        return Record(head.ts, head.qos, head.retain, raw, obj)
+        return Record(head.ts, head.qos, head.retain, raw, obj, head.props)
     try:
         s = _json_decode(text, type=str)
     except msgspec.DecodeError as exc:
@@ -124,15 +166,20 @@ def decode_record(line: bytes, value: bool = True) -> Record:
             raise RecordError(f"bad base64 payload: {exc}") from None
     else:
         raise RecordError(f"unknown payload encoding {enc!r}")
-    return Record(head.ts, head.qos, head.retain, raw, s if value else None)
+    return Record(head.ts, head.qos, head.retain, raw, s if value else None, head.props)
 
 
 def encode_quarantine(ts_us: int, shard: str, reason: str, topic: bytes, qos: int, retain: bool,
-                      payload: bytes) -> bytes:
-    """A quarantine line: the raw topic and payload, base64, with the reason."""
-    return _json_encode({
+                      payload: bytes, props: bytes = b"") -> bytes:
+    """A quarantine line: the raw topic and payload, base64, with the reason (and the
+    message's ``props`` member, :func:`props_member`'s bytes, when it had one)."""
+    line = _json_encode({
         "ts": ts_us, "shard": shard, "reason": reason,
         "topic": base64.b64encode(topic).decode("ascii"),
         "qos": qos, "retain": retain, "enc": "base64",
         "payload": base64.b64encode(payload).decode("ascii"),
-    }) + b"\n"
+    })
+    if props:
+        i = line.rindex(b',"enc":')
+        line = line[:i] + props + line[i:]
+    return line + b"\n"

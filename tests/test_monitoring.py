@@ -62,7 +62,7 @@ def alert_rules() -> list[dict[str, Any]]:
 def test_alert_rules_check_and_fire_on_the_right_series() -> None:
     promtool = tool("promtool")
     r = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "SUCCESS: 9 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 11 rules found" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], capture_output=True, text=True, timeout=60,
                        cwd=ALERT_TESTS.parent)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
@@ -170,6 +170,11 @@ def test_prometheus_scrapes_a_supervisor_and_the_dashboard_queries_name_real_met
 
         queries = dashboard_queries()
         assert len(queries) >= 15
+        # the trouble counters have a panel and an alert (issue 23)
+        for name in ("shardlog_hook_errors_total", "shardlog_hook_dropped_total", "shardlog_retained_skipped_total"):
+            assert any(name in expr for _t, expr in queries), f"no dashboard panel shows {name}"
+        for name in ("shardlog_hook_errors_total", "shardlog_hook_dropped_total"):
+            assert any(name in r["expr"] for r in alert_rules()), f"no alert rule covers {name}"
         for title, expr in queries:
             unknown = set(_METRIC.findall(expr)) - exported
             assert not unknown, f"dashboard panel {title!r} names metrics /metrics does not have: {unknown}"
@@ -196,8 +201,8 @@ def test_prometheus_scrapes_a_supervisor_and_the_dashboard_queries_name_real_met
         def rules_ok() -> list[dict[str, Any]] | None:
             doc = json.loads(prom.get("/api/v1/rules") or b"{}")
             rules = [r for g in doc.get("data", {}).get("groups", []) for r in g["rules"]]
-            return rules if len(rules) == 9 and all(r.get("health") == "ok" for r in rules) else None
-        rules = wait_for(rules_ok, 30, "the 9 alerting rules loaded and evaluated (health ok)", interval=0.2)
+            return rules if len(rules) == 11 and all(r.get("health") == "ok" for r in rules) else None
+        rules = wait_for(rules_ok, 30, "the 11 alerting rules loaded and evaluated (health ok)", interval=0.2)
         firing = [r["name"] for r in rules if r["state"] != "inactive"]
         assert firing == [], f"alerts pending or firing on a healthy supervisor: {firing}"
     finally:

@@ -95,6 +95,7 @@ def _cmd_cat(args: argparse.Namespace) -> int:
     import base64
     import csv
     import io
+    import json
 
     from shardlog.reading.ranges import _read_lines
     from shardlog.records import decode_record
@@ -108,7 +109,7 @@ def _cmd_cat(args: argparse.Namespace) -> int:
         return 0
     text = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="", write_through=False)
     w = csv.writer(text)
-    w.writerow(["topic", "ts", "qos", "retain", "payload", "enc"])
+    w.writerow(["topic", "ts", "qos", "retain", "payload", "enc", "props"])
     for topic, ts, line in lines:
         try:
             rec = decode_record(line, value=False)  # the payload's bytes only: any depth
@@ -120,7 +121,8 @@ def _cmd_cat(args: argparse.Namespace) -> int:
             payload, enc = rec.payload.decode("utf-8"), ""
         except UnicodeDecodeError:
             payload, enc = base64.b64encode(rec.payload).decode("ascii"), "base64"
-        w.writerow([topic, ts, rec.qos, "true" if rec.retain else "false", payload, enc])
+        props = "" if rec.props is None else json.dumps(rec.props, ensure_ascii=False, separators=(",", ":"))
+        w.writerow([topic, ts, rec.qos, "true" if rec.retain else "false", payload, enc, props])
     text.flush()
     text.detach()
     return 0

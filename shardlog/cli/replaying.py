@@ -59,6 +59,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     print(f"replayed {summary.published} records of {args.prefix or 'every topic'!r}{where} to {target} "
           f"in {summary.seconds:.2f} s ({rate:,.0f} records/s; {summary.confirmed} QoS 1/2 publishes "
           f"acknowledged)", file=sys.stderr)
+    if summary.expired:
+        print(f"shardlog: replay: {summary.expired} record(s) not published: their MQTT 5 message "
+              "expiry ran out since they were recorded", file=sys.stderr)
     if summary.skipped:
         print(f"shardlog: replay: skipped {summary.skipped} record(s) that cannot be published "
               "(see the warnings above)", file=sys.stderr)

@@ -191,6 +191,11 @@ class Settings(Struct, **_STRICT):
     hooks: list[HookName | HookSpec] = []
     hooks_path: str | list[str] = []  # directories searched first for the hooks' modules
     hook_timeout: PositiveDuration = PositiveDuration(1.0)  # per message, all hooks together
+    #: retained messages the broker sends at a (re)subscription (docs/brokers.md, "Retained
+    #: messages"): all = record each (MQTT 5 Retain Handling 0); new = only for a new
+    #: subscription, not again at each restart of a persistent session (Retain Handling 1);
+    #: none = never (Retain Handling 2). Skipped ones are acknowledged, counted retained_skipped.
+    retained: Literal["all", "new", "none"] = "all"
 
 
 class Shard(Settings, **_STRICT):

@@ -119,7 +119,7 @@ class Host(Protocol):
     flush_at: int
     max_payload: int
     fan: FanOut | None
-    on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
+    on_publish: Callable[..., None]  # (topic, payload, qos, mid, dup, retain, props=b"")
 
     def _resolve(self, raw: bytes) -> TopicState | str: ...
 
@@ -135,13 +135,16 @@ class HookedPath:
         self.plain = rec.on_publish  # the path without hooks: discards, $SYS, oversized, unstorable
         self.fan = FanOut()
 
-    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
+    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                   props: bytes = b"") -> None:
+        """``props``: the message's MQTT 5 properties as the record's member (hooks do not
+        see them; every message a hook makes of this one keeps them)."""
         rec = self.rec
         st = rec.states.get(topic)
         if st is None:
             st = rec._resolve(topic)
         if st.__class__ is not TopicState or len(payload) > rec.max_payload:
-            self.plain(topic, payload, qos, mid, dup, retain)  # hooks see only what this shard stores
+            self.plain(topic, payload, qos, mid, dup, retain, props)  # hooks see only what this shard stores
             return
         ts = _time_ns() // 1000
         msg = _new(Message, (st.topic, payload, ts, qos, retain))  # type: ignore[union-attr]
@@ -158,25 +161,25 @@ class HookedPath:
         assert store is not None
         if result.__class__ is HookFailure:
             c.hook_errors += 1
-            store.quarantine(ts, result.reason, topic, qos, retain, payload, mid)  # type: ignore[union-attr]
+            store.quarantine(ts, result.reason, topic, qos, retain, payload, mid, props)  # type: ignore[union-attr]
         elif not result:
             c.hook_dropped += 1  # acknowledged by the next flush, as a discarded message
         elif len(result) == 1:  # type: ignore[arg-type]
             if result[0] is msg:  # type: ignore[index]  # unchanged: as without hooks
-                store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type]
+                store.add(st, encode_record(ts, qos, retain, payload, props), mid)  # type: ignore[arg-type]
             else:
-                self._store(result[0], mid)  # type: ignore[index]
+                self._store(result[0], mid, props)  # type: ignore[index]
         else:
             ids = self.fan.split(mid, len(result)) if mid else [0] * len(result)  # type: ignore[arg-type]
             for m, i in zip(result, ids):  # type: ignore[arg-type]
-                self._store(m, i)
+                self._store(m, i, props)
         rec.pending += 1
         if rec.pending == 1:
             rec.batch_started = _monotonic()
         if rec.pending >= rec.flush_at and not c.degraded:
             rec.flush()
 
-    def _store(self, m: Message, mid: int) -> None:
+    def _store(self, m: Message, mid: int, props: bytes) -> None:
         rec = self.rec
         store = rec.store
         assert store is not None
@@ -186,14 +189,14 @@ class HookedPath:
             st = rec._resolve(raw)
         if st.__class__ is TopicState:
             if len(m.payload) <= rec.max_payload:
-                store.add(st, encode_record(m.ts, m.qos, m.retain, m.payload), mid)  # type: ignore[arg-type]
+                store.add(st, encode_record(m.ts, m.qos, m.retain, m.payload, props), mid)  # type: ignore[arg-type]
                 return
             reason = f"payload of {len(m.payload)} bytes (made by hooks) exceeds max_payload"
         elif isinstance(st, str) and st.startswith("topic not storable"):
             reason = st
         else:  # Chain.owns let it through, so this should not happen; keep it anyway
             reason = f"hooks produced topic {m.topic!r}, which this shard does not record"
-        store.quarantine(m.ts, reason, raw, m.qos, m.retain, m.payload, mid)
+        store.quarantine(m.ts, reason, raw, m.qos, m.retain, m.payload, mid, props)
 
 
 def owns_check(rec: Host):  # type: ignore[no-untyped-def]

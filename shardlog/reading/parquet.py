@@ -2,11 +2,16 @@
 
 Columns: ``topic, ts (TIMESTAMPTZ, µs, UTC), qos, retain, enc, payload (JSON text)``, then a
 typed column ``payload.<key>`` for each top-level member of JSON object payloads that
-holds a scalar somewhere (as ``history.export_sqlite`` does; nested values stay in
+holds a scalar somewhere (in the order the keys first appear: by the first record holding
+each, then by their place in it) (as ``history.export_sqlite`` does; nested values stay in
 ``payload``). Parquet wants one type per column, so a key's type is decided from all
 its values (``column_type``): booleans -> BOOLEAN, integers -> BIGINT, integers and
 floats -> DOUBLE, strings -> VARCHAR, anything mixed (or integers beyond 64 bits) ->
 VARCHAR holding each value's JSON text. Rows are ordered by topic, then ts.
+
+MQTT 5 properties: ``props`` (the record's member as JSON text, NULL without one) and
+``user_properties``, a list of ``{key, value}`` structs in the order received (NULL without
+any), so pyarrow, polars or DuckDB filter on a user property without parsing JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from shardlog.reading.sqlite_export import MAX_FLAT_COLUMNS, _utf8_ok
 
 __all__ = ["column_type", "export_parquet", "flat_columns"]
 
+_USER_PROPERTIES = ("list_transform(CAST(props->'user' AS VARCHAR[][]), "
+                    "lambda x: {'key': x[1], 'value': x[2]}) AS user_properties")
 _SCALARS = ("BOOLEAN", "BIGINT", "UBIGINT", "DOUBLE", "VARCHAR")
 _INTS = {"BIGINT", "UBIGINT"}
 
@@ -47,7 +54,7 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
     order: keys that only ever hold nested values get none; a name equal to an earlier
     one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
     ``sqlite_export.MAX_FLAT_COLUMNS``."""
-    taken = {"topic", "ts", "qos", "retain", "enc", "payload"}
+    taken = {"topic", "ts", "qos", "retain", "enc", "payload", "props", "user_properties"}
     out = []
     for key, types, big in keys:
         if not types & (set(_SCALARS) | {"NULL"}) or not _utf8_ok(key):
@@ -65,13 +72,14 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
 
 _KEYS = """
 WITH kv AS (
-    SELECT ts_us, k, '/' || replace(replace(k, '~', '~0'), '/', '~1') AS p, payload
-    FROM (SELECT ts_us, payload, unnest(json_keys(payload)) AS k FROM records
+    SELECT ts_us, k, i, '/' || replace(replace(k, '~', '~0'), '/', '~1') AS p, payload
+    FROM (SELECT ts_us, payload, unnest(json_keys(payload)) AS k,
+                 generate_subscripts(json_keys(payload), 1) AS i FROM records
           WHERE enc IS NULL AND json_type(payload) = 'OBJECT'))
 SELECT k, list(DISTINCT json_type(payload, p)),
        bool_or(json_type(payload, p) = 'UBIGINT' AND TRY_CAST(payload ->> p AS BIGINT) IS NULL),
-       min(ts_us) AS first
-FROM kv GROUP BY k ORDER BY first, k
+       min(ts_us) AS first, arg_min(i, ts_us) AS pos
+FROM kv GROUP BY k ORDER BY first, pos, k
 """
 
 
@@ -100,8 +108,11 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
     con = sql.connect(root, prefix, since, until, sandbox=False)  # TopicNotFound before anything is created
     try:
         total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
-        keys = [(k, set(types), bool(big)) for k, types, big, _ in con.execute(_KEYS).fetchall()]
-        cols = ["topic", "ts", "qos", "retain", "enc", "payload"]
+        keys = [(k, set(types), bool(big)) for k, types, big, _, _ in con.execute(_KEYS).fetchall()]
+        # payload and props as plain text (VARCHAR): DuckDB's JSON type becomes Arrow's JSON
+        # extension type, which pyarrow shows as extension<arrow.json> and polars as Binary
+        cols = ["topic", "ts", "qos", "retain", "enc", "payload::VARCHAR AS payload", "props::VARCHAR AS props",
+                _USER_PROPERTIES]
         cols += [_column(*c) for c in flat_columns(keys)]
         copy = (f"COPY (SELECT {', '.join(cols)} FROM records ORDER BY topic, ts_us) "
                 f"TO {sql._lit(path)} (FORMAT parquet, COMPRESSION zstd)")

@@ -15,6 +15,10 @@ The view (one row per record, every write format, rotated and gzipped segments):
     enc VARCHAR       NULL: payload is the published JSON; 'utf8': payload is a JSON
                       string of the text; 'base64': a JSON string of the base64 bytes
     payload JSON      as the record line holds it (history's Record.value)
+    props JSON        the record's MQTT 5 properties member, NULL when it has none
+                      (docs/design.md); ``user_property(props, 'key')`` is the first
+                      value of a user property (NULL if absent), ``user_properties(props,
+                      'key')`` all of them, in order
 
 What is pushed down, decided here in Python before DuckDB reads anything:
 
@@ -148,7 +152,12 @@ def _list(paths: list[str]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
-_ENVELOPE = "{'ts': 'BIGINT', 'qos': 'UTINYINT', 'retain': 'BOOLEAN', 'enc': 'VARCHAR', 'payload': 'JSON'}"
+_ENVELOPE = ("{'ts': 'BIGINT', 'qos': 'UTINYINT', 'retain': 'BOOLEAN', 'enc': 'VARCHAR', 'props': 'JSON', "
+             "'payload': 'JSON'}")
+#: user properties: [[key, value], ...] in the record (shardlog.records.props_member)
+_MACROS = ("CREATE OR REPLACE TEMP MACRO user_properties(props, k) AS "
+           "list_transform(list_filter(CAST(props->'user' AS VARCHAR[][]), lambda x: x[1] = k), lambda x: x[2])",
+           "CREATE OR REPLACE TEMP MACRO user_property(props, k) AS user_properties(props, k)[1]")
 _CSV = "{'ts': 'VARCHAR', 'qos': 'VARCHAR', 'retain': 'VARCHAR', 'payload': 'VARCHAR', 'enc': 'VARCHAR'}"
 _JOIN = "JOIN shardlog_files f ON f.filename = r.filename"
 
@@ -161,29 +170,29 @@ def _lines(paths: list[str], longest: int) -> str:
 
 
 def _select(key: str, paths: list[str], longest: int) -> str:
-    cols = "f.topic, r.ts_us, r.qos, r.retain, r.enc, r.payload"
+    cols = "f.topic, r.ts_us, r.qos, r.retain, r.enc, r.payload, r.props"
     if key == "jsonl":
-        return (f"SELECT {cols} FROM (SELECT filename, ts AS ts_us, qos, retain, enc, "
+        return (f"SELECT {cols} FROM (SELECT filename, ts AS ts_us, qos, retain, enc, props, "
                 f"coalesce(payload, 'null'::JSON) AS payload FROM read_json({_list(paths)}, "
                 f"format='newline_delimited', columns={_ENVELOPE}, ignore_errors=true, filename=true, "
                 f"maximum_object_size={longest}) WHERE ts IS NOT NULL) r {_JOIN}")  # NULL: a torn line
     if key == "json":
         return (f"SELECT {cols} FROM (SELECT filename, TRY_CAST(j->>'ts' AS BIGINT) AS ts_us, "
                 "TRY_CAST(j->>'qos' AS UTINYINT) AS qos, TRY_CAST(j->'retain' AS BOOLEAN) AS retain, "
-                "j->>'enc' AS enc, j->'payload' AS payload "
+                "j->>'enc' AS enc, j->'payload' AS payload, j->'props' AS props "
                 f"FROM (SELECT filename, TRY_CAST(s AS JSON) AS j FROM {_lines(paths, longest)} "
                 "WHERE s NOT IN ('[', ']', ''))) r "
                 f"{_JOIN} WHERE r.ts_us IS NOT NULL AND r.qos IS NOT NULL AND r.retain IS NOT NULL "
                 "AND r.payload IS NOT NULL")
     if key in ("payload.jsonl", "payload.json"):
         return ("SELECT f.topic, f.mtime_us AS ts_us, 0::UTINYINT AS qos, false AS retain, "
-                "NULL::VARCHAR AS enc, r.s::JSON AS payload "
+                "NULL::VARCHAR AS enc, r.s::JSON AS payload, NULL::JSON AS props "
                 f"FROM {_lines(paths, longest)} r {_JOIN} WHERE r.s NOT IN ('[', ']', '') AND json_valid(r.s)")
     assert key == "csv", key
     return (f"SELECT {cols} FROM (SELECT filename, TRY_CAST(ts AS BIGINT) AS ts_us, "
             "TRY_CAST(qos AS UTINYINT) AS qos, "
             "CASE retain WHEN 'true' THEN true WHEN 'false' THEN false END AS retain, "
-            "e->>'enc' AS enc, e->'payload' AS payload "
+            "e->>'enc' AS enc, e->'payload' AS payload, NULL::JSON AS props "
             "FROM (SELECT *, shardlog_csv_envelope(payload, enc)::JSON AS e "
             f"FROM read_csv({_list(paths)}, columns={_CSV}, header=true, auto_detect=false, "
             "ignore_errors=true, force_not_null=['payload', 'enc'], filename=true, "
@@ -197,7 +206,8 @@ def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None,
     parts = [_select(key, paths, longest) for key, paths in sorted(groups.items()) if paths]
     if not parts:
         parts = ["SELECT NULL::VARCHAR AS topic, NULL::BIGINT AS ts_us, NULL::UTINYINT AS qos, "
-                 "NULL::BOOLEAN AS retain, NULL::VARCHAR AS enc, NULL::JSON AS payload WHERE false"]
+                 "NULL::BOOLEAN AS retain, NULL::VARCHAR AS enc, NULL::JSON AS payload, NULL::JSON AS props "
+                 "WHERE false"]
     where = []
     if since is not None:
         where.append(f"ts_us >= {int(since)}")
@@ -205,7 +215,7 @@ def view_sql(groups: dict[str, list[str]], since: int | None, until: int | None,
         where.append(f"ts_us < {int(until)}")
     body = " UNION ALL ".join(f"({p})" for p in parts)
     return ("CREATE OR REPLACE TEMP VIEW records AS SELECT topic, make_timestamptz(ts_us) AS ts, ts_us, qos, "
-            f"retain, enc, payload FROM ({body}) AS u" + (" WHERE " + " AND ".join(where) if where else ""))
+            f"retain, enc, payload, props FROM ({body}) AS u" + (" WHERE " + " AND ".join(where) if where else ""))
 
 
 # -- the connection ---------------------------------------------------------------------------
@@ -284,6 +294,8 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
     for f, name in zip(files, names):
         groups.setdefault(f.key, []).append(name)
     con.execute(view_sql(groups, since, until, longest_line([f.size for f in files])))
+    for macro in _MACROS:
+        con.execute(macro)
 
 
 def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None,

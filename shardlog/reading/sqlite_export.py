@@ -1,7 +1,9 @@
 """Export a branch to one SQLite file (``history.export_sqlite``, ``shardlog export --to X.sqlite``).
 
-One table ``records(topic, ts, qos, retain, payload BLOB, payload_json TEXT)`` plus a column
-``payload.<key>`` for each top-level scalar member of JSON object payloads.
+One table ``records(topic, ts, qos, retain, payload BLOB, payload_json TEXT, props TEXT)`` plus
+a column ``payload.<key>`` for each top-level scalar member of JSON object payloads. ``props``:
+the record's MQTT 5 properties member as JSON text (NULL without one); a user property is
+``EXISTS (SELECT 1 FROM json_each(props, '$.user') WHERE value ->> 0 = 'k' AND value ->> 1 = 'v')``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import os
 import sqlite3
 from collections.abc import Callable
 
+import msgspec
+
 from shardlog.reading.lines import _decode
 from shardlog.records import Record, decode_record
 from shardlog.reading.ranges import _read_lines
@@ -17,6 +21,7 @@ from shardlog.reading.times import parse_time
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+_FIXED = 7  # topic, ts, qos, retain, payload, payload_json, props
 MAX_FLAT_COLUMNS = 1000  # SQLite allows 2000 columns by default
 _SKIP = object()
 
@@ -85,16 +90,16 @@ def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.Path
         con.execute("PRAGMA synchronous=OFF")  # a new file: on a crash, export again
         con.execute("BEGIN")
         con.execute("CREATE TABLE records (topic TEXT NOT NULL, ts INTEGER NOT NULL, qos INTEGER NOT NULL, "
-                    "retain INTEGER NOT NULL, payload BLOB NOT NULL, payload_json TEXT)")
+                    "retain INTEGER NOT NULL, payload BLOB NOT NULL, payload_json TEXT, props TEXT)")
         columns: dict[str, int] = {}   # JSON key -> index in a row
-        folded: set[str] = {"topic", "ts", "qos", "retain", "payload", "payload_json"}
+        folded: set[str] = {"topic", "ts", "qos", "retain", "payload", "payload_json", "props"}
         rows: list[list[object]] = []
         n = 0
 
         def flush() -> None:
             if not rows:
                 return
-            width = 6 + len(columns)
+            width = _FIXED + len(columns)
             sql = f"INSERT INTO records VALUES ({','.join('?' * width)})"
             con.executemany(sql, [r + [None] * (width - len(r)) for r in rows])
             rows.clear()
@@ -105,7 +110,8 @@ def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.Path
                 continue
             is_json = _is_json_record(line)
             row: list[object] = [topic, rec.ts, rec.qos, int(rec.retain), rec.payload,
-                                 rec.payload.decode("utf-8") if is_json else None]
+                                 rec.payload.decode("utf-8") if is_json else None,
+                                 None if rec.props is None else msgspec.json.encode(rec.props).decode("utf-8")]
             if is_json and isinstance(rec.value, dict):
                 for key, value in rec.value.items():
                     v = _scalar(value)
@@ -122,7 +128,7 @@ def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.Path
                         flush()  # rows so far have the old width
                         con.execute(f"ALTER TABLE records ADD COLUMN {_quote(name)}")
                         folded.add(_fold(name))
-                        idx = columns[key] = 6 + len(columns)
+                        idx = columns[key] = _FIXED + len(columns)
                     if len(row) <= idx:
                         row.extend([None] * (idx + 1 - len(row)))
                     row[idx] = v

@@ -23,7 +23,12 @@ properties, packet decoding. This subclass changes three things, all measured
    per-message ``MQTTMessage`` (with its own ``threading.Condition``), MQTT 5
    ``Properties`` object and callback topic matching. Everything else goes to
    paho's own reader: other packet types, a packet not yet complete, QoS 2, a
-   topic alias (an empty topic), filtered callbacks, anything malformed.
+   topic alias (an empty topic). A PUBLISH with a non-empty MQTT 5 properties block
+   goes to ``on_publish_fields`` with a seventh argument, the record's ``props`` member,
+   decoded by shardlog/recording/properties.py (paho's decoder costs ~200 µs a message); one it
+   cannot take (a topic alias, an unknown or repeated property, a bad string) goes to
+   paho, and ``on_message`` records its properties. Filtered callbacks and anything
+   malformed go to paho too.
    tests/shardlog/test_client.py proves it equivalent to paho's decoder.
 
 5. **TLS records gathered.** Over TLS one ``recv`` returns one TLS record, and brokers
@@ -49,6 +54,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from shardlog.config.tls import ssl_context
+from shardlog.recording.properties import _properties, _varint
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker
@@ -71,8 +77,9 @@ class BufferedClient(mqtt.Client):
         self._filtered = False  # message_callback_add() used: paho must match topics
         self._tls = False       # the socket is an SSLSocket: gather its records
         #: if set, the fast path calls it with the fields instead of on_message with an object:
-        #: (topic: bytes, payload: bytes, qos, mid, dup, retain) -> None
-        self.on_publish_fields: Callable[[bytes, bytes, int, int, bool, bool], None] | None = None
+        #: (topic: bytes, payload: bytes, qos, mid, dup, retain[, props: bytes]) -> None, props
+        #: (shardlog.records.props_member) only for a message with MQTT 5 properties to keep
+        self.on_publish_fields: Callable[..., None] | None = None
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         self._filtered = True
@@ -174,17 +181,22 @@ class BufferedClient(mqtt.Client):
                         break
                     mid = (buf[p] << 8) | buf[p + 1]
                     p += 2
+                props = b""
                 if v5:
-                    if p < stop and buf[p] < 0x80:  # property length in one byte (nearly always 0)
-                        p += 1 + buf[p]
-                    else:
-                        p, plen = _varint(buf, p, stop)
+                    if p >= stop:
+                        break
+                    if buf[p]:  # a properties block: decoded here, or by paho when it is unusual
+                        if handler is None:
+                            break
+                        p, props = _properties(buf, p, stop)  # type: ignore[assignment]
                         if p < 0:
                             break
-                        p += plen
-                    if p > stop:
-                        break
-                if handler is not None:
+                    else:
+                        p += 1
+                if props:
+                    handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0,  # type: ignore[misc]
+                            props)
+                elif handler is not None:
                     handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0)
                 else:
                     on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,
@@ -232,20 +244,6 @@ class Publish:
     @property
     def topic(self) -> str:
         return self._topic.decode("utf-8")
-
-
-def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
-    """MQTT variable byte integer at ``buf[i]``: (index after it, value), or (-1, 0)
-    when it runs past ``end`` or is longer than four bytes."""
-    value = 0
-    shift = 0
-    for j in range(i, min(end, i + 4)):
-        b = buf[j]
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return j + 1, value
-        shift += 7
-    return -1, 0
 
 
 class StockClient(mqtt.Client):

@@ -108,7 +108,8 @@ class JournalRecorder(Recorder):
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
+    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                   props: bytes = b"") -> None:
         key = self.states.get(topic)
         if key.__class__ is bytes and len(payload) <= self.max_payload:
             w = self.writer
@@ -122,7 +123,7 @@ class JournalRecorder(Recorder):
             c.last_message_ts = ts
             if dup:
                 c.redelivered += 1
-            self.lines.append(key + encode_record(ts, qos, retain, payload))  # type: ignore[operator]
+            self.lines.append(key + encode_record(ts, qos, retain, payload, props))  # type: ignore[operator]
             self.pending += 1
             if self.pending == 1:
                 self.batch_started = time.monotonic()
@@ -147,12 +148,12 @@ class JournalRecorder(Recorder):
         if key is _DISCARD:
             c.discarded += 1
         elif key.__class__ is not bytes:  # a reason: the topic cannot be stored
-            self.lines.append(_QUARANTINE + encode_quarantine(ts, name, str(key), topic, qos, retain, payload))
+            self.lines.append(_QUARANTINE + encode_quarantine(ts, name, str(key), topic, qos, retain, payload, props))
         elif len(payload) > self.max_payload:
             self.lines.append(_QUARANTINE + encode_quarantine(
-                ts, name, f"payload of {len(payload)} bytes exceeds max_payload", topic, qos, retain, payload))
+                ts, name, f"payload of {len(payload)} bytes exceeds max_payload", topic, qos, retain, payload, props))
         else:
-            self.lines.append(key + encode_record(ts, qos, retain, payload))  # type: ignore[operator]
+            self.lines.append(key + encode_record(ts, qos, retain, payload, props))  # type: ignore[operator]
         self.pending += 1
         if self.pending == 1:
             self.batch_started = time.monotonic()

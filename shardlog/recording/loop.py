@@ -67,6 +67,7 @@ class RecorderLoop:
     backoff: float
     # methods of Recorder and BrokerSession
     install_hooks: Callable[[], object]
+    install_retained_filter: Callable[[], None]
     open_store: Callable[[str, str], Compressor | None]
     _started: Callable[[], None]
     _close_store: Callable[[], None]
@@ -104,6 +105,7 @@ class RecorderLoop:
         shard = self.shard
         try:
             self.install_hooks()
+            self.install_retained_filter()
             self.client = self._make_client()  # its TLS context: a bad file is a config error
         except ConfigError as exc:
             log.error("configuration error: %s", exc)

@@ -38,7 +38,7 @@ from shardlog.recording.client import BufferedClient, PahoErrors, StockClient
 from shardlog.recording.loop import RecorderLoop
 from shardlog.recording.session import _BROKER_DROPPED, _DISCARD, BrokerSession
 from shardlog.counters import Counters
-from shardlog.records import encode_record
+from shardlog.records import encode_record, props_member
 from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.store import Store
@@ -113,6 +113,10 @@ class Recorder(RecorderLoop, BrokerSession):
         self.backoff = 0.5  # seconds before the next connection attempt; reset by a CONNACK
         #: with hooks (shardlog.hooks.path.install): the stand-in ids of messages that became several records
         self.fan: FanOut | None = None
+        if self.broker.mqtt5 and (shard.format == "csv" or shard.payload_only):
+            log.warning("shard %s: the %s format does not store MQTT 5 properties; messages are "
+                        "recorded without them (docs/history.md, \"Write formats\")", shard.name,
+                        "payload-only" if shard.payload_only else shard.format)
 
     def install_hooks(self) -> Chain | None:
         """A shard with hooks records through shardlog.hooks.path.HookedPath.on_publish (bound once,
@@ -121,6 +125,28 @@ class Recorder(RecorderLoop, BrokerSession):
             return None
         from shardlog.hooks import path as hook_path
         return hook_path.install(self)
+
+    def install_retained_filter(self) -> None:
+        """With ``retained: new|none``: put :meth:`_skip_retained` in front of ``on_publish``
+        (after the hooks; a shard with ``retained: all`` keeps its path unchanged)."""
+        if self.shard.retained == "all":
+            return
+        inner = self.on_publish
+        c = self.counters
+
+        def on_publish(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                       props: bytes = b"") -> None:
+            if not (retain and self.skip_retained) or self.states.get(topic) is _BROKER_DROPPED:
+                inner(topic, payload, qos, mid, dup, retain, props)
+                return
+            c.retained_skipped += 1  # acknowledged with the next flush, never written
+            if qos:
+                self.acks.append(mid)
+            self.pending += 1
+            if self.pending == 1:
+                self.batch_started = time.monotonic()
+
+        self.on_publish = on_publish  # type: ignore[method-assign]
 
     # -- messages -----------------------------------------------------------------------
 
@@ -142,10 +168,15 @@ class Recorder(RecorderLoop, BrokerSession):
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # msg._topic: the raw topic bytes. paho's .topic property decodes on every
         # access and raises on invalid UTF-8, which must be quarantined, not lost.
-        self.on_publish(msg._topic, msg.payload, msg.qos, msg.mid, msg.dup, msg.retain)
+        # The fast path (client.py) sends a PUBLISH with MQTT 5 properties here.
+        props = getattr(msg, "properties", None)
+        self.on_publish(msg._topic, msg.payload, msg.qos, msg.mid, msg.dup, msg.retain,
+                        b"" if props is None else props_member(props.__dict__))
 
-    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
-        """One received message (the hot path): encode it, buffer it, maybe flush."""
+    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                   props: bytes = b"") -> None:
+        """One received message (the hot path): encode it, buffer it, maybe flush.
+        ``props``: the record's ``props`` member (shardlog.records.props_member), if any."""
         st = self.states.get(topic)
         if st.__class__ is TopicState and len(payload) <= self.max_payload:
             # the common case, straight through (the general path below does the same)
@@ -158,7 +189,7 @@ class Recorder(RecorderLoop, BrokerSession):
             c.last_message_ts = ts
             if dup:
                 c.redelivered += 1
-            self.store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type, union-attr]
+            self.store.add(st, encode_record(ts, qos, retain, payload, props), mid)  # type: ignore[arg-type, union-attr]
             self.pending += 1
             if self.pending == 1:
                 self.batch_started = time.monotonic()
@@ -183,17 +214,17 @@ class Recorder(RecorderLoop, BrokerSession):
         assert store is not None
         if st.__class__ is TopicState:
             if len(payload) <= self.max_payload:
-                store.add(st, encode_record(ts, qos, retain, payload), mid)  # type: ignore[arg-type]
+                store.add(st, encode_record(ts, qos, retain, payload, props), mid)  # type: ignore[arg-type]
             else:
                 store.quarantine(ts, f"payload of {len(payload)} bytes exceeds max_payload",
-                                 topic, qos, retain, payload, mid)
+                                 topic, qos, retain, payload, mid, props)
         elif st is _DISCARD:
             c.discarded += 1
         else:
             if c.degraded and qos == 0 and self.pending > 10 * self.batch_max:
                 c.dropped_qos0 += 1
                 return
-            store.quarantine(ts, st, topic, qos, retain, payload, mid)  # type: ignore[arg-type]
+            store.quarantine(ts, st, topic, qos, retain, payload, mid, props)  # type: ignore[arg-type]
         self.pending += 1
         if self.pending == 1:
             self.batch_started = time.monotonic()

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
@@ -101,6 +102,8 @@ class BrokerSession:
     _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
     _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
     _unsubscribe_mid: int = -1
+    #: this connection's retained messages are not recorded (shard ``retained``, set at the CONNACK)
+    skip_retained: bool = False
     # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
     _connack_due: float | None = None
     _attempt_failed: str | None = None
@@ -213,7 +216,13 @@ class BrokerSession:
                          ", ".join(stale))
                 self._stale = tuple(stale)
                 self._unsubscribe_mid = client.unsubscribe(stale)[1]
-        self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
+        self.skip_retained = skip_retained(self.shard.retained, flags.session_present, self._memo,
+                                           client_id(self.smap, self.shard), topic)
+        if self.broker.mqtt5:
+            options = SubscribeOptions(qos=self.shard.qos, retainHandling=_RETAIN_HANDLING[self.shard.retained])
+            self._subscribe_mid = client.subscribe(topic, options=options)[1]
+        else:
+            self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
@@ -331,3 +340,23 @@ class BrokerSession:
             deadline = time.monotonic() + 5.0
             while client.socket() is not None and time.monotonic() < deadline:
                 client.loop(0.05)
+
+
+#: the shard's ``retained`` -> MQTT 5 Retain Handling (0: at every subscribe, 1: only for a new
+#: subscription, 2: never)
+_RETAIN_HANDLING = {"all": SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE,
+                    "new": SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+                    "none": SubscribeOptions.RETAIN_DO_NOT_SEND}
+
+
+def skip_retained(mode: str, session_present: bool, memo: SessionMemo | None, cid: str, topic: str) -> bool:
+    """Whether the messages with the retain flag this connection receives are left out (pure).
+    A broker sets the flag only on the retained messages a subscription brings (MQTT 5
+    3.3.1.3, without Retain As Published; 3.1.1 3.3.1.3), so: ``none`` always; ``new`` when the
+    broker kept the session and it already held this filter (the memo says so), which
+    catches MQTT 3.1.1 brokers (no Retain Handling) and those that ignore it."""
+    if mode == "none":
+        return True
+    if mode != "new" or not session_present:
+        return False
+    return memo is not None and memo.client_id == cid and topic in memo.subscriptions

@@ -4,6 +4,7 @@ return values; nothing here touches the network."""
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.parse
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from shardlog.config.schema import Broker
+from shardlog.records import PROPS
 from shardlog.topics import TopicError, topic_from_bytes
 
 
@@ -156,3 +158,35 @@ def broker_name(b: Broker) -> str:
     """``mqtt://host:port`` without credentials, for messages."""
     host = f"[{b.host}]" if ":" in b.host else b.host
     return f"{'mqtts' if b.tls is not None else 'mqtt'}://{host}:{b.port}"
+
+
+#: the record's ``props`` key -> paho's Properties attribute (shardlog.records.PROPS)
+_PAHO_NAMES = {key: attr for attr, key in PROPS}
+
+
+def replay_properties(props: dict[str, Any] | None, ts_us: int, now_us: int) -> dict[str, Any] | None:
+    """The MQTT 5 properties to republish a record's ``props`` with, as paho attribute names
+    and values (user properties as (key, value) tuples in their order, correlation data as
+    bytes). The message expiry counts down as a broker's does: the recorded seconds minus
+    the whole seconds since the record's ``ts``; None when it has run out (a broker would no
+    longer deliver the message: the replay skips it). {} for a record without properties.
+    Raises ValueError for a ``props`` member shardlog did not write."""
+    if not props:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        attr = _PAHO_NAMES.get(key)
+        if attr is None:
+            raise ValueError(f"unknown property {key!r}")
+        if key == "user":
+            value = [(str(k), str(v)) for k, v in value]
+        elif key == "correlation_data":
+            value = base64.b64decode(value, validate=True)
+        elif key == "message_expiry":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"message_expiry {value!r}")
+            value -= max(0, now_us - ts_us) // 1_000_000
+            if value <= 0:
+                return None
+        out[attr] = value
+    return out

@@ -17,6 +17,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shardlog.config.schema import Broker
 from shardlog.recording.client import apply_credentials
@@ -160,14 +162,16 @@ class Publisher:
                 raise BrokerUnavailable(f"{broker_name(self.broker)} did not {what} within "
                                         f"{self.ack_timeout:g} s ({len(self.inflight)} unacknowledged)")
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, ts: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, ts: int,
+                props: dict[str, Any] | None = None) -> None:
         """Publish one message; waits while ``window`` QoS 1/2 publishes are unacknowledged
-        or paho still holds unwritten bytes (so memory stays bounded)."""
+        or paho still holds unwritten bytes (so memory stays bounded). ``props``: MQTT 5
+        properties by paho attribute name (shardlog.replay.plan.replay_properties)."""
         if qos and len(self.inflight) >= self.window:
             self._wait(lambda: len(self.inflight) < self.window, "acknowledge publishes")
         if self.client.want_write():
             self._wait(lambda: not self.client.want_write(), "take the data written to it")
-        info = self.client.publish(topic, payload, qos, retain)
+        info = self.client.publish(topic, payload, qos, retain, properties=_properties(props) if props else None)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self.lost is not None:
             raise BrokerUnavailable(f"lost the connection to {broker_name(self.broker)}: "
                                     f"{self.lost or mqtt.error_string(info.rc)}")
@@ -195,3 +199,11 @@ class Publisher:
             if self._loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
 
+
+
+def _properties(props: dict[str, Any]) -> Properties:
+    """paho's PUBLISH Properties of ``props`` (attribute name -> value)."""
+    p = Properties(PacketTypes.PUBLISH)
+    for name, value in props.items():
+        setattr(p, name, value)
+    return p

@@ -6,6 +6,13 @@ published with its original payload bytes, QoS and retain flag, optionally under
 renamed topic prefix, either at the recorded pace (the gaps between ``ts`` values,
 divided by ``speed``) or as fast as the broker takes them (``speed=None``).
 
+MQTT 5 properties recorded with a message (the record's ``props``) are published with it
+(:func:`~shardlog.replay.plan.replay_properties`): ``--rename`` changes the topic only (a
+response topic stays as recorded); the message expiry is the recorded value minus the
+whole seconds since the message was received, and a message whose expiry has run out is
+not published (counted ``expired``), as a broker would no longer deliver it. Publishing to
+an MQTT 3.1.1 broker drops the properties, with one warning for the whole replay.
+
 The pure parts are shardlog/replay/plan.py (:func:`parse_speed`, :func:`parse_rename`,
 :func:`rename_topic`, :func:`delay`, :func:`broker_from_url`). The side effects live at
 the edge: :class:`~shardlog.replay.publisher.Publisher` (one paho client, driven from the
@@ -16,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from shardlog.records import Record
-from shardlog.replay.plan import BrokerUnavailable, Interrupted, Rename, broker_name, delay, rename_topic
+from shardlog.replay.plan import (BrokerUnavailable, Interrupted, Rename, broker_name, delay, rename_topic,
+                                  replay_properties)
 from shardlog.replay.publisher import Publisher
 from shardlog.topics import TopicError, topic_from_bytes
 
@@ -34,6 +43,7 @@ class Summary(NamedTuple):
     first_ts: int | None
     last_ts: int | None
     seconds: float
+    expired: int = 0        # records with properties whose message expiry ran out (not published)
 
 
 def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: float | None,
@@ -47,6 +57,9 @@ def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: f
     first_ts: int | None = None
     last_ts: int | None = None
     skipped = 0
+    expired = 0
+    mqtt5 = publisher.broker.mqtt5
+    warned = False
     ts = None
     try:
         for topic, rec in records:
@@ -60,7 +73,21 @@ def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: f
                         progress(publisher.published + skipped, None)
             target = rename_topic(topic, rename)
             problem = None
-            if rec.qos not in (0, 1, 2) or not isinstance(rec.retain, bool):
+            props: dict[str, Any] | None = {}
+            if rec.props:
+                try:
+                    props = replay_properties(rec.props, ts, time.time_ns() // 1000)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    problem = f"properties {rec.props!r}: {exc}"
+                if props and not mqtt5:
+                    if not warned:
+                        log.warning("the broker speaks MQTT 3.1.1: the MQTT 5 properties of the records "
+                                    "are not published (first at ts %d on %r)", ts, topic)
+                        warned = True
+                    props = {}
+            if problem is not None:
+                pass
+            elif rec.qos not in (0, 1, 2) or not isinstance(rec.retain, bool):
                 problem = f"qos {rec.qos!r}, retain {rec.retain!r}"
             else:
                 try:
@@ -70,8 +97,10 @@ def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: f
             if problem is not None:
                 skipped += 1
                 log.warning("cannot publish the record of %r at ts %d: %s", topic, ts, problem)
+            elif props is None:
+                expired += 1
             else:
-                publisher.publish(target, rec.payload, rec.qos, rec.retain, ts)
+                publisher.publish(target, rec.payload, rec.qos, rec.retain, ts, props)
             last_ts = ts
             if progress is not None:
                 progress(publisher.published + skipped, ts)
@@ -88,4 +117,5 @@ def replay(records: Iterable[tuple[str, Record]], publisher: Publisher, speed: f
     if publisher.refused:
         raise BrokerUnavailable(f"{broker_name(publisher.broker)} refused {publisher.refused:,} of "
                                 f"{publisher.published:,} publishes (first reason: {publisher.refusal})")
-    return Summary(publisher.published, publisher.confirmed, skipped, first_ts, last_ts, clock() - start)
+    return Summary(publisher.published, publisher.confirmed, skipped, first_ts, last_ts, clock() - start,
+                   expired)

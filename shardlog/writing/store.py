@@ -123,9 +123,9 @@ class Store:
                         retain, payload, mid)
 
     def quarantine(self, ts_us: int, reason: str, topic: bytes, qos: int, retain: bool,
-                   payload: bytes, mid: int) -> None:
+                   payload: bytes, mid: int, props: bytes = b"") -> None:
         self.quarantine_lines.append(
-            encode_quarantine(ts_us, self.shard.name, reason, topic, qos, retain, payload))
+            encode_quarantine(ts_us, self.shard.name, reason, topic, qos, retain, payload, props))
         if mid:
             self.quarantine_mids.append(mid)
 

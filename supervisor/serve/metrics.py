@@ -30,6 +30,7 @@ COUNTERS = [
     ("quarantined", "quarantined", "Records written to the quarantine file"),
     ("hook_errors", "hook_errors", "Messages quarantined because a hook raised, returned garbage or timed out"),
     ("hook_dropped", "hook_dropped", "Messages a hook dropped (acknowledged, not written)"),
+    ("retained_skipped", "retained_skipped", "Retained messages not recorded (retained: new or none)"),
     ("repaired", "repaired", "Torn segment tails cut back on reopen"),
     ("errors", "errors", "I/O errors"),
     ("connects", "connects", "Connections made to the broker"),

@@ -73,6 +73,7 @@ class ShardCounters(msgspec.Struct, kw_only=True):
     quarantined: int
     hook_errors: int = 0       # quarantined because a hook raised, returned garbage or timed out (docs/hooks.md)
     hook_dropped: int = 0      # dropped by a hook (acknowledged, not written)
+    retained_skipped: int = 0  # retained messages not recorded (`retained: new|none`)
     errors: int
     pending: int               # received, not yet written
     connected: bool

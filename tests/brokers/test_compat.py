@@ -179,6 +179,89 @@ def test_published_while_down_arrive(tmp_path: Path, case: tuple[Any, str],
 
 
 
+def test_retained_new_records_them_once(tmp_path: Path, case: tuple[Any, str],
+                                        recorders: list[RecorderProc]) -> None:
+    """`retained: new` (issue 23): a shard restarted on its persistent session records the
+    branch's retained message once, not again at each start; live messages in both starts.
+    MQTT 5 asks the broker (Retain Handling 1); where it has no such option (3.1.1) or ignores
+    it, the shard leaves out what comes with the retain flag (counted retained_skipped)."""
+    broker, proto = case
+    branch = tmp_path.name.replace("[", "-").replace("]", "").replace(".", "")
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": branch, "retained": "new"}],
+                  broker_keys={**broker.broker_keys, "protocol": proto})
+    pub = Sender(broker, f"ret-{branch}")
+    try:
+        pub.send([(f"{branch}/retained", b'{"seq":-1}')], retain=True)
+    finally:
+        pub.close()
+    root = tmp_path / "data"
+    skipped = []
+    for run in range(2):
+        rec = RecorderProc(m, "all", tmp_path)
+        recorders.append(rec)
+        rec.start()
+        pub = Sender(broker, f"pub-{branch}-{run}")
+        try:
+            pub.send([(f"{branch}/live", b'{"seq":%d}' % run)])
+        finally:
+            pub.close()
+        wait_for(lambda: seqs(root, f"{branch}/live") == list(range(run + 1)), 30,
+                 f"live message {run} from {broker.name} (log: {rec.stderr_path})")
+        assert rec.stop() == 0
+        s = rec.stats()
+        assert s is not None
+        skipped.append(s.retained_skipped)
+    kept = [r["retain"] for r in read_records(root, f"{branch}/retained")]
+    print(f"FACT {broker.name} {proto}: retained_skipped per start {skipped}, recorded {kept}")
+    assert kept == ([True] if FACTS[broker.name].retained_on_wildcard else []), f"{broker.name}: {kept}"
+    assert skipped[0] == 0, f"{broker.name}: skipped retained messages of a new subscription"
+
+
+MQTT5_CASES = [c for c in CASES if c[1] == "5"]
+
+
+@pytest.mark.parametrize("name", [b for b, _p in MQTT5_CASES])
+def test_properties_round_trip(tmp_path: Path, name: str, request: pytest.FixtureRequest,
+                               recorders: list[RecorderProc]) -> None:
+    """Issue 23 on every MQTT 5 broker: a message with every PUBLISH property is recorded
+    with them, and `shardlog replay --rename` gives them back to an MQTT 5 subscriber."""
+    from tests.shardlog.test_mqtt5 import EXPIRY, Client5, expected_props, full_properties, received_props
+
+    broker = request.getfixturevalue(f"{name}_session")
+    branch = tmp_path.name.replace("[", "-").replace("]", "").replace(".", "")
+    m = write_map(tmp_path / "shards.yaml", broker.port, [{"name": "all", "prefix": branch}],
+                  broker_keys={**broker.broker_keys, "protocol": 5})
+    rec = RecorderProc(m, "all", tmp_path)
+    recorders.append(rec)
+    rec.start()
+    keys = broker.broker_keys
+    pub = Client5(broker.port, f"p5-{branch}", keys.get("username"), keys.get("password"))
+    watcher = Client5(broker.port, f"w5-{branch}", keys.get("username"), keys.get("password"))
+    n = 20
+    try:
+        watcher.subscribe(f"again{branch}/#")
+        pub.publish([(f"{branch}/t", b'{"i":%d}' % i, full_properties(i)) for i in range(n)])
+        wait_for(lambda: (s := rec.stats()) is not None and s.messages >= n, 30, f"{n} records ({rec.stderr_path})")
+        assert rec.stop() == 0
+        user = f"{keys['username']}@" if keys.get("username") else ""
+        r = subprocess.run([sys.executable, "-m", "shardlog", "replay", str(tmp_path / "data"), branch, "--broker",
+                            f"mqtt://{user}127.0.0.1:{broker.port}", "--speed", "max",
+                            "--rename", f"{branch}=again{branch}"],
+                           capture_output=True, timeout=120, check=False,
+                           env={**__import__("os").environ, "MQTT_PASSWORD": keys.get("password") or ""})
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(watcher.got) >= n, 30, f"{n} replayed messages from {name}")
+    finally:
+        pub.close()
+        watcher.close()
+    for msg in watcher.got:
+        i = __import__("json").loads(msg.payload)["i"]
+        props = received_props(msg)
+        assert EXPIRY - 120 <= props["message_expiry"] <= EXPIRY, props
+        props["message_expiry"] = EXPIRY
+        assert props == expected_props(i), (name, i, props)
+
+
 def test_findings_show_in_the_supervisors_status(tmp_path: Path, ejabberd_session: Any,
                                                  supervisors: list[SupervisorProc]) -> None:
     """A broker finding (ejabberd's in-flight cap of 1) reaches /status and `shardlog status`."""

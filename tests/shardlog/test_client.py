@@ -16,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shardlog.recording.client import BufferedClient, Publish, StockClient, make_client
+from shardlog.records import props_member
 
 PROTOCOLS = [mqtt.MQTTv311, mqtt.MQTTv5]
 
@@ -99,15 +100,19 @@ def run(client_cls: type, proto: int, data: bytes, cuts: list[int],
     seen: list[tuple] = []
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
-        seen.append((m._topic, m.payload, m.qos, m.mid if m.qos else 0, bool(m.dup), bool(m.retain)))
+        # the properties as the recorder keeps them: a fast-path message has none (b"")
+        props = getattr(m, "properties", None)
+        seen.append((m._topic, m.payload, m.qos, m.mid if m.qos else 0, bool(m.dup), bool(m.retain),
+                     b"" if props is None else props_member(vars(props))))
         FAST[0] += isinstance(m, Publish)
         if m.qos:
             c.ack(m.mid, m.qos)
 
     client.on_message = on_message
     if fields:  # the recorder's way: the fast path calls a function with the fields
-        def on_fields(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool) -> None:
-            seen.append((topic, payload, qos, mid if qos else 0, dup, retain))
+        def on_fields(topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                      props: bytes = b"") -> None:
+            seen.append((topic, payload, qos, mid if qos else 0, dup, retain, props))
             FAST[0] += 1
             if qos:
                 client.ack(mid, qos)
@@ -149,7 +154,7 @@ def test_fast_path_equals_stock_paho(stream: tuple[int, list[bytes], list[tuple]
     by_fields, field_acks = run(BufferedClient, proto, raw, cuts, fields=True)
     assert ours == theirs == by_fields
     assert field_acks == their_acks
-    assert [e for e in ours if e[2] < 2] == qos01
+    assert [e[:6] for e in ours if e[2] < 2] == qos01
     assert our_acks == their_acks
 
 
@@ -157,14 +162,20 @@ def test_split_at_every_byte_boundary() -> None:
     props = Properties(PacketTypes.PUBLISH)
     props.UserProperty = ("k", "v")
     props.MessageExpiryInterval = 60
-    for proto, pr in ((mqtt.MQTTv311, None), (mqtt.MQTTv5, props.pack())):
+    # (protocol, properties block, messages the fast path takes): one with properties goes
+    # to paho, which decodes them, so the recorder keeps them (issue 23)
+    for proto, pr, fast in ((mqtt.MQTTv311, None, 3), (mqtt.MQTTv5, b"\x00", 3), (mqtt.MQTTv5, props.pack(), 0)):
         raw = b"".join(publish(f"a/{i}".encode(), b'{"i": %d}' % i, i % 2, i + 1, False, bool(i % 3), pr)
                        for i in range(4))
         want, _ = run(StockClient, proto, raw, [])
         assert FAST[0] == 0
+        assert all(bool(w[6]) == (fast == 0) for w in want)
         got, _ = run(BufferedClient, proto, raw, [])
         # paho's loop() reads the first packet after its select; the fast path takes the rest
-        assert got == want and FAST[0] == 3, "the fast path did not take the buffered packets"
+        assert got == want and FAST[0] == fast, "the fast path did not take the buffered packets"
+        # the recorder's way (on_publish_fields) decodes the properties itself: the same records
+        got, _ = run(BufferedClient, proto, raw, [], fields=True)
+        assert got == want and FAST[0] == 3, "the fast path did not decode the properties"
         for cut in range(1, len(raw)):
             got, _ = run(BufferedClient, proto, raw, [cut])
             assert got == want, f"split at byte {cut}"

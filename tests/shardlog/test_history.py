@@ -394,7 +394,7 @@ def test_export_unit_hostile_keys(tmp_path: Path) -> None:
     assert history.export_sqlite(tmp_path, "e", out) == 4
     con = sqlite3.connect(out)
     cols = [r[1] for r in con.execute("PRAGMA table_info(records)")]
-    assert cols == ["topic", "ts", "qos", "retain", "payload", "payload_json", "payload.a", "payload.A~2",
+    assert cols == ["topic", "ts", "qos", "retain", "payload", "payload_json", "props", "payload.a", "payload.A~2",
                     'payload.q"uote', "payload.n\\u0000ul", "payload.big", "payload.z"]
     rows = con.execute('SELECT "payload.a", "payload.A~2", "payload.big", payload_json, payload '
                        "FROM records").fetchall()

@@ -182,8 +182,9 @@ def test_parquet_export_typed_columns_read_with_pandas(tmp_path: Path) -> None:
     assert b"exported 6 records" in r.stderr
     df = pd.read_parquet(out, dtype_backend="numpy_nullable")
     assert len(df) == len(list(history.read(root, "room"))) == 6
-    assert list(df.columns[:6]) == ["topic", "ts", "qos", "retain", "enc", "payload"]
-    dtypes = {c: str(df[c].dtype) for c in df.columns[6:]}
+    assert list(df.columns[:8]) == ["topic", "ts", "qos", "retain", "enc", "payload", "props", "user_properties"]
+    assert df["props"].isna().all() and df["user_properties"].isna().all()  # no MQTT 5 properties here
+    dtypes = {c: str(df[c].dtype) for c in df.columns[8:]}
     assert dtypes == {"payload.user": "string", "payload.n": "Int64", "payload.ok": "boolean", "payload.x": "Float64",
                       "payload.User~2": "string", "payload.mixed": "string", "payload.big": "string"}, dtypes
     assert str(df["ts"].dtype) == "datetime64[us, UTC]" and df["ts"].iloc[0].value // 1000 == T0 + 1
