@@ -65,7 +65,8 @@ class RecentFiles:
         self.lock = threading.Lock()
         self.written = 0          # files replaced
         self.refused: str | None = None  # the last refusal, while the disk refuses
-        self._warned = -1e18
+        #: set by the store while it cannot write (degraded): no file is tried meanwhile
+        self.paused = False
         #: monotonic time of the recording side's last flush that wrote (set by the store)
         self.busy_at = -1e18
         self._wake = threading.Event()
@@ -103,6 +104,8 @@ class RecentFiles:
         q = self.queue
         n = 0
         while q:
+            if self.paused and not force:
+                return now_mono + RETRY_AFTER
             n += 1
             if until is not None and n % 16 == 0:
                 now_mono = time.monotonic()
@@ -128,13 +131,11 @@ class RecentFiles:
                 self.files.write_recent(st)
             except OSError as exc:
                 st.recent_queued = True
-                self.counters.errors += 1
+                if self.refused is None:  # the first refusal in a row: counted and logged once
+                    self.counters.errors += 1
+                    log.warning("%s: cannot replace %s: %s (retrying; further failures are not "
+                                "logged until one succeeds)", st.relpath, RECENT, exc.strerror or exc)
                 self.refused = f"{st.relpath}/{RECENT}: {exc.strerror or exc}"
-                if now_mono - self._warned >= 10.0:  # one line per 10 s, not one per topic
-                    self._warned = now_mono
-                    log.warning("%s: cannot replace %s: %s (retrying; further failures for 10 s "
-                                "are counted in errors, not logged)", st.relpath, RECENT,
-                                exc.strerror or exc)
                 return False
         st.recent_at = now_mono
         self.written += 1

@@ -332,6 +332,7 @@ class Store:
         elif problem is None and self.degraded_reason is not None:
             log.warning("writing again after: %s", self.degraded_reason)
         self.degraded_reason = problem
+        self.recent.paused = problem is not None  # its writer waits with the topic files
         self.report_degraded(problem)
 
     def report_degraded(self, problem: str | None) -> None:

@@ -76,7 +76,8 @@ def test_read_only_file_system_under_a_running_shard(tmp_path: Path, broker: Mos
     assert s is not None and s["pid"] == pid and s["restarts"] == 0, "no crash loop"
     assert s["counters"]["connected"] and s["counters"]["acked"] == acked_while_ro, "acks held"
     # the refusal is counted and logged once, not every heartbeat per topic (found here)
-    assert s["counters"]["errors"] == errors and "cannot replace +recent.json" not in sup.log()
+    # (+recent.json's writer may meet the read-only disk before the store does: one line at most)
+    assert s["counters"]["errors"] == errors and sup.log().count("cannot replace +recent.json") <= 1
     assert "cannot cut" not in sup.log()  # nothing was written, so there was nothing to cut
     assert rec_cpu < 0.2 and sup_cpu < 0.2, f"CPU while degraded: recorder {rec_cpu:.0%}, supervisor {sup_cpu:.0%}"
     # recovery: stop (the recorder exits cleanly, its unwritten records unacknowledged),
