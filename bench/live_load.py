@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,36 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402
+from new_topics import connect, packet  # noqa: E402 - raw QoS 1 PUBLISH packets, a publisher socket
 
 PROBE = b"probe/p"
 PROBE_HZ = 50
-
-
-def packet(topic: bytes, payload: bytes, mid: int) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
-    return b"\x32" + tp._varint(len(body)) + body
-
-
-def connect(port: int, cid: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(tp._connect_packet(cid))
-    got = b""
-    while len(got) < 4:
-        part = sock.recv(4 - len(got))
-        if not part:
-            raise RuntimeError("broker closed the connection")
-        got += part
-    threading.Thread(target=_drain, args=(sock,), daemon=True).start()  # PUBACKs
-    return sock
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(1 << 16):
-            pass
-    except OSError:
-        pass
 
 
 def names(topics: int) -> list[bytes]:
