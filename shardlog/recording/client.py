@@ -2,7 +2,7 @@
 
 paho owns the session: connect, subscribe, keepalive, reconnect, TLS, MQTT 5
 properties, packet decoding. This subclass changes three things, all measured
-(docs/benchmarks.md):
+(docs/benchmark-history.md, "Earlier results" and "What we learned"):
 
 1. **Buffered reads.** Stock paho reads a packet with four ``recv`` calls and one
    ``select`` per packet. Here ``_sock_recv`` serves paho from a 64 KiB buffer, and

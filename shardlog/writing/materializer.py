@@ -43,7 +43,7 @@ CHUNK = 4 << 20                # journal bytes read per step
 #: While the recording thread is saturated (it journaled a big batch less than SATURATED
 #: seconds ago: a backlog is draining; journal_recorder.py) and the files are less than ``soft_lag`` bytes
 #: behind, the materializer reads no more of the journal: the two threads share one GIL
-#: and two cores with the broker, and giving way doubles the drain (docs/benchmarks.md).
+#: and two cores with the broker, and giving way doubles the drain (docs/benchmark-history.md, "Many topics").
 #: What it holds is still written, new topics are still prepared; the files catch up at
 #: full speed when the drain ends or the lag passes ``soft_lag``. Live traffic that does
 #: not fill batches is materialized at once.
