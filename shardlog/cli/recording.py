@@ -31,11 +31,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EX_CONFIG
-    cls = Recorder
-    if shard.journal.enabled:
-        from shardlog.recording.journal_recorder import JournalRecorder
-        cls = JournalRecorder
-    recorder = cls(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
+    recorder = Recorder(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
                    heartbeat=args.heartbeat, control_path=args.control)
     return recorder.run()
 

@@ -212,9 +212,6 @@ def _check_shards(smap: ShardMap) -> None:
         if s.payload_only and s.format == "csv":
             raise ConfigError(f"{where}.payload_only: only with format jsonl or json (a csv row "
                               "always holds ts, qos, retain and payload)")
-        if s.journal.enabled and s.hooks:
-            raise ConfigError(f"{where}.journal.enabled: not with hooks yet (a hook's records are "
-                              "stored by the recording thread, which a journal leaves to its materializer)")
         if s.journal.enabled and s.payload_only:
             raise ConfigError(f"{where}.journal.enabled: not with payload_only (replaying the "
                               "journal after a crash needs each record's ts in the topic files)")

@@ -1,8 +1,8 @@
-"""Hooks in the recording path: the hooked ``on_publish`` and its acknowledgements.
+"""Hooks in the recording path: what the hooks make of a message, and its acknowledgements.
 
-:func:`install` runs once at start, and only for a shard with hooks: it replaces the
-recorder's ``on_publish`` by :meth:`HookedPath.on_publish`, so a shard without hooks
-runs exactly the code it ran before (not one call more per message).
+:func:`install` runs once at start, and only for a shard with hooks: the recorder's one
+per-message path then hands each message it would store to :meth:`HookedPath.run`
+instead of adding its record (a shard without hooks pays one attribute test a message).
 
 Delivery: a message is acknowledged only when everything its hooks made of it is
 written or quarantined. One output carries the message's id, as a plain record does.
@@ -15,17 +15,15 @@ A dropped message is acknowledged with the next flush (counted ``hook_dropped``)
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shardlog.control.commands import topic_filter_matches
 from shardlog.hooks.chain import Chain, Watchdog
 from shardlog.hooks.loading import load_hooks
 from shardlog.hooks.message import HookFailure, Message
 from shardlog.records import encode_record
-from shardlog.writing.store import Store
-from shardlog.writing.topic_state import TopicState
+from shardlog.routes import Unstorable
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
@@ -33,8 +31,6 @@ if TYPE_CHECKING:
     from shardlog.counters import Counters
 
 log = logging.getLogger(__name__)
-_time_ns = time.time_ns
-_monotonic = time.monotonic
 _new = tuple.__new__  # Message(...) without the Python-level __new__ of a NamedTuple
 
 #: stand-in ids start above every MQTT packet id (1..65535)
@@ -83,9 +79,9 @@ class FanOut:
             if i < FIRST_STANDIN:
                 released.append(i)
                 continue
-            real = owner.pop(i, None)
-            if real is None:
+            if i not in owner:
                 continue
+            real = owner.pop(i)
             n = outstanding[real] - 1
             if n:
                 outstanding[real] = n
@@ -101,105 +97,94 @@ class FanOut:
         self.outstanding.clear()
 
 
+class Sink(Protocol):
+    """What the hooked path uses of the recorder's sink (shardlog/recording/sinks.py)."""
+
+    @property
+    def target(self) -> type: ...  # the class of a routed topic's target
+
+    def add(self, target: Any, line: bytes, mid: int) -> None: ...
+
+    def quarantine(self, ts_us: int, reason: str, topic: bytes, qos: int, retain: bool,
+                   payload: bytes, mid: int, props: bytes = b"") -> None: ...
+
+
 class Host(Protocol):
-    """What the hooked path uses of its recorder (shardlog.recording.recorder.Recorder):
-    its per-message state, used in place (a protocol: this module does not import the
-    recorder, which installs it)."""
+    """What the hooked path uses of its recorder (shardlog.recording.recorder.Recorder): its
+    routes and its sink (a protocol: this module does not import the recorder, which
+    installs it)."""
 
     smap: ShardMap
     shard: Shard
     router: Router
     counters: Counters
-    store: Store | None
-    states: dict[bytes, TopicState | str]
+    routes: dict[bytes, Any]
     unrecorded: list[str]
-    acks: list[int]
-    pending: int
-    batch_started: float
-    flush_at: int
-    max_payload: int
-    fan: FanOut | None
-    on_publish: Callable[..., None]  # (topic, payload, qos, mid, dup, retain, props=b"")
 
-    def _resolve(self, raw: bytes) -> TopicState | str: ...
+    @property
+    def sink(self) -> Sink: ...
 
-    def flush(self, wait: bool = False) -> None: ...
+    @property
+    def max_payload(self) -> int: ...
+
+    def route(self, raw: bytes) -> Any: ...
 
 
 class HookedPath:
-    """``on_publish`` of a shard with hooks (the recorder's own state, used in place)."""
+    """What a shard with hooks records of each message: the recorder's one per-message
+    path calls :meth:`run` for a message it would store (routed to a target of its sink,
+    within max_payload) instead of adding its record; the recorder does the rest (stamp,
+    acknowledgements, flushes)."""
 
     def __init__(self, rec: Host, chain: Chain) -> None:
         self.rec = rec
         self.chain = chain
-        self.plain = rec.on_publish  # the path without hooks: discards, $SYS, oversized, unstorable
         self.fan = FanOut()
 
-    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
-                   props: bytes = b"") -> None:
-        """``props``: the message's MQTT 5 properties as the record's member (hooks do not
-        see them; every message a hook makes of this one keeps them)."""
+    def run(self, target: Any, topic: bytes, payload: bytes, ts: int, qos: int, retain: bool, mid: int,
+            props: bytes) -> None:
+        """``mid``: 0 for QoS 0; ``props``: the message's MQTT 5 properties as the record's
+        member (hooks do not see them; every message a hook makes of this one keeps them)."""
         rec = self.rec
-        st = rec.states.get(topic)
-        if st is None:
-            st = rec._resolve(topic)
-        if st.__class__ is not TopicState or len(payload) > rec.max_payload:
-            self.plain(topic, payload, qos, mid, dup, retain, props)  # hooks see only what this shard stores
-            return
-        ts = _time_ns() // 1000
-        msg = _new(Message, (st.topic, payload, ts, qos, retain))  # type: ignore[union-attr]
+        msg = _new(Message, (topic.decode("utf-8"), payload, ts, qos, retain))
         result = self.chain.run(msg)
-        if qos:
-            rec.acks.append(mid)
-        else:
-            mid = 0
         c = rec.counters
-        c.last_message_ts = ts
-        if dup:
-            c.redelivered += 1
-        store = rec.store
-        assert store is not None
-        if result.__class__ is HookFailure:
+        sink = rec.sink
+        if isinstance(result, HookFailure):
             c.hook_errors += 1
-            store.quarantine(ts, result.reason, topic, qos, retain, payload, mid, props)  # type: ignore[union-attr]
+            sink.quarantine(ts, result.reason, topic, qos, retain, payload, mid, props)
         elif not result:
             c.hook_dropped += 1  # acknowledged by the next flush, as a discarded message
-        elif len(result) == 1:  # type: ignore[arg-type]
-            if result[0] is msg:  # type: ignore[index]  # unchanged: as without hooks
-                store.add(st, encode_record(ts, qos, retain, payload, props), mid)  # type: ignore[arg-type]
+        elif len(result) == 1:
+            if result[0] is msg:  # unchanged: as without hooks
+                sink.add(target, encode_record(ts, qos, retain, payload, props), mid)
             else:
-                self._store(result[0], mid, props)  # type: ignore[index]
+                self._store(result[0], mid, props)
         else:
-            ids = self.fan.split(mid, len(result)) if mid else [0] * len(result)  # type: ignore[arg-type]
-            for m, i in zip(result, ids):  # type: ignore[arg-type]
+            ids: Sequence[int] = self.fan.split(mid, len(result)) if mid else [0] * len(result)
+            for m, i in zip(result, ids, strict=True):
                 self._store(m, i, props)
-        rec.pending += 1
-        if rec.pending == 1:
-            rec.batch_started = _monotonic()
-        if rec.pending >= rec.flush_at and not c.degraded:
-            rec.flush()
 
     def _store(self, m: Message, mid: int, props: bytes) -> None:
         rec = self.rec
-        store = rec.store
-        assert store is not None
+        sink = rec.sink
         raw = m.topic.encode("utf-8")
-        st = rec.states.get(raw)
-        if st is None:
-            st = rec._resolve(raw)
-        if st.__class__ is TopicState:
+        target = rec.routes.get(raw)
+        if target is None:
+            target = rec.route(raw)
+        if target.__class__ is sink.target:
             if len(m.payload) <= rec.max_payload:
-                store.add(st, encode_record(m.ts, m.qos, m.retain, m.payload, props), mid)  # type: ignore[arg-type]
+                sink.add(target, encode_record(m.ts, m.qos, m.retain, m.payload, props), mid)
                 return
             reason = f"payload of {len(m.payload)} bytes (made by hooks) exceeds max_payload"
-        elif isinstance(st, str) and st.startswith("topic not storable"):
-            reason = st
+        elif isinstance(target, Unstorable):
+            reason = target.reason
         else:  # Chain.owns let it through, so this should not happen; keep it anyway
             reason = f"hooks produced topic {m.topic!r}, which this shard does not record"
-        store.quarantine(m.ts, reason, raw, m.qos, m.retain, m.payload, mid, props)
+        sink.quarantine(m.ts, reason, raw, m.qos, m.retain, m.payload, mid, props)
 
 
-def owns_check(rec: Host):  # type: ignore[no-untyped-def]
+def owns_check(rec: Host) -> Callable[[str], str | None]:
     """``owns(topic)`` for the Chain: None if this shard records ``topic``, else why not."""
     name = rec.shard.name
 
@@ -214,16 +199,13 @@ def owns_check(rec: Host):  # type: ignore[no-untyped-def]
     return owns
 
 
-def install(rec: Host) -> Chain:
-    """Load the shard's hooks and put the hooked path in place (ConfigError if a hook
-    cannot be loaded). Starts the watchdog when called from the main thread."""
+def install(rec: Host) -> HookedPath:
+    """Load the shard's hooks and make the path the recorder runs them on (ConfigError if
+    a hook cannot be loaded). Starts the watchdog when called from the main thread."""
     shard = rec.shard
     hooks = load_hooks(rec.smap, shard)
     watchdog = Watchdog(shard.hook_timeout)
     chain = Chain(hooks, shard.hook_timeout, owns_check(rec), watchdog)
-    path = HookedPath(rec, chain)
-    rec.on_publish = path.on_publish  # type: ignore[method-assign]
-    rec.fan = path.fan
     watchdog.start()
     log.info("hooks: %s (hook_timeout %gs)", ", ".join(h.name for h in hooks), shard.hook_timeout)
-    return chain
+    return HookedPath(rec, chain)

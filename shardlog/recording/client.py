@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,9 @@ _PUBACK = 0x40
 _PRIVATE = ("_sock_recv", "_packet_queue", "_msgtime_mutex", "_last_msg_out", "_last_bytes_received",
             "_in_packet", "_in_callback_mutex", "_protocol", "_userdata", "loop_read", "_sock_close",
             "_do_on_disconnect")
-_time_func = getattr(mqtt, "time_func", None)
+#: paho's clock for its keepalive bookkeeping (a module attribute of paho 2.x; checked by make_client)
+_time_func: Callable[[], float] = getattr(mqtt, "time_func", time.monotonic)
+_HAS_TIME_FUNC = hasattr(mqtt, "time_func")
 
 
 class BufferedClient(mqtt.Client):
@@ -188,18 +191,18 @@ class BufferedClient(mqtt.Client):
                     if buf[p]:  # a properties block: decoded here, or by paho when it is unusual
                         if handler is None:
                             break
-                        p, props = _properties(buf, p, stop)  # type: ignore[assignment]
+                        p, props = _properties(buf, p, stop)
                         if p < 0:
                             break
                     else:
                         p += 1
-                if props:
-                    handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0,  # type: ignore[misc]
-                            props)
-                elif handler is not None:
-                    handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0)
-                else:
-                    on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,
+                if handler is not None:
+                    if props:
+                        handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0, props)
+                    else:
+                        handler(buf[i + 2:t_end], buf[p:stop], qos, mid, cmd & 0x08 != 0, cmd & 0x01 != 0)
+                elif on_message is not None:  # it reads a Publish as it reads paho's MQTTMessage
+                    on_message(self, userdata, Publish(buf[i + 2:t_end], buf[p:stop], qos, mid,  # type: ignore[arg-type]
                                                         cmd & 0x08 != 0, cmd & 0x01 != 0))
                 pos = stop
                 n += 1
@@ -259,17 +262,19 @@ class StockClient(mqtt.Client):
             self.ack(mid, 1)
 
 
-class PahoErrors:
+class PahoErrors(logging.Logger):
     """Stands in for paho's logger below DEBUG: keeps its last error (why a socket died, e.g.
     ``failed to receive on socket: [SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]``) for the
-    recorder's own log line, and drops the rest (paho's per-packet debug lines)."""
+    recorder's own log line, and drops the rest (paho's per-packet debug lines). paho
+    calls only ``log``."""
 
     def __init__(self) -> None:
+        super().__init__("shardlog.paho-errors")
         self.last: str | None = None
 
-    def log(self, level: int, fmt: str, *args: Any) -> None:
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level >= logging.ERROR:
-            self.last = fmt % args if args else fmt
+            self.last = str(msg) % args if args else str(msg)
 
     def take(self) -> str | None:
         last, self.last = self.last, None
@@ -287,7 +292,7 @@ def make_client(*args: Any, **kwargs: Any) -> BufferedClient | StockClient:
     if os.environ.get("SHARDLOG_STOCK_PAHO") == "1":
         return StockClient(*args, **kwargs)
     client = BufferedClient(*args, **kwargs)
-    if _time_func is None or not all(hasattr(client, name) for name in _PRIVATE):
+    if not _HAS_TIME_FUNC or not all(hasattr(client, name) for name in _PRIVATE):
         log.warning("paho-mqtt %s lacks the internals shardlog tunes; using stock paho (slower)",
                     getattr(mqtt, "__version__", "?"))
         return StockClient(*args, **kwargs)

@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -29,17 +29,17 @@ from shardlog.config.routing import subscription
 from shardlog.config.schema import ConfigError
 from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import Operations
-from shardlog.recording.lock import LockBusy, ShardLock
 from shardlog.counters import write_stats
+from shardlog.recording.lock import LockBusy, ShardLock
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 
 if TYPE_CHECKING:
     from shardlog.config.schema import Broker, Shard
-    from shardlog.recording.client import BufferedClient, StockClient
     from shardlog.counters import Counters
+    from shardlog.recording.client import BufferedClient, StockClient
+    from shardlog.recording.sinks import Sink
     from shardlog.writing.compressor import Compressor
     from shardlog.writing.store import Store
-    from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RecorderLoop:
     broker: Broker
     counters: Counters
     store: Store | None
+    sink: Sink
     client: BufferedClient | StockClient | None
     ops: Operations
     control_path: str | None
@@ -61,16 +62,13 @@ class RecorderLoop:
     parent_pid: int | None
     heartbeat: float
     pending: int
-    states: dict[bytes, TopicState | str]
+    routes: dict[bytes, Any]
     stop_requested: bool
     expect_session: bool
     backoff: float
     # methods of Recorder and BrokerSession
     install_hooks: Callable[[], object]
-    install_retained_filter: Callable[[], None]
     open_store: Callable[[str, str], Compressor | None]
-    _started: Callable[[], None]
-    _close_store: Callable[[], None]
     _make_client: Callable[[], BufferedClient | StockClient]
     _recall_session: Callable[[str, str], bool]
     _recheck_inflight: Callable[[float], None]
@@ -105,7 +103,6 @@ class RecorderLoop:
         shard = self.shard
         try:
             self.install_hooks()
-            self.install_retained_filter()
             self.client = self._make_client()  # its TLS context: a bad file is a config error
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
@@ -139,12 +136,12 @@ class RecorderLoop:
             except OSError as exc:
                 log.error("cannot open the control socket %s: %s (control commands will fail)",
                           self.control_path, exc)
-        self.ops = Operations(self, channel)
+        self.ops = Operations(self.ops.rec, channel)  # the recorder, as Recorder.__init__ gave it
         self.ops.clean_leftovers()
         assert self.store is not None
         self.store.start_preparer()  # new topics' directories and files: off the hot path
         self.store.start_recent_writer()  # +recent.json too
-        self._started()
+        self.sink.start()  # a journal's materializer
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         log.info("recording %s into %s (pid %d)", subscription(self.shard.branch), branch_root, os.getpid())
@@ -154,7 +151,7 @@ class RecorderLoop:
         finally:
             if channel is not None:
                 channel.close()
-            self._close_store()
+            self.sink.close()
             if compressor is not None:
                 compressor.stop(timeout=30.0)
             self._write_stats()
@@ -215,23 +212,20 @@ class RecorderLoop:
             self.stop_requested = True
 
     def _housekeeping(self, now: float) -> None:
-        assert self.store is not None
-        self.store.sweep_recent(now)
-        self.store.report_recent(now, self.counters)
-        self.counters.topics_cached = len(self.states)
+        self.counters.topics_cached = len(self.routes)
+        self.sink.housekeeping(now, self.counters)
         self._recheck_inflight(now)
 
     def _shutdown(self) -> None:
-        """Flush, acknowledge, and disconnect keeping the session."""
-        client = self.client
-        assert client is not None and self.store is not None
+        """Flush, acknowledge, disconnect keeping the session, then let the sink finish
+        (the stale +recent.json files; a journal's topic files catch up for a few seconds)."""
         if self.pending:
             self.flush(wait=True)
-        if self.counters.degraded:
-            log.error("stopping with %d record(s) not written; the broker keeps them unacknowledged",
-                      self.pending)
-        self.store.sweep_recent(time.monotonic(), force=True)
+        if self.pending:
+            log.error("stopping with %d record(s) not written (%s); the broker keeps them unacknowledged",
+                      self.pending, self.sink.problem)
         self._disconnect()
+        self.sink.shutdown()
 
     def _write_stats(self) -> None:
         if self.stats_file is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,22 +42,23 @@ from shardlog.recording.sessionmemo import (
     stale_filters,
     write_memo,
 )
+from shardlog.routes import Skip
 
 if TYPE_CHECKING:
     from shardlog.config.routing import Router
     from shardlog.config.schema import Broker, Shard, ShardMap
     from shardlog.counters import Counters
-    from shardlog.writing.topic_state import TopicState
 
 log = logging.getLogger(__name__)
 
-#: ``Recorder.states`` value of a topic another shard owns (or a control topic)
-_DISCARD = "discard"
-#: ``Recorder.states`` value of the broker's dropped-messages counter topic
-_BROKER_DROPPED = "broker-dropped"
 #: mosquitto's count of messages it dropped (e.g. past max_queued_messages for an offline
 #: session). Nothing else tells a subscriber that the broker lost messages meant for it.
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+
+def _mid(sent: tuple[object, int | None]) -> int:
+    """The packet id paho gave a SUBSCRIBE or UNSUBSCRIBE; -1 (matching no answer) if none."""
+    return -1 if sent[1] is None else sent[1]
 
 
 def _cap_note(cap: int, batch_max: int) -> str:
@@ -75,7 +76,7 @@ class BrokerSession:
     broker: Broker
     counters: Counters
     router: Router
-    states: dict[bytes, TopicState | str]
+    routes: dict[bytes, Any]
     client: BufferedClient | StockClient | None
     connected: bool
     stop_requested: bool
@@ -93,7 +94,7 @@ class BrokerSession:
     _sys_mid: int
     # methods of Recorder and RecorderLoop
     on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None]
-    on_publish: Callable[[bytes, bytes, int, int, bool, bool], None]
+    on_publish: Callable[..., None]  # (topic, payload, qos, mid, dup, retain, props=b"")
     _lost_connection: Callable[[], None]
     _write_stats: Callable[[], None]
     # the session memo (shardlog/recording/sessionmemo.py), set by _recall_session
@@ -102,8 +103,7 @@ class BrokerSession:
     _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
     _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
     _unsubscribe_mid: int = -1
-    #: this connection's retained messages are not recorded (shard ``retained``, set at the CONNACK)
-    skip_retained: bool = False
+    skip_retained: bool  # this connection's retained messages are not recorded (set at the CONNACK)
     # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
     _connack_due: float | None = None
     _attempt_failed: str | None = None
@@ -215,21 +215,21 @@ class BrokerSession:
                 log.info("unsubscribing from %s: kept by the broker's session, no longer this shard's",
                          ", ".join(stale))
                 self._stale = tuple(stale)
-                self._unsubscribe_mid = client.unsubscribe(stale)[1]
+                self._unsubscribe_mid = _mid(client.unsubscribe(stale))
         self.skip_retained = skip_retained(self.shard.retained, flags.session_present, self._memo,
                                            client_id(self.smap, self.shard), topic)
         if self.broker.mqtt5:
             options = SubscribeOptions(qos=self.shard.qos, retainHandling=_RETAIN_HANDLING[self.shard.retained])
-            self._subscribe_mid = client.subscribe(topic, options=options)[1]
+            self._subscribe_mid = _mid(client.subscribe(topic, options=options))
         else:
-            self._subscribe_mid = client.subscribe(topic, self.shard.qos)[1]
+            self._subscribe_mid = _mid(client.subscribe(topic, self.shard.qos))
         if self.status_topic:
             client.publish(self.status_topic, "online", qos=1, retain=True)
         # Not with the embedded broker (iotcore/rumqttd): it has no $SYS and answers a $SYS
         # subscription by dropping the connection, which would reconnect forever.
         if sys_watch:
-            self.states[SYS_DROPPED.encode()] = _BROKER_DROPPED
-            self._sys_mid = client.subscribe(SYS_DROPPED, 0)[1]  # harmless where the broker has no such topic
+            self.routes[SYS_DROPPED.encode()] = Skip.BROKER_DROPPED
+            self._sys_mid = _mid(client.subscribe(SYS_DROPPED, 0))  # harmless where the broker has no such topic
 
     def on_unsubscribe(self, client: mqtt.Client, userdata: object, mid: int,
                        reasons: list, properties: Properties | None) -> None:

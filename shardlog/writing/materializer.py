@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20                # journal bytes read per step
 #: While the recording thread is saturated (it journaled a big batch less than SATURATED
-#: seconds ago: a backlog is draining; journal_recorder.py) and the files are less than ``soft_lag`` bytes
+#: seconds ago: a backlog is draining; recording/sinks.py) and the files are less than ``soft_lag`` bytes
 #: behind, the materializer reads no more of the journal: the two threads share one GIL
 #: and two cores with the broker, and giving way doubles the drain (docs/benchmark-history.md, "Many topics").
 #: What it holds is still written, new topics are still prepared; the files catch up at

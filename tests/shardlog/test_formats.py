@@ -697,7 +697,7 @@ def test_rotate_operation_in_another_format(fmt_name: str, tmp_path: Path) -> No
         for i in range(3):
             rec.on_publish(b"a/x", b'{"i":%d}' % i, 1, i + 1, False, False)
         rec.flush()
-        rec.states.clear()  # found on disk, by its +log.<format>
+        rec.routes.clear()  # found on disk, by its +log.<format>
         r = rec.ops.handle(msgspec.json.encode({"op": "rotate", "prefix": "a"}))
         assert r["ok"] and r["rotated"] == 1, r
     finally:

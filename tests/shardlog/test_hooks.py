@@ -336,7 +336,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
                                   "hooks": ["fan_hooks_mod:fan"], "hooks_path": str(tmp_path / "hk")}]})
     rec = Recorder(smap, smap.shards[0])
     chain = rec.install_hooks()
-    assert rec.fan is not None and chain is not None
+    assert rec.hooks is not None and chain is not None
     rec.open_store(*rec._prepare_root())
     assert rec.store is not None
     gate = gate_preparer(monkeypatch)
@@ -355,7 +355,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
         rec.flush(wait=True)
         assert pubacks() == [2]
         assert (tmp_path / "data" / "new" / "1" / "+log.jsonl").read_bytes().count(b"\n") == 1
-        assert not rec.fan.live and rec.counters.messages == 4
+        assert not rec.hooks.fan.live and rec.counters.messages == 4
     finally:
         gate.set()
         rec.store.close()
@@ -403,3 +403,48 @@ def test_the_worked_examples_of_docs_hooks_md_do_what_it_says(tmp_path: Path) ->
         sys.path.remove(str(tmp_path))
         for name in ("doc_chatfilter", "doc_sensor_units"):
             sys.modules.pop(name, None)
+
+
+def test_a_journaled_shard_runs_its_hooks_and_acks_once_everything_is_journaled(tmp_path: Path) -> None:
+    """The one per-message path serves a journal too: what the hooks make of a message
+    (changed, fanned out into a new topic, dropped, failed) is journaled, acknowledged in
+    arrival order once journaled, and the materializer puts it in the topic files."""
+    from shardlog.recording.recorder import Recorder
+
+    (tmp_path / "hk").mkdir()
+    (tmp_path / "hk" / "jr_hooks_mod.py").write_text(
+        "def f(m):\n"
+        "    if m.payload == b'drop': return None\n"
+        "    if m.payload == b'boom': raise ValueError('boom')\n"
+        "    if m.payload == b'fan': return [m, m._replace(topic='new/x')]\n"
+        "    return m._replace(payload=b'[' + m.payload + b']')\n")
+    smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data"),
+                                  "journal": {"enabled": True},
+                                  "hooks": ["jr_hooks_mod:f"], "hooks_path": str(tmp_path / "hk")}]}, env={})
+    rec = Recorder(smap, smap.shards[0])
+    chain = rec.install_hooks()
+    assert chain is not None
+    rec.open_store(*rec._prepare_root())
+    rec.store.start_preparer()  # type: ignore[union-attr]
+    rec.sink.start()
+    pair = SocketpairClient(rec)
+    try:
+        for mid, payload in enumerate([b"1", b"fan", b"drop", b"boom", b"2"], 1):
+            rec.on_publish(b"t", payload, 1, mid, False, False)
+        rec.flush()
+        assert pair.pubacks() == [1, 2, 3, 4, 5]
+        with rec.quiesced() as busy:
+            assert busy is None
+            t = [json.loads(x)["payload"] for x in (tmp_path / "data" / "t" / "+log.jsonl").read_text().splitlines()]
+            new = (tmp_path / "data" / "new" / "x" / "+log.jsonl").read_text().splitlines()
+            quarantined = (tmp_path / "data" / "+quarantine.jsonl").read_text()
+        assert t == [[1], "fan", [2]] and len(new) == 1, (t, new)
+        assert "boom" in quarantined
+        assert rec.counters.hook_dropped == 1 and rec.counters.hook_errors == 1
+        assert not rec.hooks.fan.live  # type: ignore[union-attr]
+    finally:
+        rec.sink.close()
+        pair.close()
+        chain.watchdog.stop()
+        sys.path.remove(str(tmp_path / "hk"))
+        sys.modules.pop("jr_hooks_mod", None)

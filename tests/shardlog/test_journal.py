@@ -337,20 +337,20 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
     nothing journaled before it is written after it), and a restart replays nothing of
     the deleted branch."""
     from shardlog.control.operations import Operations
-    from shardlog.recording.journal_recorder import JournalRecorder
+    from shardlog.recording.recorder import Recorder
 
-    def start() -> JournalRecorder:
+    def start() -> Recorder:
         smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
                                       "journal": {"enabled": True}}]}, env={})
-        r = JournalRecorder(smap, smap.shards[0])
+        r = Recorder(smap, smap.shards[0])
         r.open_store(*r._prepare_root())
         assert r.store is not None
         r.store.start_preparer()
-        r._started()
+        r.sink.start()
         r.ops = Operations(r, None)
         return r
 
-    def send(r: JournalRecorder, topic: str, *ids: int) -> None:
+    def send(r: Recorder, topic: str, *ids: int) -> None:
         for i in ids:
             r.on_publish(topic.encode(), b'{"i":%d}' % i, 1, i, False, False)
         r.flush()
@@ -369,14 +369,12 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
     assert res["ok"] and res["removed"], res
     send(r, "a/x", 5)
     wait_for(lambda: ids("a/x") == [5], 10, "the new record of a/x")
-    r.materializer.stop()
-    r._close_store()
+    r.sink.close()
     r2 = start()  # replays from the checkpoint: the deleted records do not come back
     with r2.quiesced() as busy:
         assert busy is None
         assert ids("a/x") == [5] and ids("a/keep") == [4]
-    r2.materializer.stop()
-    r2._close_store()
+    r2.sink.close()
 
 
 @pytest.mark.parametrize("extra, key", [({"payload_only": True}, "payload_only"),

@@ -59,7 +59,7 @@ def test_rotate_versions_open_and_closed_topics_and_keeps_recent(rec: Recorder) 
     send(rec, "a/x", 1, 2)
     send(rec, "a/x/y", 3)
     send(rec, "a/vip/v", 4)  # another shard's: discarded here
-    rec.states.clear()       # a/x/y and a/x no longer in memory: found on disk
+    rec.routes.clear()       # a/x/y and a/x no longer in memory: found on disk
     send(rec, "a/x", 5, flush=False)  # buffered: written before the rotation
     r = do(rec, op="rotate", prefix="a/x")
     assert r["ok"] and r["rotated"] == 2 and sorted(r["topics"]) == ["a/x", "a/x/y"], r
@@ -80,7 +80,7 @@ def test_delete_removes_the_branch_and_later_messages_start_afresh(rec: Recorder
     r = do(rec, op="delete", prefix="a/x")
     assert r["ok"] and r["removed"] and r["topics_closed"] == 2, r
     assert not tdir(rec, "a/x").exists() and ids(tdir(rec, "a/keep") / "+log.jsonl") == [4]
-    assert rec.store is not None and not rec.store.open.keys() - {s for s in rec.states.values()}
+    assert rec.store is not None and not rec.store.open.keys() - {s for s in rec.routes.values()}
     send(rec, "a/x", 6)
     assert ids(tdir(rec, "a/x") / "+log.jsonl") == [6] and not tdir(rec, "a/x/deep").exists()
     wait_for(lambda: not list(Path(rec.store.root).glob(ASIDE + "*")), 10, "the aside tree to be removed")

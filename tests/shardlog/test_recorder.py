@@ -329,7 +329,7 @@ def test_records_waiting_for_new_topics_are_bounded(tmp_path: Path) -> None:
     rec.open_store(*rec._prepare_root())
     assert rec.store is not None
     rec.store.start_preparer()
-    rec.max_waiting = 50
+    rec.sink.max_waiting = 50
     try:
         for i in range(49):
             rec.on_publish(b"new/%d" % i, b'{"i": %d}' % i, 1, i + 1, False, False)
