@@ -122,7 +122,7 @@ class Broker:
         conf = workdir / "mosquitto.conf"
         conf.write_text(
             ("user root\n" if os.geteuid() == 0 and ca is not None else "")  # it must read the key
-            + 
+            +
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"

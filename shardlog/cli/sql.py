@@ -18,7 +18,6 @@ from typing import Any
 
 from shardlog.cli.common import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
 
-
 _BATCH = 10_000
 _CELL = 60  # widest table cell, in characters
 

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS, Format
 from shardlog.ondisk.segments import parse_segment
-from shardlog.reading.files import (GZIP_ERRORS, MAX_GARBAGE, MAX_LINE, bounded_lines, open_fd, open_file,
-                                    open_gzip)
+from shardlog.reading.files import GZIP_ERRORS, MAX_GARBAGE, MAX_LINE, bounded_lines, open_fd, open_file, open_gzip
 from shardlog.records import Record, decode_record
 
 log = logging.getLogger(__name__)

@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
-from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
 from shardlog.reading import sandbox as _sandbox
+from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
 from shardlog.reading.ranges import _segments_in_range
 from shardlog.reading.times import parse_time
 from shardlog.reading.tree import TopicNotFound, _root, _walk

@@ -15,10 +15,9 @@ from collections.abc import Callable
 import msgspec
 
 from shardlog.reading.lines import _decode
-from shardlog.records import Record, decode_record
 from shardlog.reading.ranges import _read_lines
 from shardlog.reading.times import parse_time
-
+from shardlog.records import Record, decode_record
 
 _INT64 = (-(2**63), 2**63 - 1)
 _FIXED = 7  # topic, ts, qos, retain, payload, payload_json, props

@@ -17,7 +17,6 @@ from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import TOPIC_FILE, parse_segment, rotated_segments
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
 
-
 log = logging.getLogger(__name__)
 
 

@@ -17,7 +17,6 @@ import typing
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import TopicFiles
 
-
 _QUEUED = object()  # TopicState.prep while the preparer has it
 
 

@@ -41,7 +41,6 @@ from shardlog.control.commands import control_topics
 from shardlog.recording.client import apply_credentials
 from supervisor.control.admission import (
     BURST,
-    MAX_COMMAND,
     RATE,
     Recent,
     Refusals,

@@ -19,8 +19,6 @@ from tests.brokers.table import FACTS
 from tests.helpers import BrokerProcess, FastPublisher, Publisher, RecorderProc, wait_for, write_map
 from tests.supervisor.helpers import SupervisorProc, read_records
 
-
-
 #: amqtt is not in the suite: see docs/brokers.md ("amqtt")
 SUITE = [name for name in BROKERS if name in FACTS]
 #: (broker, protocol) pairs: each broker with each MQTT version it speaks

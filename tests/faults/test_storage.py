@@ -6,7 +6,6 @@ Real mosquitto, real ``shardlog supervise``, real kernel; see tests/faults/loopf
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path

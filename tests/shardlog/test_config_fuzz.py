@@ -169,7 +169,7 @@ CASES: dict[str, tuple[str | bytes, str]] = {
         "nested deeper than 64 levels once aliases are expanded"),
     "python object tag": (f"shards: [{{name: a, prefix: '#'}}]\nx: !!python/object/apply:os.system ['touch {MARKER}']\n",
                           "tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
-    "python name tag on a key": (f"shards: [{{name: a, prefix: !!python/name:os.system ''}}]\n", "shards[0].prefix: tag"),
+    "python name tag on a key": ("shards: [{name: a, prefix: !!python/name:os.system ''}]\n", "shards[0].prefix: tag"),
     "local tag": ("shards: [{name: a, prefix: !secret x}]\n", "shards[0].prefix: tag '!secret'"),
     "binary tag": ("broker: {password: !!binary aGk=}\nshards: [{name: a, prefix: '#'}]\n", "broker.password: tag"),
     "set tag": ("shards: !!set {a, b}\n", "shards: tag"),

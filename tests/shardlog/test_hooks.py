@@ -197,7 +197,7 @@ def built(name: str, **args: object):  # type: ignore[no-untyped-def]
 
 def test_cbor_to_json() -> None:
     hook = built("cbor_to_json")
-    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     raw = cbor2.dumps({"t": 21.5, "unit": "C", "raw": b"\x00\x01", "at": when, 1: float("nan"),
                        "tagged": cbor2.CBORTag(4711, [1, 2])})
     out = json.loads(hook(MSG._replace(payload=raw)).payload)

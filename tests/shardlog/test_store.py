@@ -5,8 +5,8 @@ full disk (a real size-limited tmpfs)."""
 from __future__ import annotations
 
 import base64
-import gzip
 import errno
+import gzip
 import json
 import os
 import subprocess

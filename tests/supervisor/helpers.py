@@ -29,7 +29,6 @@ from shardlog.counters import Counters, write_stats
 from shardlog.topics import topic_to_relpath
 from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # noqa: F401 - re-exported to the supervisor tests
 
-
 # -- fakes for the arbiter ---------------------------------------------------------------------
 
 

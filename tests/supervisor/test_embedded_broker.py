@@ -194,8 +194,8 @@ def test_embedded_config_is_checked(tmp_path: Path) -> None:
 
 def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path: Path, monkeypatch) -> None:
     from shardlog.config.load import load_map as load
-    from supervisor.broker import supervised as broker_mod
     from supervisor.arbiter.loop import Arbiter
+    from supervisor.broker import supervised as broker_mod
     from tests.supervisor.helpers import FakeClock, FakeSpawner
 
     listening = {"on": False}

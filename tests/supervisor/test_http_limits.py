@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.serve.http import StatusServer
-from supervisor.serve.framing import Frame, Limits, frame
 from shardlog.counters import Counters
-from supervisor.snapshot import EMPTY, ShardView
+from supervisor.serve.framing import Frame, Limits, frame
+from supervisor.serve.http import StatusServer
 from supervisor.serve.status import Sample, build_status
+from supervisor.snapshot import EMPTY, ShardView
 from tests.http_attack import (
     BAD_REQUESTS,
     Slowloris,
