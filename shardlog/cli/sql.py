@@ -83,17 +83,17 @@ def write_result(cur: Any, fmt: str, out: io.TextIOBase) -> int:
     n = 0
     if fmt == "json":
         for row in _rows(cur):
-            out.write(json.dumps({k: _value(v, j) for k, v, j in zip(names, row, is_json)},
+            out.write(json.dumps({k: _value(v, j) for k, v, j in zip(names, row, is_json, strict=True)},
                                  ensure_ascii=False) + "\n")
             n += 1
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(names)
         for row in _rows(cur):
-            w.writerow([_text(v, j) for v, j in zip(row, is_json)])
+            w.writerow([_text(v, j) for v, j in zip(row, is_json, strict=True)])
             n += 1
     else:
-        cells = [tuple(_cell("NULL" if v is None else _text(v, j)) for v, j in zip(row, is_json))
+        cells = [tuple(_cell("NULL" if v is None else _text(v, j)) for v, j in zip(row, is_json, strict=True))
                  for row in _rows(cur)]
         n = len(cells)
         out.write(format_table(tuple(names), cells) + "\n")

@@ -285,13 +285,13 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
     files = segment_files(root, prefix, since, until)
     safe = _Safe(_sandbox.private_dir(con))
     names = [safe.cleaned(f.path) if f.sparse else safe.name(f.path) for f in files]
-    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names)]
+    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names, strict=True)]
     con.execute("CREATE OR REPLACE TEMP TABLE shardlog_files (filename VARCHAR, topic VARCHAR, mtime_us BIGINT)")
     if files:
         con.execute("INSERT INTO shardlog_files SELECT unnest($1), unnest($2), unnest($3)",
                     [names, [f.topic for f in files], [f.mtime_us for f in files]])
     groups: dict[str, list[str]] = {}
-    for f, name in zip(files, names):
+    for f, name in zip(files, names, strict=True):
         groups.setdefault(f.key, []).append(name)
     con.execute(view_sql(groups, since, until, longest_line([f.size for f in files])))
     for macro in _MACROS:

@@ -43,7 +43,7 @@ def cpu_share(procs: list[psutil.Process], seconds: float) -> list[float]:
     t0 = time.monotonic()
     wait_for(lambda: time.monotonic() - t0 >= seconds, seconds + 2, f"{seconds:g}s of measuring CPU")
     took = time.monotonic() - t0
-    return [(sum(p.cpu_times()[:2]) - b) / took for p, b in zip(procs, before)]
+    return [(sum(p.cpu_times()[:2]) - b) / took for p, b in zip(procs, before, strict=True)]
 
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])

@@ -163,7 +163,7 @@ def test_sigterm_stops_the_recorders_then_the_broker(embedded, tmp_path: Path) -
     assert not psutil.pid_exists(broker.pid) or broker.status() == psutil.STATUS_ZOMBIE
     log = sup.log()
     broker_stop = log.index("stopping embedded-broker")
-    for name, pid in zip(("chat", "rest"), recorders):
+    for name, pid in zip(("chat", "rest"), recorders, strict=True):
         stopped = log.index(f"shard {name} (pid {pid}) stopped: exit 0")  # flushed and disconnected
         assert stopped < broker_stop, f"the broker was stopped before shard {name}:\n{log}"
     assert log.index(f"embedded-broker (pid {broker.pid}) stopped") > broker_stop
