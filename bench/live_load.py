@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rss = [r for *_, r in samples]
         minute = max(1, min(60, len(rss) // 2))
         side.stop()
-        ok, check, dups = True, "", 0
+        ok, check = True, ""
         lines = sum(1 for d in (side.root / "sensors").iterdir() for _ in open(d / "+log.jsonl", "rb"))
         if lines < len(topics) + pub.sent:
             ok, check = False, f"only {lines:,} of {len(topics) + pub.sent:,} sensor records on disk"

@@ -91,7 +91,7 @@ PLAIN_VIEW = ("CREATE VIEW records AS SELECT regexp_extract(filename, '^{root}/(
 
 def run(argv: list[str]) -> tuple[float, bytes]:
     t = time.perf_counter()
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    r = subprocess.run(argv, capture_output=True, check=False)
     took = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(argv[:4])}...\n{r.stderr.decode()[-2000:]}")

@@ -203,7 +203,7 @@ def test_retained_new_records_them_once(tmp_path: Path, case: tuple[Any, str],
             pub.send([(f"{branch}/live", b'{"seq":%d}' % run)])
         finally:
             pub.close()
-        wait_for(lambda: seqs(root, f"{branch}/live") == list(range(run + 1)), 30,
+        wait_for(lambda run=run: seqs(root, f"{branch}/live") == list(range(run + 1)), 30,
                  f"live message {run} from {broker.name} (log: {rec.stderr_path})")
         assert rec.stop() == 0
         s = rec.stats()

@@ -297,8 +297,8 @@ def test_retained_on_restart(tmp_path: Path, broker: Mosquitto, recorders: list[
             recorders.append(rec)
             # published after the SUBACK: it comes after the retained ones the subscription brings
             pub.publish(f"rt/live{run}", b'{"live":%d}' % run, 1, retain=True).wait_for_publish(10)
-            wait_for(lambda: any((r := decode_record(x)).value.get("live") == run and not r.retain
-                                 for x in all_lines(root)), 20, f"live{run} recorded ({rec.stderr_path})")
+            wait_for(lambda run=run: any((r := decode_record(x)).value.get("live") == run and not r.retain
+                                         for x in all_lines(root)), 20, f"live{run} recorded ({rec.stderr_path})")
             assert rec.stop() == 0
             s = rec.stats()
             assert s is not None
