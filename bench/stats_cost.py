@@ -5,7 +5,8 @@
 For each round and each mode (no scraping, /metrics + /status every second, /metrics ten times a
 second): queue MESSAGES_PER_SHARD QoS 1 messages for each of two shards while they are stopped, start
 `shardlog supervise`, and time how long the shards take to write them all, from the first record
-written to the last (watching their stats files, not the HTTP endpoint). Prints messages/s per mode and the difference to no scraping.
+written to the last (watching their stats files, not the HTTP endpoint). Prints messages/s per mode
+and the difference to no scraping.
 """
 
 from __future__ import annotations

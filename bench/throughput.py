@@ -987,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append("")
     if args.rss or any(r.side in VARIANTS for r in results):
         for r in results:
-            lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
+            lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, "
+                         f"{r.cpu_per_m:.1f} CPU s/1M "
                          f"({100 * r.cpu_sys / max(r.cpu, 1e-9):.0f}% system), peak RSS "
                          f"{r.peak_rss / 2**20:.0f} MiB, others {r.others_cores:.2f} cores; {r.check}")
         if args.rss:

@@ -69,7 +69,8 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
 
 
 def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
-                   since: object = None, until: object = None, progress: Callable[[int, int], None] | None = None) -> int:
+                   since: object = None, until: object = None,
+                   progress: Callable[[int, int], None] | None = None) -> int:
     """One Parquet file of ``prefix`` and below, payload keys as typed columns (see shardlog.reading.parquet)."""
     from shardlog.reading import parquet
 

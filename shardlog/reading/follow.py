@@ -130,7 +130,7 @@ class _Follower:
             if _current_name(_safe_listdir(self.dir)) is None:
                 return lines  # rotated, the new one not created yet: keep the old one
             st = None  # the format changed: the old current segment was rotated away
-        if st is not None and st.st_ino == self.ino and st.st_size < self.offset and st.st_size >= self.offset - len(self.buf):
+        if st is not None and st.st_ino == self.ino and self.offset - len(self.buf) <= st.st_size < self.offset:
             # a torn tail (a crash mid-write) cut back by the restarted recorder
             self.offset -= len(self.buf)
             self.buf = b""

@@ -2,8 +2,8 @@
 
 Only directory listings (and the ``+topic`` file of a hashed, over-long level): no
 segment is read here. A directory that cannot be listed (no permission) is left out with
-a warning (``shardlog.reading.tree``; the read verbs then exit non-zero), never silently. Topic names are decoded from the directory path by
-:mod:`shardlog.topics`, never guessed.
+a warning (``shardlog.reading.tree``; the read verbs then exit non-zero), never silently.
+Topic names are decoded from the directory path by :mod:`shardlog.topics`, never guessed.
 """
 
 from __future__ import annotations

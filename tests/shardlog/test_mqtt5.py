@@ -148,7 +148,8 @@ def test_properties_recorded_on_every_path(tmp_path: Path, broker: Mosquitto, cl
     assert rec.stop() == 0
     check_recorded(tmp_path / "data", n, redacted=path == "hooks")
     if path == "hooks":  # a changed message keeps the properties of the message it came from
-        changed = [decode_record(x) for x in all_lines(tmp_path / "data") if b'"secret":"x"' not in x and b"secret" in x]
+        changed = [decode_record(x) for x in all_lines(tmp_path / "data")
+                   if b'"secret":"x"' not in x and b"secret" in x]
         assert changed and all(r.properties() == ({} if r.value["i"] % 3 == 0 else expected_props(r.value["i"]))
                                for r in changed)
 
