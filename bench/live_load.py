@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput as tp  # noqa: E402
-from new_topics import connect, packet  # noqa: E402 - raw QoS 1 PUBLISH packets, a publisher socket
+import throughput as tp
+from new_topics import connect, packet  # raw QoS 1 PUBLISH packets, a publisher socket
 
 PROBE = b"probe/p"
 PROBE_HZ = 50

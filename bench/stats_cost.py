@@ -25,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.helpers
 
-import paho.mqtt.client as mqtt  # noqa: E402
-import psutil  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
 
-from shardlog.counters import read_stats  # noqa: E402
-from tests.helpers import Mosquitto  # noqa: E402
-from tests.supervisor.helpers import SupervisorProc, make_map, wait_for  # noqa: E402
+from shardlog.counters import read_stats
+from tests.helpers import Mosquitto
+from tests.supervisor.helpers import SupervisorProc, make_map, wait_for
 
 MODES = {"none": None, "1/s": 1.0, "10/s": 0.1}
 

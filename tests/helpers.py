@@ -417,7 +417,7 @@ class FastFlow(threading.Thread):
                 i = self.sent = end
             self.pub.wait_acked(120)
             self.elapsed = time.monotonic() - t0
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+        except BaseException as exc:  # reported by finish()
             self.error = exc
 
     def finish(self, timeout: float = 120) -> None:

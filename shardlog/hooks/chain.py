@@ -118,7 +118,7 @@ class Chain:
             try:
                 out = self._apply(msg, started)
                 wd.busy = False
-            except Exception as exc:  # noqa: BLE001 - the hook's error, isolated
+            except Exception as exc:  # the hook's error, isolated
                 wd.busy = False
                 text = str(exc) if exc.__class__ is BadOutput else _error_text(exc)
                 return self._failed(self.current, text, started)

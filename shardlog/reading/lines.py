@@ -194,7 +194,7 @@ def _first_ts(path: str) -> int | None:
     head = [h for h in head if h.endswith(b"\n")]
     try:
         return fmt.first_ts(head) if fmt is not formats.JSONL else (_ts_of(head[0]) if head else None)
-    except Exception:  # noqa: BLE001 - a damaged first line: do not skip on it
+    except Exception:  # a damaged first line: do not skip on it
         return None
 
 
@@ -209,7 +209,7 @@ def _open_segment(path: str):  # -> binary file object
         raise
 
 
-def _lines_forward(f, path: str) -> Iterator[bytes]:  # noqa: ANN001 - a binary file
+def _lines_forward(f, path: str) -> Iterator[bytes]:  # a binary file
     """Complete lines of ``f`` (a torn last line, being written, is left out), bounded."""
     return bounded_lines(f.read1, path)  # read1: a damaged gzip stream keeps what it gave
 

@@ -197,7 +197,7 @@ class MqttControl:
             if msg is not None:
                 try:
                     self._command(msg)
-                except Exception as exc:  # noqa: BLE001 - one bad command must not end the worker
+                except Exception as exc:  # one bad command must not end the worker
                     log.exception("control: error handling a command from MQTT")
                     self._reply(msg, {"ok": False, "reason": f"internal error: {exc}"})
             if self.status_topic and self.status is not None and time.monotonic() >= next_status:

@@ -195,7 +195,7 @@ class Front:
                 self._write(c)
             else:
                 self._read(c)
-        except Exception:  # noqa: BLE001 - one connection's trouble must not end the selector
+        except Exception:  # one connection's trouble must not end the selector
             log.exception("http: %s: unexpected error; connection closed", c.addr[0])
             self._drop(c)
 
@@ -346,7 +346,7 @@ class Front:
             c.keep = False
             try:
                 c.keep = self.handle(c, request)
-            except Exception:  # noqa: BLE001 - a handler bug: logged, the connection closed
+            except Exception:  # a handler bug: logged, the connection closed
                 log.exception("http: %s: error answering a request", c.addr[0])
                 c.out.clear()
             self.returned.put(c)

@@ -128,7 +128,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, case: tuple[Any, str],
         try:
             for i in range(0, total, 100):
                 pub.send([(topics[j % 3], b'{"seq":%d}' % j) for j in range(i, i + 100)])
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:  # re-raised below
             errors.append(exc)
 
     thread = threading.Thread(target=flow)

@@ -78,7 +78,7 @@ def by_history(root: Path, prefix: str = "", since: int | None = None, until: in
                   for t, r in history.read(root, prefix, since, until))
 
 
-def by_sql(con, where: str = "") -> list[tuple]:  # noqa: ANN001
+def by_sql(con, where: str = "") -> list[tuple]:
     rows = con.execute(f"SELECT topic, ts_us, qos, retain, payload FROM records {where}").fetchall()
     return sorted((t, ts, q, r, json.dumps(json.loads(p), sort_keys=True)) for t, ts, q, r, p in rows)
 
