@@ -8,7 +8,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shardlog.config.load import load_map
 from shardlog.config.schema import ConfigError, ShardMap
@@ -49,7 +49,7 @@ def load_or_exit(path: str) -> ShardMap:
         raise SystemExit(EX_CONFIG) from None
 
 
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def format_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
                      for row in [header, *rows])

@@ -175,7 +175,7 @@ class Operations:
             if getattr(store, "preparer", None) is not None:
                 # first opens run in a background thread: wait for them, so that every
                 # buffered record is written and nothing is creating directories meanwhile
-                rec.flush(wait=True)  # type: ignore[call-arg]
+                rec.flush(wait=True)
             else:
                 rec.flush()
         stuck = [st.topic for st in store.dirty if any(is_under(st.topic, p) for p in prefixes)]

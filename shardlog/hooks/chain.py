@@ -125,14 +125,14 @@ class Chain:
         except HookTimeout:  # raised once per call at most (the handler clears busy first)
             wd.busy = False
             return self._timed_out(started)
-        if out.__class__ is HookFailure:
+        if isinstance(out, HookFailure):
             return out
         if _monotonic() - started > self.timeout:  # interrupted too late, or no watchdog
             return self._timed_out(started)
         if self.strikes:
             self._clear_strikes()
         topic = msg.topic
-        for m in out:  # type: ignore[union-attr]
+        for m in out:
             if m.topic is not topic and m.topic != topic:
                 problem = self.owns(m.topic)
                 if problem is not None:  # blamed on the hook that moved it there, not the last one

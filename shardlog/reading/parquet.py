@@ -55,7 +55,7 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
     one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
     ``sqlite_export.MAX_FLAT_COLUMNS``."""
     taken = {"topic", "ts", "qos", "retain", "enc", "payload", "props", "user_properties"}
-    out = []
+    out: list[tuple[str, str, str]] = []
     for key, types, big in keys:
         if not types & (set(_SCALARS) | {"NULL"}) or not _utf8_ok(key):
             continue

@@ -316,7 +316,9 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
         con.execute("SET enable_progress_bar_print = false")
         con.execute("SET TimeZone = 'UTC'")  # ts is an instant: shown in UTC
     try:
-        con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",
+        # null_handling as a string: DuckDB takes it so in every version, while the enum's module
+        # moved (duckdb.functional in 1.x, duckdb.func in 2.x) and the stubs accept the enum only
+        con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",  # type: ignore[call-overload]
                             null_handling="special", side_effects=False)
     except duckdb.CatalogException:
         pass  # already there (connect called again on the same connection)

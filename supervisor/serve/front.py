@@ -27,6 +27,7 @@ The framing decision is the pure :func:`supervisor.serve.framing.frame`; the res
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import queue
@@ -115,8 +116,8 @@ class Front:
         """The selector thread and the workers, each restarted if it dies (supervisor.threads)."""
         self.threads = [self.registry.start("shardlog-http", self._loop, self.stopping)]
         for pool, n in (("get", self.limits.workers), ("control", self.limits.control_workers)):
-            q = self.pools[pool]
-            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", lambda q=q: self._work(q), self.stopping)
+            work = functools.partial(self._work, self.pools[pool])
+            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", work, self.stopping)
                              for i in range(n)]
         return self
 
