@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from types import TracebackType
 
 from shardlog.ondisk import formats
 from shardlog.ondisk.segments import rotated_segments
@@ -20,8 +21,9 @@ class _suppress_missing:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return typ is not None and issubclass(typ, FileNotFoundError)  # type: ignore[arg-type]
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        return typ is not None and issubclass(typ, FileNotFoundError)
 
 
 class _Follower:

@@ -147,7 +147,7 @@ def _segment_lines_backwards(path: str, keep: int | None = None) -> Iterator[byt
         except FileNotFoundError:
             return
         with g:
-            mtime = os.fstat(g.fileobj.fileno()).st_mtime_ns // 1000  # type: ignore[union-attr]
+            mtime = os.fstat(g.fileno()).st_mtime_ns // 1000
             maxlen = None if keep is None else keep + fmt.extra_lines + 1
             last = deque(bounded_lines(g.read1, path), maxlen=maxlen)
         last.reverse()

@@ -71,7 +71,7 @@ class OutBuffer(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: bytes) -> int:  # type: ignore[override]
+    def write(self, b: bytes) -> int:  # type: ignore[override]  # the handler writes bytes only
         self._out += b
         return len(b)
 

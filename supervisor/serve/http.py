@@ -50,7 +50,7 @@ class _App:
 class _Handler(BaseHTTPRequestHandler):
     """One request, already read whole by the front, answered on its socket."""
 
-    server: _App  # type: ignore[assignment]
+    server: _App  # type: ignore[assignment]  # the front passes its _App, no socketserver
     server_version = "shardlog-supervisor"
     protocol_version = "HTTP/1.1"
 
