@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from supervisor.control.cli import post_control  # noqa: E402
-from tests.helpers import Mosquitto, Publisher, wait_for  # noqa: E402
-from tests.supervisor.helpers import SupervisorProc, make_map, read_records  # noqa: E402
+from supervisor.control.cli import post_control
+from tests.helpers import Mosquitto, Publisher, wait_for
+from tests.supervisor.helpers import SupervisorProc, make_map, read_records
 
 
 def timed(url: str, op: str, body: dict) -> tuple[float, float]:

@@ -29,11 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.helpers
 
-import psutil  # noqa: E402
+import psutil
 
-from shardlog.counters import read_stats  # noqa: E402
-from tests.helpers import FastPublisher, Mosquitto, wait_for  # noqa: E402
-from tests.http_attack import (  # noqa: E402
+from shardlog.counters import read_stats
+from tests.helpers import FastPublisher, Mosquitto, wait_for
+from tests.http_attack import (
     BAD_REQUESTS,
     Slowloris,
     concurrent_gets,
@@ -42,7 +42,7 @@ from tests.http_attack import (  # noqa: E402
     pipeline_without_reading,
     summary,
 )
-from tests.supervisor.helpers import SupervisorProc, make_map  # noqa: E402
+from tests.supervisor.helpers import SupervisorProc, make_map
 
 
 def attack(addr: tuple[str, int], stop: Any, counts: dict) -> None:

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import throughput as tp  # noqa: E402
-from new_topics import connect, packet  # noqa: E402 - raw QoS 1 PUBLISH packets, a publisher socket
+import throughput as tp
+from new_topics import connect, packet  # raw QoS 1 PUBLISH packets, a publisher socket
 
 PROBE = b"probe/p"
 PROBE_HZ = 50
@@ -167,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             if now >= next_say:
                 next_say += 10
                 recent = [lag for t, lag in watcher.lags if t >= now - 10]
+                median = statistics.median(recent) if recent else float("nan")
                 tp.say(f"{now - t0:.0f}s: sent {pub.sent:,}, in files {samples[-1][1]:,}; probe lag (last 10 s) "
-                       f"median {statistics.median(recent) if recent else float('nan'):.3f}s p99 {pct(recent, 0.99):.3f}s; "
-                       f"recent_lag {samples[-1][2]:.1f}s ({samples[-1][3]:,} stale); RSS {samples[-1][4] / 2**20:.0f} MiB")
+                       f"median {median:.3f}s p99 {pct(recent, 0.99):.3f}s; "
+                       f"recent_lag {samples[-1][2]:.1f}s ({samples[-1][3]:,} stale); "
+                       f"RSS {samples[-1][4] / 2**20:.0f} MiB")
         t_end = time.monotonic()
         total = pub.sent + pub.probes
         s = side.stats()
         backlog_at_end = total - (s.messages - base_msgs)
-        tp.wait_until(lambda: side.stats().messages - base_msgs >= total, args.timeout, "every record in its file", 0.05)
+        tp.wait_until(lambda: side.stats().messages - base_msgs >= total, args.timeout, "every record in its file",
+                      0.05)
         files_after = time.monotonic() - t_end
         tp.wait_until(lambda: side.stats().recent_stale == 0, args.timeout, "every +recent.json current", 0.05)
         recent_after = time.monotonic() - t_end
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rss = [r for *_, r in samples]
         minute = max(1, min(60, len(rss) // 2))
         side.stop()
-        ok, check, dups = True, "", 0
+        ok, check = True, ""
         lines = sum(1 for d in (side.root / "sensors").iterdir() for _ in open(d / "+log.jsonl", "rb"))
         if lines < len(topics) + pub.sent:
             ok, check = False, f"only {lines:,} of {len(topics) + pub.sent:,} sensor records on disk"
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(lags):.3f} / {pct(lags, 0.99):.3f} / {max(lags):.3f} s | {backlog_at_end:,} | "
               f"{files_after:.1f} s | {max(x[2] for x in samples):.1f} s | {recent_after:.1f} s | "
               f"{statistics.median(rss[:minute]) / 2**20:.0f} / {statistics.median(rss[-minute:]) / 2**20:.0f} MiB |")
-        tp.say(f"done: probe lag median {statistics.median(lags):.3f}s p99 {pct(lags, 0.99):.3f}s max {max(lags):.3f}s; "
+        tp.say(f"done: probe lag median {statistics.median(lags):.3f}s p99 {pct(lags, 0.99):.3f}s "
+               f"max {max(lags):.3f}s; "
                f"{backlog_at_end:,} records not in their files when the publisher stopped, all in after "
                f"{files_after:.1f}s; every +recent.json current after {recent_after:.1f}s; {check or 'all on disk'}")
         return 0 if ok else 1

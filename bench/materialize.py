@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shardlog.config.load import parse_map  # noqa: E402
-from shardlog.recording.loop import _raise_fd_limit  # noqa: E402
 from shardlog.counters import Counters  # noqa: E402
+from shardlog.recording.loop import _raise_fd_limit  # noqa: E402
 from shardlog.records import encode_record  # noqa: E402
 from shardlog.writing import journal  # noqa: E402
 from shardlog.writing.journal import JournalWriter  # noqa: E402

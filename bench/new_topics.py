@@ -171,7 +171,7 @@ def one_run(src: Path, args: argparse.Namespace, run: int, extra: tuple[str, ...
         rss = side.rss()
         side.stop()
         missing = [i for i in range(args.burst)
-                   if not (side.root / "burst" / ("n%06d" % i) / "+log.jsonl").exists()]
+                   if not (side.root / "burst" / f"n{i:06d}" / "+log.jsonl").exists()]
         res = {"src": str(src), "run": run, "burst_seconds": t1 - t0, "rate": args.burst / (t1 - t0),
                "publish_seconds": t_sent - t0, "cpu_s": cpu, "rss_mib": rss / 2**20,
                "before": summary(watcher.lat["before"]), "burst": summary(watcher.lat["burst"]),
@@ -227,18 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     print("| shardlog | new topics/s (median) | min - max | known topics before: median / p99 / max ms "
           "| during the burst: median / p99 / max ms | CPU s | RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def pct(rs: list[dict], key: str) -> str:
+        xs = sorted(x for r in rs for x in r[key])
+        if not xs:
+            return "-"
+        return (f"{1000 * statistics.median(xs):.1f} / {1000 * xs[int(len(xs) * 0.99)]:.1f} / "
+                f"{1000 * xs[-1]:.1f}")
+
     for name in dict.fromkeys(str(r["side"]) for r in results):
         rs = [r for r in results if r["side"] == name]
         rates = [r["rate"] for r in rs]
-
-        def pct(key: str) -> str:
-            xs = sorted(x for r in rs for x in r[key])  # type: ignore[attr-defined]
-            if not xs:
-                return "-"
-            return (f"{1000 * statistics.median(xs):.1f} / {1000 * xs[int(len(xs) * 0.99)]:.1f} / "
-                    f"{1000 * xs[-1]:.1f}")
         print(f"| {name} | {statistics.median(rates):,.0f} | {min(rates):,.0f} - {max(rates):,.0f} "
-              f"| {pct('before_lat')} | {pct('burst_lat')} | {statistics.median(r['cpu_s'] for r in rs):.1f} "
+              f"| {pct(rs, 'before_lat')} | {pct(rs, 'burst_lat')} | {statistics.median(r['cpu_s'] for r in rs):.1f} "
               f"| {statistics.median(r['rss_mib'] for r in rs):.0f} |")
     bad = [r for r in results if r["missing"]]
     for r in bad:

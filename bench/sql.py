@@ -65,7 +65,8 @@ def generate(root: Path, records: int, topics: int) -> None:
         d = root / topic_of(t)
         d.mkdir(parents=True, exist_ok=True)
         # record k of topic t is global record k*topics + t, at T0 + that many ms
-        lines = [encode_record(T0 + (k * topics + t) * 1000, 1, False, b'{"v": %d.%02d, "seq": %d}' % (k % 97, t % 100, k))
+        lines = [encode_record(T0 + (k * topics + t) * 1000, 1, False,
+                               b'{"v": %d.%02d, "seq": %d}' % (k % 97, t % 100, k))
                  for k in range(per)]
         bounds = [len(lines) * s // SEGMENTS for s in range(SEGMENTS + 1)]
         for s in range(SEGMENTS):
@@ -84,14 +85,15 @@ def generate(root: Path, records: int, topics: int) -> None:
 
 FULL = "SELECT topic, count(*) AS n, avg(CAST(payload->>'v' AS DOUBLE)) AS v FROM records GROUP BY topic ORDER BY topic"
 PLAIN_VIEW = ("CREATE VIEW records AS SELECT regexp_extract(filename, '^{root}/(.*)/\\+log[^/]*$', 1) AS topic, "
-              "make_timestamp(ts) AS ts, ts AS ts_us, qos, retain, enc, payload FROM read_json('{root}/**/+log*.jsonl*', "
+              "make_timestamp(ts) AS ts, ts AS ts_us, qos, retain, enc, payload "
+              "FROM read_json('{root}/**/+log*.jsonl*', "
               "format='newline_delimited', columns={{'ts': 'BIGINT', 'qos': 'UTINYINT', 'retain': 'BOOLEAN', "
               "'enc': 'VARCHAR', 'payload': 'JSON'}}, filename=true)")
 
 
 def run(argv: list[str]) -> tuple[float, bytes]:
     t = time.perf_counter()
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    r = subprocess.run(argv, capture_output=True, check=False)
     took = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(argv[:4])}...\n{r.stderr.decode()[-2000:]}")
@@ -165,7 +167,8 @@ def main() -> int:
                            f"c.execute({plain_view!r}); "
                            f"rows = c.execute({FULL!r}).fetchall(); print(len(rows))"]),
             "last minute": (
-                [py, "-m", "shardlog", "sql", str(root), window, "--format", "csv", "--since", str(lo), "--until", str(hi)],
+                [py, "-m", "shardlog", "sql", str(root), window, "--format", "csv",
+                 "--since", str(lo), "--until", str(hi)],
                 [py, "-c", f"import duckdb; c = duckdb.connect(); c.execute('SET enable_progress_bar_print = false'); "
                            f"c.execute({plain_view!r}); "
                            f"rows = c.execute({window!r}).fetchall(); print(len(rows))"]),

@@ -5,7 +5,8 @@
 For each round and each mode (no scraping, /metrics + /status every second, /metrics ten times a
 second): queue MESSAGES_PER_SHARD QoS 1 messages for each of two shards while they are stopped, start
 `shardlog supervise`, and time how long the shards take to write them all, from the first record
-written to the last (watching their stats files, not the HTTP endpoint). Prints messages/s per mode and the difference to no scraping.
+written to the last (watching their stats files, not the HTTP endpoint). Prints messages/s per mode
+and the difference to no scraping.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.helpers
 
-import paho.mqtt.client as mqtt  # noqa: E402
-import psutil  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
 
-from shardlog.counters import read_stats  # noqa: E402
-from tests.helpers import Mosquitto  # noqa: E402
-from tests.supervisor.helpers import SupervisorProc, make_map, wait_for  # noqa: E402
+from shardlog.counters import read_stats
+from tests.helpers import Mosquitto
+from tests.supervisor.helpers import SupervisorProc, make_map, wait_for
 
 MODES = {"none": None, "1/s": 1.0, "10/s": 0.1}
 

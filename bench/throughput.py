@@ -122,7 +122,7 @@ class Broker:
         conf = workdir / "mosquitto.conf"
         conf.write_text(
             ("user root\n" if os.geteuid() == 0 and ca is not None else "")  # it must read the key
-            + 
+            +
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
@@ -134,7 +134,7 @@ class Broker:
             "connection_messages false\n"
             + tls
         )
-        self._err = open(workdir / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
+        self._err = open(workdir / "mosquitto.log", "wb")  # lives as long as the broker
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=self._err)
         self.ps = psutil.Process(self.proc.pid)
@@ -255,7 +255,7 @@ def publish(port: int, work: Workload, window: int = 20000, client_id: bytes = b
                 with cond:
                     acked[0] = got // 4
                     cond.notify()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             err.append(exc)
             with cond:
                 cond.notify()
@@ -366,7 +366,7 @@ class MosquittoSub:
                        stdout=subprocess.DEVNULL)
 
     def start(self, port: int, n: int) -> None:
-        self._f = open(self.out, "wb")  # noqa: SIM115 - the subscriber's stdout
+        self._f = open(self.out, "wb")  # the subscriber's stdout
         self.proc = subprocess.Popen(self._cmd(port) + ["-C", str(n)], stdout=self._f)
         self.ps = psutil.Process(self.proc.pid)
         self.status: int | None = None
@@ -486,7 +486,7 @@ class Shardlog:
     def _spawn(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         self.stats_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=str(self.src), **self.env)
-        self._err = open(self.dir / "shardlog.log", "ab")  # noqa: SIM115 - the recorder's stderr
+        self._err = open(self.dir / "shardlog.log", "ab")  # the recorder's stderr
         cmd = [sys.executable, *(extra or []), "-m", "shardlog", "record", str(self.map),
                "--shard", "all", "--stats-file", str(self.stats_file),
                "--heartbeat", str(self.heartbeat), "--log-level", "warning"]
@@ -604,7 +604,7 @@ class Supervised(Shardlog):
 
     def _spawn(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONPATH=str(self.src), **self.env)
-        self._err = open(self.dir / "shardlog.log", "ab")  # noqa: SIM115 - the supervisor's stderr
+        self._err = open(self.dir / "shardlog.log", "ab")  # the supervisor's stderr
         cmd = [sys.executable, "-m", "shardlog", "supervise", str(self.map), "--log-level", "warning"]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, cwd=self.dir, env=env)
 
@@ -720,7 +720,7 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
             def _pub() -> None:
                 try:
                     pub_result.append(publish(broker.port, work))
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     pub_err.append(exc)
 
             pub_thread = threading.Thread(target=_pub, daemon=True)
@@ -987,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append("")
     if args.rss or any(r.side in VARIANTS for r in results):
         for r in results:
-            lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, {r.cpu_per_m:.1f} CPU s/1M "
+            lines.append(f"- {r.mode} QoS {r.qos} run {r.run}, {r.side}: {r.rate:,.0f} msg/s, "
+                         f"{r.cpu_per_m:.1f} CPU s/1M "
                          f"({100 * r.cpu_sys / max(r.cpu, 1e-9):.0f}% system), peak RSS "
                          f"{r.peak_rss / 2**20:.0f} MiB, others {r.others_cores:.2f} cores; {r.check}")
         if args.rss:

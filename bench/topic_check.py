@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shardlog.config.load import parse_map  # noqa: E402
-from shardlog.counters import Counters  # noqa: E402
-from shardlog.writing.store import Store  # noqa: E402
+from shardlog.config.load import parse_map
+from shardlog.counters import Counters
+from shardlog.writing.store import Store
 
 
 def per_topic(fn: Callable[[str], object], topics: list[str]) -> float:

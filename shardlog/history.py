@@ -33,7 +33,7 @@ from shardlog.reading.listing import topics
 from shardlog.reading.ranges import read
 from shardlog.reading.sqlite_export import export_sqlite
 from shardlog.reading.tail import tail
-from shardlog.reading.times import parse_time
+from shardlog.reading.times import TimeArg, parse_time
 from shardlog.reading.tree import TopicInfo, TopicNotFound, segments_of, topic_dir
 from shardlog.records import Record
 
@@ -59,8 +59,8 @@ __all__ = [
 
 # -- SQL and Parquet (DuckDB, imported only by these: shardlog/reading/sql.py, parquet.py) --
 
-def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None,
-            until: object = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(root: str | os.PathLike[str], prefix: str = "", since: TimeArg = None,
+            until: TimeArg = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-process DuckDB connection with a ``records`` view (see shardlog.reading.sql),
     confined to reading ``root`` unless ``sandbox`` is False (shardlog.reading.sandbox)."""
     from shardlog.reading import sql
@@ -69,7 +69,8 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
 
 
 def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
-                   since: object = None, until: object = None, progress: Callable[[int, int], None] | None = None) -> int:
+                   since: TimeArg = None, until: TimeArg = None,
+                   progress: Callable[[int, int], None] | None = None) -> int:
     """One Parquet file of ``prefix`` and below, payload keys as typed columns (see shardlog.reading.parquet)."""
     from shardlog.reading import parquet
 

@@ -75,7 +75,7 @@ class Threads:
                 try:
                     target()
                     return  # ended as asked
-                except Exception as exc:  # noqa: BLE001 - the point: log it, count it, run again
+                except Exception as exc:  # the point: log it, count it, run again
                     if stop.is_set():
                         return
                     what = f"{type(exc).__name__}: {exc}"

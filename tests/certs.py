@@ -75,7 +75,7 @@ def _leaf(cn: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
 def make_test_ca(directory: Path) -> TestCA:
     """Write a CA, a server and a client certificate with their keys into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, ca_cert = _ca("shardlog test CA", now)
     _other_key, other_cert = _ca("some other CA", now)
     paths = TestCA(dir=directory, ca_file=directory / "ca.pem", server_cert=directory / "server.pem",

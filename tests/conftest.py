@@ -23,7 +23,6 @@ from tests.helpers import (  # noqa: F401 - re-exported for older imports
 from tests.supervisor.helpers import SupervisorProc
 
 
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
     """``SHARDLOG_NO_SKIPS=1`` (set by .ci/run): a skipped test fails, naming its reason, so a

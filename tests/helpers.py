@@ -4,8 +4,8 @@ processes, and polling with deadlines (never sleeps as synchronisation)."""
 from __future__ import annotations
 
 import os
-import shutil
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -417,7 +417,7 @@ class FastFlow(threading.Thread):
                 i = self.sent = end
             self.pub.wait_acked(120)
             self.elapsed = time.monotonic() - t0
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+        except BaseException as exc:  # reported by finish()
             self.error = exc
 
     def finish(self, timeout: float = 120) -> None:
@@ -434,10 +434,9 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     for walking many argument lists; tests keep a few real subprocess runs beside it."""
     import contextlib
     import io
+    import logging
 
     from shardlog.cli.main import main
-
-    import logging
 
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)  # verbs write to .buffer
     err = io.StringIO()

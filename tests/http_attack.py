@@ -168,7 +168,7 @@ def concurrent_gets(addr: Addr, clients: int, rounds: int, timeout: float = 60.0
                 s.setblocking(True)
                 s.sendall(req)
                 s.setblocking(False)
-    for s in state:
+    for _s in state:
         counts[-1] = counts.get(-1, 0) + 1  # no answer before the deadline
     sel.close()
     for s in socks:

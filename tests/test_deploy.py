@@ -39,8 +39,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shardlog.config.load import parse_map
 from tests.helpers import MOSQUITTO, Mosquitto, Publisher, RecorderProc, free_port, wait_for, write_map

@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit:
         raise
-    except Exception:  # noqa: BLE001 - last resort: say so, exit 70, never a silent death
+    except Exception:  # last resort: say so, exit 70, never a silent death
         logging.getLogger("shardlog").exception("internal error")
         return EX_SOFTWARE

@@ -37,7 +37,7 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     for info in history.topics(args.root, args.prefix, long=args.long):
         found += 1
         if args.json:
-            doc = {"topic": info.topic}
+            doc: dict[str, str | int | None] = {"topic": info.topic}
             if args.long:
                 doc.update(records=info.records, bytes=info.bytes, last_ts=info.last_ts)
             out.write(json.dumps(doc, ensure_ascii=False) + "\n")

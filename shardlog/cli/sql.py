@@ -18,7 +18,6 @@ from typing import Any
 
 from shardlog.cli.common import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
 
-
 _BATCH = 10_000
 _CELL = 60  # widest table cell, in characters
 
@@ -84,17 +83,17 @@ def write_result(cur: Any, fmt: str, out: io.TextIOBase) -> int:
     n = 0
     if fmt == "json":
         for row in _rows(cur):
-            out.write(json.dumps({k: _value(v, j) for k, v, j in zip(names, row, is_json)},
+            out.write(json.dumps({k: _value(v, j) for k, v, j in zip(names, row, is_json, strict=True)},
                                  ensure_ascii=False) + "\n")
             n += 1
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(names)
         for row in _rows(cur):
-            w.writerow([_text(v, j) for v, j in zip(row, is_json)])
+            w.writerow([_text(v, j) for v, j in zip(row, is_json, strict=True)])
             n += 1
     else:
-        cells = [tuple(_cell("NULL" if v is None else _text(v, j)) for v, j in zip(row, is_json))
+        cells = [tuple(_cell("NULL" if v is None else _text(v, j)) for v, j in zip(row, is_json, strict=True))
                  for row in _rows(cur)]
         n = len(cells)
         out.write(format_table(tuple(names), cells) + "\n")

@@ -96,7 +96,7 @@ def overlaps_branch(template: str, branch: str) -> bool:
     """Could a topic matching ``template`` (``{host}``: any text within a level) or one below
     it lie in ``branch``, or ``branch`` lie inside it? ``branch`` is a plain topic."""
     levels, blevels = template.split("/"), branch.split("/")
-    return all(_level_rx(p).fullmatch(b) for p, b in zip(levels, blevels))
+    return all(_level_rx(p).fullmatch(b) for p, b in zip(levels, blevels, strict=False))
 
 
 def could_be_equal(a: str, b: str) -> bool:
@@ -104,7 +104,7 @@ def could_be_equal(a: str, b: str) -> bool:
     la, lb = a.split("/"), b.split("/")
     if len(la) != len(lb):
         return False
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         if x == y:
             continue
         if HOST in x and HOST in y:

@@ -35,7 +35,6 @@ from shardlog.config.schema import (
     normalize_prefix,
 )
 
-
 # -- loading -------------------------------------------------------------------------
 
 _ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

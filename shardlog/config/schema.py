@@ -63,7 +63,8 @@ def _dec_hook(tp: type, obj: Any) -> Any:
 
 # -- the structs ---------------------------------------------------------------------
 
-_STRICT = {"forbid_unknown_fields": True, "kw_only": True}
+# every struct is forbid_unknown_fields=True, kw_only=True, spelled out in each class
+# statement: a type checker reads those keywords, not a **dict of them
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 # \Z, not $: "$" also matches before a trailing newline ("a\n" would pass)
@@ -79,7 +80,7 @@ _PATTERN_WORDS = {
 }
 
 
-class TLS(Struct, **_STRICT):
+class TLS(Struct, forbid_unknown_fields=True, kw_only=True):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -87,7 +88,7 @@ class TLS(Struct, **_STRICT):
     insecure: bool = False  # skip host name verification (testing only)
 
 
-class Broker(Struct, **_STRICT):
+class Broker(Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "localhost"
     port: Port = 1883
     protocol: Literal[5, "5", "3.1.1", "311"] = 5
@@ -126,23 +127,23 @@ class Broker(Struct, **_STRICT):
         return self.protocol in (5, "5")
 
 
-class Rotate(Struct, **_STRICT):
+class Rotate(Struct, forbid_unknown_fields=True, kw_only=True):
     max_bytes: SegmentSize | None = SegmentSize(64 * 1024 * 1024)
     max_age: PositiveDuration | None = PositiveDuration(86400.0)
 
 
-class Retention(Struct, **_STRICT):
+class Retention(Struct, forbid_unknown_fields=True, kw_only=True):
     max_segments: Annotated[int, Meta(ge=1)] | None = None
     max_age: PositiveDuration | None = None
 
 
-class Batch(Struct, **_STRICT):
+class Batch(Struct, forbid_unknown_fields=True, kw_only=True):
     # 5000: on a 1,000-topic stream that is ~5 records per write; docs/benchmarks.md
     max_messages: Annotated[int, Meta(ge=1, le=65535)] = 5000
     max_delay: Duration = Duration(0.02)
 
 
-class Journal(Struct, **_STRICT):
+class Journal(Struct, forbid_unknown_fields=True, kw_only=True):
     """Acknowledge after one sequential write, fill the topic files behind it
     (shardlog/writing/journal.py; docs/journal.md)."""
 
@@ -156,7 +157,7 @@ HookName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Z
                                        r"(:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)?\Z")]
 
 
-class HookSpec(Struct, **_STRICT):
+class HookSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     """A hook with arguments: ``use`` names a factory, called once at start with ``args``
     as keyword arguments; it returns the hook (docs/hooks.md)."""
 
@@ -164,7 +165,7 @@ class HookSpec(Struct, **_STRICT):
     args: dict[str, Any] = {}
 
 
-class Settings(Struct, **_STRICT):
+class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     """Per-shard settings; ``defaults`` holds them for every shard."""
 
     root: str = "./data"
@@ -198,7 +199,7 @@ class Settings(Struct, **_STRICT):
     retained: Literal["all", "new", "none"] = "all"
 
 
-class Shard(Settings, **_STRICT):
+class Shard(Settings, forbid_unknown_fields=True, kw_only=True):
     name: ShardName
     prefix: str
     host: str | None = None
@@ -210,7 +211,7 @@ class Shard(Settings, **_STRICT):
         return normalize_prefix(self.prefix)
 
 
-class Restart(Struct, **_STRICT):
+class Restart(Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_initial: PositiveDuration = PositiveDuration(0.5)
     backoff_max: PositiveDuration = PositiveDuration(30.0)
     healthy_after: Duration = Duration(60.0)
@@ -219,7 +220,7 @@ class Restart(Struct, **_STRICT):
     failed_retry: PositiveDuration = PositiveDuration(300.0)
 
 
-class SupervisorSettings(Struct, **_STRICT):
+class SupervisorSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8470"
     restart: Restart = msgspec.field(default_factory=Restart)
     heartbeat_timeout: PositiveDuration = PositiveDuration(30.0)
@@ -227,7 +228,7 @@ class SupervisorSettings(Struct, **_STRICT):
     start_jitter: Duration = Duration(0.2)
 
 
-class Control(Struct, **_STRICT):
+class Control(Struct, forbid_unknown_fields=True, kw_only=True):
     """Control over MQTT and status topics (docs/control.md). Everything is off by default;
     the supervisor's local HTTP API (``shardlog rotate|rm|mv|stop``) is always on."""
 
@@ -244,7 +245,7 @@ class Control(Struct, **_STRICT):
     supervisor_interval: PositiveDuration = PositiveDuration(30.0)
 
 
-class ShardMap(Struct, **_STRICT):
+class ShardMap(Struct, forbid_unknown_fields=True, kw_only=True):
     shards: Annotated[list[Shard], Meta(min_length=1)]
     broker: Broker = msgspec.field(default_factory=Broker)
     defaults: Settings = msgspec.field(default_factory=Settings)

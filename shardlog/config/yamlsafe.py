@@ -45,7 +45,7 @@ def _where(node: Node) -> str:
     return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
 
 
-def _key_text(node: Node) -> str:
+def _key_text(node: ScalarNode | SequenceNode | MappingNode) -> str:
     return str(node.value) if isinstance(node, ScalarNode) else f"<{node.id} key>"
 
 
@@ -64,7 +64,8 @@ class BoundedLoader(yaml.SafeLoader):
         self._depth = 0
         self._aliases = 0
 
-    def compose_node(self, parent: Node | None, index: object) -> Node | None:  # type: ignore[override]
+    # index: what types-PyYAML declares (PyYAML passes a mapping's key node too; it is only passed on)
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_ALIASES:

@@ -152,16 +152,23 @@ class Operations:
             raise Refused(f"{what} {topic!r} spans the branches of other shards: {', '.join(nested)}")
         return topic
 
+    @property
+    def _store(self) -> Store:
+        """The recorder's store: operations run only while it is open."""
+        store = self.rec.store
+        assert store is not None
+        return store
+
     def _path(self, topic: str) -> str:
         try:
-            return safe_join(self.rec.store.root, topic_to_relpath(topic))  # type: ignore[union-attr]
+            return safe_join(self._store.root, topic_to_relpath(topic))
         except TopicError as exc:
             raise Refused(f"{topic!r}: {exc}") from None
 
     def _ours(self, path: str, topic: str, whole_branch: bool = False) -> None:
         """Refuse unless the tree at ``path`` is shardlog's to delete or move (its own branch
         root's lock aside, when ``whole_branch``)."""
-        branch_root = self.rec.store.branch_root  # type: ignore[union-attr]
+        branch_root = self._store.branch_root
         why = lock_above(path, branch_root) or foreign_below(path, whole_branch, self.protected)
         if why:
             raise Refused(f"{topic!r}: {why}")
@@ -169,13 +176,12 @@ class Operations:
     def _settle(self, prefixes: list[str]) -> list[tuple[bytes, TopicState]]:
         """Write everything buffered; the states of topics under ``prefixes``."""
         rec = self.rec
-        store = rec.store
-        assert store is not None
+        store = self._store
         if rec.pending or store.dirty:
             if getattr(store, "preparer", None) is not None:
                 # first opens run in a background thread: wait for them, so that every
                 # buffered record is written and nothing is creating directories meanwhile
-                rec.flush(wait=True)  # type: ignore[call-arg]
+                rec.flush(wait=True)
             else:
                 rec.flush()
         stuck = [st.topic for st in store.dirty if any(is_under(st.topic, p) for p in prefixes)]
@@ -186,14 +192,13 @@ class Operations:
                 if isinstance(st, TopicState) and any(is_under(st.topic, p) for p in prefixes)]
 
     def _let_go(self, affected: list[tuple[bytes, TopicState]]) -> None:
-        store = self.rec.store
-        assert store is not None
+        store = self._store
         for key, st in affected:
             store.forget(st)
             self.rec.topic_states().pop(key, None)
 
     def _compressor_lock(self) -> Any:
-        c = self.rec.store.compressor  # type: ignore[union-attr]
+        c = self._store.compressor
         return c.lock if c is not None else _NoLock()
 
     # -- rotate -----------------------------------------------------------------------------
@@ -201,8 +206,7 @@ class Operations:
     def rotate(self, prefix: str) -> dict[str, Any]:
         prefix = self._check(prefix, "prefix", nested_ok=True)  # the walk skips nested branches
         rec = self.rec
-        store = rec.store
-        assert store is not None
+        store = self._store
         self._settle([prefix])
         now_us = time.time_ns() // 1000
         rotated: list[str] = []
@@ -230,7 +234,7 @@ class Operations:
         out: list[str] = []
         if not os.path.isdir(base):
             return out
-        own = os.path.realpath(self.rec.store.branch_root)  # type: ignore[union-attr]
+        own = os.path.realpath(self._store.branch_root)
         for dirpath, dirnames, filenames in os.walk(base):
             if LOCK in filenames and os.path.realpath(dirpath) != own:
                 dirnames[:] = []  # another recorder's branch (another map's shard): not ours to rotate
@@ -272,8 +276,7 @@ class Operations:
 
     def delete(self, prefix: str) -> dict[str, Any]:
         prefix = self._check(prefix, "prefix")
-        store = self.rec.store
-        assert store is not None
+        store = self._store
         path = self._path(prefix)
         affected = self._settle([prefix])
         if not os.path.lexists(path):
@@ -307,8 +310,7 @@ class Operations:
         dst = self._check(dst, "dst")
         if is_under(dst, src) or is_under(src, dst):
             raise Refused(f"src {src!r} and dst {dst!r} lie inside one another")
-        store = self.rec.store
-        assert store is not None
+        store = self._store
         src_path, dst_path = self._path(src), self._path(dst)
         if os.path.realpath(src_path) == os.path.realpath(store.branch_root):
             raise Refused(f"src {src!r} is this shard's whole branch; move topics below it")
@@ -342,7 +344,7 @@ class Operations:
 
     def clean_leftovers(self) -> None:
         """Finish deletions a previous run of this shard was killed in the middle of."""
-        root = self.rec.store.root  # type: ignore[union-attr]
+        root = self._store.root
         mine = f"{ASIDE}{self.rec.shard.name}."
         try:
             names = os.listdir(root)

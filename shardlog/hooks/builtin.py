@@ -26,7 +26,9 @@ from msgspec import Meta, Struct
 from shardlog.config.schema import ConfigError, PositiveDuration, _convert
 from shardlog.hooks.message import Hook, Message
 
-_STRICT = {"forbid_unknown_fields": True, "kw_only": True}
+# every struct is forbid_unknown_fields=True, kw_only=True, spelled out in each class
+# statement: a type checker reads those keywords, not a **dict of them
+
 _json_decode = msgspec.json.decode
 
 
@@ -58,7 +60,7 @@ def _need(module: str) -> Any:
 # -- decoders ---------------------------------------------------------------------------
 
 
-class NoArgs(Struct, **_STRICT):
+class NoArgs(Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
@@ -95,7 +97,7 @@ def _ext(code: int, data: bytes) -> dict[str, Any]:
 TopicFilter = Annotated[str, Meta(min_length=1, pattern=r"^([^+#]*|\+)(/([^+#]*|\+))*(/#)?\Z|^#\Z")]
 
 
-class TopicsArgs(Struct, **_STRICT):
+class TopicsArgs(Struct, forbid_unknown_fields=True, kw_only=True):
     topics: Annotated[list[TopicFilter], Meta(min_length=1)]  # MQTT filters: + one level, # the rest
 
 
@@ -136,7 +138,7 @@ def keep(args: TopicsArgs) -> Hook:
     return hook
 
 
-class SampleArgs(Struct, **_STRICT):
+class SampleArgs(Struct, forbid_unknown_fields=True, kw_only=True):
     interval: PositiveDuration  # keep at most one message per topic per interval
 
 
@@ -159,7 +161,7 @@ def sample(args: SampleArgs) -> Hook:
     return hook
 
 
-class RedactArgs(Struct, **_STRICT):
+class RedactArgs(Struct, forbid_unknown_fields=True, kw_only=True):
     keys: Annotated[list[str], Meta(min_length=1)]  # object keys, at any depth
     replacement: Any = "[redacted]"
     non_json: Literal["keep", "drop", "quarantine"] = "keep"  # a payload that is not JSON

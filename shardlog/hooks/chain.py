@@ -118,21 +118,21 @@ class Chain:
             try:
                 out = self._apply(msg, started)
                 wd.busy = False
-            except Exception as exc:  # noqa: BLE001 - the hook's error, isolated
+            except Exception as exc:  # the hook's error, isolated
                 wd.busy = False
                 text = str(exc) if exc.__class__ is BadOutput else _error_text(exc)
                 return self._failed(self.current, text, started)
         except HookTimeout:  # raised once per call at most (the handler clears busy first)
             wd.busy = False
             return self._timed_out(started)
-        if out.__class__ is HookFailure:
+        if isinstance(out, HookFailure):
             return out
         if _monotonic() - started > self.timeout:  # interrupted too late, or no watchdog
             return self._timed_out(started)
         if self.strikes:
             self._clear_strikes()
         topic = msg.topic
-        for m in out:  # type: ignore[union-attr]
+        for m in out:
             if m.topic is not topic and m.topic != topic:
                 problem = self.owns(m.topic)
                 if problem is not None:  # blamed on the hook that moved it there, not the last one

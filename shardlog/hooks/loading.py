@@ -40,7 +40,7 @@ def load_hook(spec: HookSpec, key: str, call: bool = True) -> LoadedHook:
         return LoadedHook(spec.use, builtin_hooks.make(spec.use, spec.args, f"{key}.args"))
     try:
         obj = resolve(spec.use)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raised on import
+    except Exception as exc:  # whatever the module raised on import
         raise ConfigError(f"{key}: cannot import {spec.use!r}: {_error_text(exc)} "
                           f"(sys.path starts {sys.path[:3]})") from None
     if spec.args and not call:
@@ -48,7 +48,7 @@ def load_hook(spec: HookSpec, key: str, call: bool = True) -> LoadedHook:
     elif spec.args:
         try:
             obj = obj(**spec.args)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ConfigError(f"{key}.args: {spec.use}(**args) raised {_error_text(exc)}") from None
     if not callable(obj):
         raise ConfigError(f"{key}: {spec.use!r} is a {type(obj).__name__}, not a callable")

@@ -58,7 +58,7 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # a tab stays text
 def _valid_envelope(item: bytes) -> bool:
     try:
         obj = _json_decode(item)
-    except Exception:  # noqa: BLE001 - any decoder complaint means "not a record"
+    except Exception:  # any decoder complaint means "not a record"
         return False
     return isinstance(obj, dict) and isinstance(obj.get("ts"), int) and "payload" in obj
 
@@ -68,7 +68,7 @@ def _valid_json(item: bytes) -> bool:
         return False
     try:
         _json_decode(item)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return True
 
@@ -138,7 +138,7 @@ class Format:
         for env in self.envelopes(head):
             try:
                 return decode_record(env).ts
-            except Exception:  # noqa: BLE001 - damage: unknown
+            except Exception:  # damage: unknown
                 return None
         return None
 

@@ -17,12 +17,12 @@ and exit non-zero (docs/history.md).
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import stat
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def check_regular(path: str) -> os.stat_result:
     return st
 
 
-def open_file(path: str) -> BinaryIO:
+def open_file(path: str) -> io.BufferedReader:
     """A buffered binary file of the regular file ``path`` (see :func:`open_fd`)."""
     return os.fdopen(open_fd(path), "rb")
 
@@ -88,7 +88,8 @@ def open_gzip(path: str) -> gzip.GzipFile:
     """A gzip reader of the regular file ``path``; closing it closes the file."""
     f = open_file(path)
     g = gzip.GzipFile(fileobj=f, mode="rb")
-    g.myfileobj = f  # type: ignore[attr-defined]  # GzipFile.close closes it
+    # GzipFile.close closes it (typeshed declares it a FileIO; any file object is closed the same way)
+    g.myfileobj = f  # type: ignore[assignment]
     return g
 
 

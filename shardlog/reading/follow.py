@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from types import TracebackType
 
 from shardlog.ondisk import formats
 from shardlog.ondisk.segments import rotated_segments
@@ -20,8 +21,9 @@ class _suppress_missing:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return typ is not None and issubclass(typ, FileNotFoundError)  # type: ignore[arg-type]
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        return typ is not None and issubclass(typ, FileNotFoundError)
 
 
 class _Follower:
@@ -130,7 +132,7 @@ class _Follower:
             if _current_name(_safe_listdir(self.dir)) is None:
                 return lines  # rotated, the new one not created yet: keep the old one
             st = None  # the format changed: the old current segment was rotated away
-        if st is not None and st.st_ino == self.ino and st.st_size < self.offset and st.st_size >= self.offset - len(self.buf):
+        if st is not None and st.st_ino == self.ino and self.offset - len(self.buf) <= st.st_size < self.offset:
             # a torn tail (a crash mid-write) cut back by the restarted recorder
             self.offset -= len(self.buf)
             self.buf = b""

@@ -23,8 +23,7 @@ from collections.abc import Iterator
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS, Format
 from shardlog.ondisk.segments import parse_segment
-from shardlog.reading.files import (GZIP_ERRORS, MAX_GARBAGE, MAX_LINE, bounded_lines, open_fd, open_file,
-                                    open_gzip)
+from shardlog.reading.files import GZIP_ERRORS, MAX_GARBAGE, MAX_LINE, bounded_lines, open_fd, open_file, open_gzip
 from shardlog.records import Record, decode_record
 
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def _segment_lines_backwards(path: str, keep: int | None = None) -> Iterator[byt
         except FileNotFoundError:
             return
         with g:
-            mtime = os.fstat(g.fileobj.fileno()).st_mtime_ns // 1000  # type: ignore[union-attr]
+            mtime = os.fstat(g.fileno()).st_mtime_ns // 1000
             maxlen = None if keep is None else keep + fmt.extra_lines + 1
             last = deque(bounded_lines(g.read1, path), maxlen=maxlen)
         last.reverse()
@@ -195,7 +194,7 @@ def _first_ts(path: str) -> int | None:
     head = [h for h in head if h.endswith(b"\n")]
     try:
         return fmt.first_ts(head) if fmt is not formats.JSONL else (_ts_of(head[0]) if head else None)
-    except Exception:  # noqa: BLE001 - a damaged first line: do not skip on it
+    except Exception:  # a damaged first line: do not skip on it
         return None
 
 
@@ -210,7 +209,7 @@ def _open_segment(path: str):  # -> binary file object
         raise
 
 
-def _lines_forward(f, path: str) -> Iterator[bytes]:  # noqa: ANN001 - a binary file
+def _lines_forward(f, path: str) -> Iterator[bytes]:  # a binary file
     """Complete lines of ``f`` (a torn last line, being written, is left out), bounded."""
     return bounded_lines(f.read1, path)  # read1: a damaged gzip stream keeps what it gave
 

@@ -17,7 +17,7 @@ def topics(root: str | os.PathLike[str], prefix: str = "", long: bool = False) -
     ``long``: record count (reads every segment; compressed ones are decompressed),
     bytes on disk and the newest record's ts."""
     root_real = _root(root)
-    for topic, path, files in _walk(root_real, prefix):
+    for topic, path, _files in _walk(root_real, prefix):
         if not long:
             yield TopicInfo(topic, path)
             continue

@@ -19,9 +19,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shardlog.reading import sql
 from shardlog.reading.sqlite_export import MAX_FLAT_COLUMNS, _utf8_ok
+from shardlog.reading.times import TimeArg
+
+if TYPE_CHECKING:
+    import duckdb
 
 __all__ = ["column_type", "export_parquet", "flat_columns"]
 
@@ -55,7 +60,7 @@ def flat_columns(keys: list[tuple[str, set[str], bool]]) -> list[tuple[str, str,
     one but for case gets ``~2``, ``~3``; NUL is written ``\\u0000``; at most
     ``sqlite_export.MAX_FLAT_COLUMNS``."""
     taken = {"topic", "ts", "qos", "retain", "enc", "payload", "props", "user_properties"}
-    out = []
+    out: list[tuple[str, str, str]] = []
     for key, types, big in keys:
         if not types & (set(_SCALARS) | {"NULL"}) or not _utf8_ok(key):
             continue
@@ -95,7 +100,7 @@ def _column(name: str, typ: str, ptr: str) -> str:
 
 
 def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
-                   since: object = None, until: object = None,
+                   since: TimeArg = None, until: TimeArg = None,
                    progress: Callable[[int, int], None] | None = None) -> int:
     """Write the records of ``prefix`` (and below) in ``[since, until)`` to a new Parquet
     file ``path`` (refuses an existing one). ``progress(done, total)`` is called about ten
@@ -107,7 +112,7 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
     # our own COPY writes the file: not the sandbox of user queries
     con = sql.connect(root, prefix, since, until, sandbox=False)  # TopicNotFound before anything is created
     try:
-        total = con.execute("SELECT count(*) FROM records").fetchone()[0]  # type: ignore[index]
+        total = con.execute("SELECT count(*) FROM records").fetchall()[0][0]
         keys = [(k, set(types), bool(big)) for k, types, big, _, _ in con.execute(_KEYS).fetchall()]
         # payload and props as plain text (VARCHAR): DuckDB's JSON type becomes Arrow's JSON
         # extension type, which pyarrow shows as extension<arrow.json> and polars as Binary
@@ -126,23 +131,23 @@ def export_parquet(root: str | os.PathLike[str], prefix: str, path: str | os.Pat
         con.close()
 
 
-def _run_with_progress(con: object, statement: str, total: int,
+def _run_with_progress(con: duckdb.DuckDBPyConnection, statement: str, total: int,
                        progress: Callable[[int, int], None] | None) -> None:
     if progress is None:
-        con.execute(statement)  # type: ignore[attr-defined]
+        con.execute(statement)
         return
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(0.1):
-            pct = con.query_progress()  # type: ignore[attr-defined]
+            pct = con.query_progress()
             if pct >= 0:
                 progress(int(total * min(pct, 100.0) / 100), total)
 
     t = threading.Thread(target=watch, name="shardlog-export-progress", daemon=True)
     t.start()
     try:
-        con.execute(statement)  # type: ignore[attr-defined]
+        con.execute(statement)
     finally:
         done.set()
         t.join()

@@ -21,7 +21,7 @@ from shardlog.ondisk import formats
 from shardlog.ondisk.segments import rotated_segments
 from shardlog.reading.files import open_file
 from shardlog.reading.lines import _decode, _first_ts, _lines_forward, _mtime_us, _segment_file_lines, _skip_to, _ts_of
-from shardlog.reading.times import parse_time
+from shardlog.reading.times import TimeArg, parse_time
 from shardlog.reading.tree import TopicNotFound, _current_name, _root, _safe_listdir, _walk
 from shardlog.records import Record
 
@@ -180,12 +180,12 @@ def _tagged(lines: Iterator[tuple[int, bytes]], i: int, t: str) -> Iterator[tupl
         yield ts, i, t, line
 
 
-def read(root: str | os.PathLike[str], topic_or_prefix: str, since: object = None,
-         until: object = None) -> Iterator[tuple[str, Record]]:
+def read(root: str | os.PathLike[str], topic_or_prefix: str, since: TimeArg = None,
+         until: TimeArg = None) -> Iterator[tuple[str, Record]]:
     """(topic, Record) of one topic and every topic below it, in time order, with
     ``since <= ts < until`` (µs ints, datetimes or ISO strings). Rotated segments
     outside the range are skipped by their first records, without decompressing
     them. Raises ``TopicNotFound`` if nothing is recorded there."""
-    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)
     lines = _read_lines(root, topic_or_prefix, lo, hi)
     return ((t, rec) for t, _ts, line in lines if (rec := _decode(line)) is not None)

@@ -61,10 +61,10 @@ from typing import TYPE_CHECKING, NamedTuple
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
-from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
 from shardlog.reading import sandbox as _sandbox
+from shardlog.reading.files import Skipped, bounded_lines, check_regular, open_file
 from shardlog.reading.ranges import _segments_in_range
-from shardlog.reading.times import parse_time
+from shardlog.reading.times import TimeArg, parse_time
 from shardlog.reading.tree import TopicNotFound, _root, _walk
 from shardlog.records import encode_record
 
@@ -88,12 +88,12 @@ class SegmentFile(NamedTuple):
     sparse: bool = False  # a plain file with holes (read as NULs): DuckDB reads a cleaned copy
 
 
-def segment_files(root: str | os.PathLike[str], prefix: str = "", since: object = None,
-                  until: object = None) -> list[SegmentFile]:
+def segment_files(root: str | os.PathLike[str], prefix: str = "", since: TimeArg = None,
+                  until: TimeArg = None) -> list[SegmentFile]:
     """The segment files that can hold records of ``prefix`` (and below) in
     ``[since, until)``: the pushdown. Raises ``history.TopicNotFound`` for a missing
     root, or a prefix with nothing recorded."""
-    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)
     root_real = _root(root)
     found = list(_walk(root_real, prefix))
     if prefix and not found:
@@ -285,20 +285,20 @@ def _create(con: duckdb.DuckDBPyConnection, root: str | os.PathLike[str], prefix
     files = segment_files(root, prefix, since, until)
     safe = _Safe(_sandbox.private_dir(con))
     names = [safe.cleaned(f.path) if f.sparse else safe.name(f.path) for f in files]
-    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names)]
+    files = [f._replace(size=os.path.getsize(n)) if f.sparse else f for f, n in zip(files, names, strict=True)]
     con.execute("CREATE OR REPLACE TEMP TABLE shardlog_files (filename VARCHAR, topic VARCHAR, mtime_us BIGINT)")
     if files:
         con.execute("INSERT INTO shardlog_files SELECT unnest($1), unnest($2), unnest($3)",
                     [names, [f.topic for f in files], [f.mtime_us for f in files]])
     groups: dict[str, list[str]] = {}
-    for f, name in zip(files, names):
+    for f, name in zip(files, names, strict=True):
         groups.setdefault(f.key, []).append(name)
     con.execute(view_sql(groups, since, until, longest_line([f.size for f in files])))
     for macro in _MACROS:
         con.execute(macro)
 
 
-def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None, until: object = None,
+def connect(root: str | os.PathLike[str], prefix: str = "", since: TimeArg = None, until: TimeArg = None,
             con: duckdb.DuckDBPyConnection | None = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection (or ``con``) with a ``records`` view of the
     records of ``prefix`` and below (``''``: all) with ``since <= ts < until``. A new
@@ -306,7 +306,7 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
     is False; a given ``con`` is used as it is."""
     import duckdb
 
-    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)
     new = con is None
     if con is None:
         con = duckdb.connect()
@@ -316,7 +316,9 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
         con.execute("SET enable_progress_bar_print = false")
         con.execute("SET TimeZone = 'UTC'")  # ts is an instant: shown in UTC
     try:
-        con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",
+        # null_handling as a string: DuckDB takes it so in every version, while the enum's module
+        # moved (duckdb.functional in 1.x, duckdb.func in 2.x) and the stubs accept the enum only
+        con.create_function("shardlog_csv_envelope", _csv_envelope, ["VARCHAR", "VARCHAR"], "VARCHAR",  # type: ignore[call-overload]
                             null_handling="special", side_effects=False)
     except duckdb.CatalogException:
         pass  # already there (connect called again on the same connection)
@@ -326,15 +328,15 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: object = None
     return con
 
 
-def query(root: str | os.PathLike[str], sql: str, prefix: str = "", since: object = None,
-          until: object = None, params: object = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
+def query(root: str | os.PathLike[str], sql: str, prefix: str = "", since: TimeArg = None,
+          until: TimeArg = None, params: object = None, sandbox: bool = True) -> duckdb.DuckDBPyConnection:
     """Run ``sql`` over a fresh ``connect`` (the result is materialised: fetch it from the
     returned connection). A segment compressed or removed between the listing and the read
     (DuckDB: no such file) makes it list again and retry once. With ``sandbox`` (the default)
     a statement that is not ``sandbox.ALLOWED`` raises ``sandbox.Refused`` before anything runs."""
     import duckdb
 
-    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)
     con = connect(root, prefix, lo, hi, sandbox=sandbox)
     if sandbox:
         _sandbox.check(con, sql)

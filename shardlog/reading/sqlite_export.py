@@ -15,10 +15,9 @@ from collections.abc import Callable
 import msgspec
 
 from shardlog.reading.lines import _decode
-from shardlog.records import Record, decode_record
 from shardlog.reading.ranges import _read_lines
-from shardlog.reading.times import parse_time
-
+from shardlog.reading.times import TimeArg, parse_time
+from shardlog.records import Record, decode_record
 
 _INT64 = (-(2**63), 2**63 - 1)
 _FIXED = 7  # topic, ts, qos, retain, payload, payload_json, props
@@ -75,13 +74,13 @@ def _record(line: bytes) -> Record | None:
 
 
 def export_sqlite(root: str | os.PathLike[str], prefix: str, path: str | os.PathLike[str],
-                  since: object = None, until: object = None, batch: int = 5000,
+                  since: TimeArg = None, until: TimeArg = None, batch: int = 5000,
                   progress: Callable[[int], None] | None = None) -> int:
     """Write the records of ``prefix`` (and below) to a new SQLite file ``path``: one
     table ``records(topic, ts, qos, retain, payload BLOB, payload_json TEXT)`` plus a
     column ``payload.<key>`` for each top-level scalar member of JSON object payloads
     (added as first seen). One transaction. Returns the number of rows."""
-    lo, hi = parse_time(since), parse_time(until)  # type: ignore[arg-type]
+    lo, hi = parse_time(since), parse_time(until)
     if os.path.exists(path):
         raise FileExistsError(f"{os.fspath(path)} exists; remove it first")
     lines = _read_lines(root, prefix, lo, hi)  # raises TopicNotFound before anything is created

@@ -43,6 +43,7 @@ def _tail_lines_dir(path: str, n: int, current: tuple[int, int, Format] | None =
                 out.append(line)
                 if len(out) >= n:
                     break
+            # each source is a generator (typed Iterator): close it now, and the file it holds
             src.close()  # type: ignore[attr-defined]
             if len(out) >= n:
                 break

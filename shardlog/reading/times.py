@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+from typing import TypeAlias
+
+#: a ``since`` or ``until`` argument: µs (int), a datetime, an ISO 8601 string, or None
+TimeArg: TypeAlias = float | str | _dt.datetime | None
 
 
-def parse_time(value: float | str | _dt.datetime | None) -> int | None:
+def parse_time(value: TimeArg) -> int | None:
     """µs since the epoch from an int (µs), a datetime (naive = UTC) or an ISO 8601
     string (naive = UTC; a plain integer string is µs). ``None`` stays ``None``."""
     if value is None:

@@ -2,8 +2,8 @@
 
 Only directory listings (and the ``+topic`` file of a hashed, over-long level): no
 segment is read here. A directory that cannot be listed (no permission) is left out with
-a warning (``shardlog.reading.tree``; the read verbs then exit non-zero), never silently. Topic names are decoded from the directory path by
-:mod:`shardlog.topics`, never guessed.
+a warning (``shardlog.reading.tree``; the read verbs then exit non-zero), never silently.
+Topic names are decoded from the directory path by :mod:`shardlog.topics`, never guessed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import NamedTuple
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import TOPIC_FILE, parse_segment, rotated_segments
 from shardlog.topics import HashedNameError, TopicError, decode_level, safe_join, topic_to_relpath
-
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from shardlog.records import Record
-from shardlog.replay.plan import (BrokerUnavailable, Interrupted, Rename, broker_name, delay, rename_topic,
-                                  replay_properties)
+from shardlog.replay.plan import (
+    BrokerUnavailable,
+    Interrupted,
+    Rename,
+    broker_name,
+    delay,
+    rename_topic,
+    replay_properties,
+)
 from shardlog.replay.publisher import Publisher
 from shardlog.topics import TopicError, topic_from_bytes
 

@@ -19,26 +19,33 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _OPEN_FLAGS = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
 
-try:
-    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-    _renameat2.restype = ctypes.c_int
-except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
-    _renameat2 = None
 
+def _load_renameat2() -> Callable[..., int] | None:
+    """The C library's ``renameat2``, or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - not glibc/Linux
+        return None
+    return fn
+
+
+_renameat2 = _load_renameat2()
 _exchange_works = _renameat2 is not None
 
 
 def _exchange(a: str, b: str) -> bool:
     """Atomically exchange two names; False if the system cannot (or ``b`` is missing)."""
     global _exchange_works
-    if not _exchange_works:
+    if not _exchange_works or _renameat2 is None:
         return False
     if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True

@@ -17,7 +17,6 @@ import typing
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import TopicFiles
 
-
 _QUEUED = object()  # TopicState.prep while the preparer has it
 
 
@@ -77,7 +76,7 @@ class Preparer:
             if not created and st.size == 0:
                 files.retire_other_currents(st)  # as open_fd does
             torn = files.load(st, path)
-        except Exception as exc:  # noqa: BLE001 - reported by the recording thread's own open
+        except Exception as exc:  # reported by the recording thread's own open
             return Prepared(False, None, exc)
         st.loaded = True
         return Prepared(created, torn, None)

@@ -169,7 +169,7 @@ class RecentFiles:
             busy = now - self.busy_at < BUSY_FOR
             try:
                 nxt = self.sweep(now, until=now + SLICE if busy else now + 1.0)
-            except Exception:  # noqa: BLE001 - never die silently: log, count, go on
+            except Exception:  # never die silently: log, count, go on
                 log.exception("the +recent.json writer failed; going on")
                 self.counters.errors += 1
                 nxt = now + RETRY_AFTER

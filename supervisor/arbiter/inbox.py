@@ -14,11 +14,16 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from supervisor.control.controller import Job
 
 #: the signals the supervisor handles (SIGCHLD only wakes the loop: children are polled)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+#: what signal.signal returns and takes back: a function, SIG_DFL or SIG_IGN (ints), or None
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class Inbox:
@@ -27,7 +32,7 @@ class Inbox:
         self.jobs: deque[Job] = deque()  # stop/start commands from the HTTP or MQTT threads
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, _Handler] = {}
 
     def enqueue(self, signum: int, frame: object = None) -> None:
         """The signal handler: only enqueue (set_wakeup_fd wakes the loop)."""
@@ -43,7 +48,7 @@ class Inbox:
 
     def restore(self) -> None:
         for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
         self._old_handlers.clear()
         signal.set_wakeup_fd(-1)
         for s in (self._wake_r, self._wake_w):

@@ -363,15 +363,15 @@ class Arbiter:
             fresh_start(rt, now)
 
     def emergency_stop(self) -> None:
-        live = [rt for rt in self.shards.values() if rt.child is not None]
-        for rt in live:
-            send(rt.child, signal.SIGTERM)  # type: ignore[arg-type]
+        live = [rt.child for rt in self.shards.values() if rt.child is not None]
+        for child in live:
+            send(child, signal.SIGTERM)
         deadline = time.monotonic() + self.smap.supervisor.stop_timeout
-        while time.monotonic() < deadline and any(rt.child.poll() is None for rt in live):  # type: ignore[union-attr]
+        while time.monotonic() < deadline and any(child.poll() is None for child in live):
             time.sleep(0.05)
-        for rt in live:
-            if rt.child is not None and rt.child.poll() is None:
-                send(rt.child, signal.SIGKILL)
+        for child in live:
+            if child.poll() is None:
+                send(child, signal.SIGKILL)
         if self.broker is not None:
             self.broker.kill()
 

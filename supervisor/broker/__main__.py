@@ -44,7 +44,7 @@ def main(args: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{NAME}: {exc} (another broker running? use it with broker.embedded: false)", file=sys.stderr)
         return EX_UNAVAILABLE
-    except Exception as exc:  # noqa: BLE001 - a bad config from the native side
+    except Exception as exc:  # a bad config from the native side
         print(f"{NAME}: cannot start: {exc}", file=sys.stderr)
         return EX_CONFIG
     # The native run_forever never returns and has no shutdown API: run it in a daemon
@@ -58,7 +58,7 @@ def main(args: list[str] | None = None) -> int:
     def serve() -> None:
         try:
             broker.run_forever()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
         finally:
             os.kill(os.getpid(), signal.SIGTERM)

@@ -101,7 +101,7 @@ def _cmd(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"shardlog: {exc}", file=sys.stderr)
             return EX_CONFIG
-    body: dict[str, Any] = {n.rstrip("?"): v for n, v in zip(names, operands)}
+    body: dict[str, Any] = {n.rstrip("?"): v for n, v in zip(names, operands, strict=False)}
     if destructive and not args.yes:
         if not sys.stdin.isatty():
             print(f"shardlog {verb}: not a terminal, so nothing is asked: add --yes to go ahead", file=sys.stderr)

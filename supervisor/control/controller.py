@@ -95,7 +95,7 @@ class Controller:
             reply = self._run(cmd, source)
         except CommandError as exc:
             reply = {"ok": False, "reason": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log the traceback
+        except Exception as exc:  # the caller gets an answer, the log the traceback
             log.exception("control: internal error")
             reply = {"ok": False, "reason": f"internal error: {exc}"}
         if cmd is not None:

@@ -41,7 +41,6 @@ from shardlog.control.commands import control_topics
 from shardlog.recording.client import apply_credentials
 from supervisor.control.admission import (
     BURST,
-    MAX_COMMAND,
     RATE,
     Recent,
     Refusals,
@@ -159,13 +158,13 @@ class MqttControl:
                         msg.topic, why)
         if summary is not None:
             log.warning("control from mqtt %s: %s", msg.topic, summary)
-        ident = loose_id(msg.payload) if kind != "too_large" else None
+        ident = loose_id(_payload(msg)) if kind != "too_large" else None
         self._reply(msg, {**({"id": ident} if isinstance(ident, (str, int)) else {}), "ok": False, "reason": why})
 
     def _admit(self, msg: mqtt.MQTTMessage, now: float) -> tuple[str | None, str]:
         """(None, "") to queue ``msg``, else (the refusal's kind, its reason). Every message takes
         a token, retained ones too: a storm of them is rate limited like any other."""
-        if (why := too_large(msg.payload)) is not None:
+        if (why := too_large(_payload(msg))) is not None:
             return "too_large", why
         if not self.bucket.take(now):
             return "rate_limited", (f"rate limited: at most {RATE:g} commands a second ({BURST} at once); "
@@ -198,7 +197,7 @@ class MqttControl:
             if msg is not None:
                 try:
                     self._command(msg)
-                except Exception as exc:  # noqa: BLE001 - one bad command must not end the worker
+                except Exception as exc:  # one bad command must not end the worker
                     log.exception("control: error handling a command from MQTT")
                     self._reply(msg, {"ok": False, "reason": f"internal error: {exc}"})
             if self.status_topic and self.status is not None and time.monotonic() >= next_status:
@@ -210,15 +209,16 @@ class MqttControl:
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         source = f"mqtt {msg.topic}"
-        ident = loose_id(msg.payload)
-        key = dedup_key(ident, correlation, msg.payload)
+        payload = _payload(msg)
+        ident = loose_id(payload)
+        key = dedup_key(ident, correlation, payload)
         now = time.monotonic()
         done = self.recent.get(key, now) if key is not None else None
         if done is not None:
             log.warning("control from %s: command %r again (a redelivery?): not carried out twice", source, ident)
             reply = {**done, "duplicate": True}
         else:
-            reply = self.controller.execute(msg.payload, None, source, check_token=True)
+            reply = self.controller.execute(payload, None, source, check_token=True)
             if key is not None and reply.get("ok"):
                 self.recent.put(key, reply, now)
         self._reply(msg, reply)
@@ -249,6 +249,12 @@ class MqttControl:
             if correlation is not None:
                 out.CorrelationData = correlation
         self.client.publish(topic, msgspec.json.encode(reply), qos=1, properties=out)
+
+
+def _payload(msg: mqtt.MQTTMessage) -> bytes:
+    """paho types a received payload ``bytes | bytearray`` and delivers bytes (``bytes()`` of bytes
+    is that same object, no copy); a command is read from bytes."""
+    return bytes(msg.payload)
 
 
 def _response_topic(msg: mqtt.MQTTMessage) -> str | None:

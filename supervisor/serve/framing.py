@@ -78,6 +78,7 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 
 
 
 def error_response(status: int, reason: str) -> bytes:
-    body = ('{"ok": false, "reason": "%s"}\n' % reason.replace('"', "'")).encode()
+    quoted = reason.replace('"', "'")
+    body = f'{{"ok": false, "reason": "{quoted}"}}\n'.encode()
     return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n").encode() + body

@@ -27,6 +27,7 @@ The framing decision is the pure :func:`supervisor.serve.framing.frame`; the res
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import queue
@@ -70,7 +71,7 @@ class OutBuffer(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: bytes) -> int:  # type: ignore[override]
+    def write(self, b: bytes) -> int:  # type: ignore[override]  # the handler writes bytes only
         self._out += b
         return len(b)
 
@@ -115,8 +116,8 @@ class Front:
         """The selector thread and the workers, each restarted if it dies (supervisor.threads)."""
         self.threads = [self.registry.start("shardlog-http", self._loop, self.stopping)]
         for pool, n in (("get", self.limits.workers), ("control", self.limits.control_workers)):
-            q = self.pools[pool]
-            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", lambda q=q: self._work(q), self.stopping)
+            work = functools.partial(self._work, self.pools[pool])
+            self.threads += [self.registry.start(f"shardlog-http-{pool}-{i}", work, self.stopping)
                              for i in range(n)]
         return self
 
@@ -195,7 +196,7 @@ class Front:
                 self._write(c)
             else:
                 self._read(c)
-        except Exception:  # noqa: BLE001 - one connection's trouble must not end the selector
+        except Exception:  # one connection's trouble must not end the selector
             log.exception("http: %s: unexpected error; connection closed", c.addr[0])
             self._drop(c)
 
@@ -346,7 +347,7 @@ class Front:
             c.keep = False
             try:
                 c.keep = self.handle(c, request)
-            except Exception:  # noqa: BLE001 - a handler bug: logged, the connection closed
+            except Exception:  # a handler bug: logged, the connection closed
                 log.exception("http: %s: error answering a request", c.addr[0])
                 c.out.clear()
             self.returned.put(c)

@@ -22,7 +22,8 @@ from http.server import BaseHTTPRequestHandler
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from shardlog.config.checks import parse_listen  # noqa: F401 - the map's own check of supervisor.listen; status_cli imports it from here
+# the map's own check of supervisor.listen; status_cli imports it from here
+from shardlog.config.checks import parse_listen
 from supervisor.serve.front import Conn, Front, Limits, OutBuffer
 from supervisor.serve.metrics import make_registry
 from supervisor.serve.status import StatusDoc, encode
@@ -49,7 +50,7 @@ class _App:
 class _Handler(BaseHTTPRequestHandler):
     """One request, already read whole by the front, answered on its socket."""
 
-    server: _App  # type: ignore[assignment]
+    server: _App  # type: ignore[assignment]  # the front passes its _App, no socketserver
     server_version = "shardlog-supervisor"
     protocol_version = "HTTP/1.1"
 

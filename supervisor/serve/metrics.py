@@ -116,8 +116,8 @@ class StatusCollector(Collector):
                      [((n,), float(getattr(c, "recent_lag", 0.0) or 0.0)) for n, c in counted])
         yield _counter("shardlog_broker_dropped_messages", "Messages the broker says it dropped since it "
                        "started ($SYS/broker/publish/messages/dropped; mosquitto's max_queued_messages)",
-                       ["shard"], [((n,), c.broker_dropped) for n, c in counted
-                                   if getattr(c, "broker_dropped", None) is not None])
+                       ["shard"], [((n,), dropped) for n, c in counted  # a counter ShardCounters passes through
+                                   if (dropped := getattr(c, "broker_dropped", None)) is not None])
         yield _gauge("shardlog_last_message_timestamp_seconds", "Reception time of the newest message",
                      ["shard"], [((n,), c.last_message_ts / 1e6) for n, c in counted
                                  if c.last_message_ts is not None])

@@ -90,7 +90,8 @@ class Sampler:
                 cpu = p.cpu_times()
                 try:
                     io = p.io_counters()
-                    read_bytes, write_bytes = io.read_bytes, io.write_bytes
+                    read_bytes: int | None = io.read_bytes
+                    write_bytes: int | None = io.write_bytes
                 except (psutil.AccessDenied, AttributeError, NotImplementedError):
                     read_bytes = write_bytes = None
                 try:

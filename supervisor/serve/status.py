@@ -189,6 +189,7 @@ def build_status(snap: Snapshot, sample: Sample, now_mono: float, threads: Seque
             # the recorder's own struct: encodes with every counter it has (a superset of ShardCounters)
             counters = v.counters
         shards.append(ShardStatus(
+            # state: the snapshot's str holds a ShardState value or "degraded", the StateName values
             name=v.name, state=v.state, pid=v.pid,  # type: ignore[arg-type]
             uptime=_r(now_mono - v.spawned_mono) if v.spawned_mono is not None else None,
             restarts=v.restarts,
@@ -200,7 +201,7 @@ def build_status(snap: Snapshot, sample: Sample, now_mono: float, threads: Seque
             heartbeat_age=_r(now_mono - v.last_beat_mono) if v.last_beat_mono is not None else None,
             prefix=v.prefix, root=v.root, host=v.host, client_id=v.client_id,
             process=sample.process.get(v.pid) if v.pid is not None else None,
-            counters=counters,  # type: ignore[arg-type]
+            counters=counters,  # type: ignore[arg-type]  # a Counters: the superset, see above
             disk=sample.disk.get(v.root)))
     sup = SupervisorStatus(pid=snap.pid, version=__version__, map=snap.map_path, host=snap.host,
                            started_ts=_r(snap.started_wall), uptime=_r(now_mono - snap.started_mono),
@@ -221,7 +222,7 @@ def _broker_status(snap: Snapshot, now_mono: float) -> EmbeddedBrokerStatus | No
     if b is None:
         return None
     return EmbeddedBrokerStatus(
-        listen=b.listen, state=b.state, pid=b.pid,  # type: ignore[arg-type]
+        listen=b.listen, state=b.state, pid=b.pid,  # type: ignore[arg-type]  # a ShardState value, as str
         uptime=_r(now_mono - b.spawned_mono) if b.spawned_mono is not None else None,
         restarts=b.restarts,
         last_exit=(LastExit(code=b.last_exit.code, signal=b.last_exit.signal, reason=b.last_exit.reason,

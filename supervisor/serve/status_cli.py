@@ -63,7 +63,7 @@ def _size(n: int | None) -> str:
 
 def status_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     now = time.time()
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for s in doc["shards"]:
         c = s.get("counters") or {}
         p = s.get("process") or {}

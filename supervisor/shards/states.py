@@ -16,16 +16,13 @@ from __future__ import annotations
 import enum
 
 
-class ShardState(str, enum.Enum):
+class ShardState(enum.StrEnum):
     STARTING = "starting"  # process spawned; no heartbeat from it yet
     RUNNING = "running"    # its heartbeat (stats file) is fresh
     BACKOFF = "backoff"    # exited unexpectedly; waiting before the next start
     STOPPING = "stopping"  # asked to exit (SIGTERM, or SIGABRT/SIGKILL when hung)
     STOPPED = "stopped"    # not running, on purpose
     FAILED = "failed"      # gave up: too many restarts (retried slowly) or exit 78 (never)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: reported in /status instead of ``running`` when the shard's counters say degraded
@@ -35,7 +32,7 @@ DEGRADED = "degraded"
 REPORTED_STATES = tuple(s.value for s in ShardState) + (DEGRADED,)
 
 
-class Event(str, enum.Enum):
+class Event(enum.StrEnum):
     SPAWN = "spawn"        # a process was started for the shard
     BEAT = "beat"          # the first heartbeat of that process arrived
     STOP = "stop"          # the supervisor wants the shard down (shutdown, reload, hang)

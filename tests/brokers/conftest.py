@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+
 import pytest
 
 from tests.brokers.servers import Aedes, Amqtt, Ejabberd, Iotcore, MosquittoBroker, MosquittoTLS, RabbitMQ

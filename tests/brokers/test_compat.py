@@ -19,8 +19,6 @@ from tests.brokers.table import FACTS
 from tests.helpers import BrokerProcess, FastPublisher, Publisher, RecorderProc, wait_for, write_map
 from tests.supervisor.helpers import SupervisorProc, read_records
 
-
-
 #: amqtt is not in the suite: see docs/brokers.md ("amqtt")
 SUITE = [name for name in BROKERS if name in FACTS]
 #: (broker, protocol) pairs: each broker with each MQTT version it speaks
@@ -130,7 +128,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, case: tuple[Any, str],
         try:
             for i in range(0, total, 100):
                 pub.send([(topics[j % 3], b'{"seq":%d}' % j) for j in range(i, i + 100)])
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
+        except BaseException as exc:  # re-raised below
             errors.append(exc)
 
     thread = threading.Thread(target=flow)
@@ -205,7 +203,7 @@ def test_retained_new_records_them_once(tmp_path: Path, case: tuple[Any, str],
             pub.send([(f"{branch}/live", b'{"seq":%d}' % run)])
         finally:
             pub.close()
-        wait_for(lambda: seqs(root, f"{branch}/live") == list(range(run + 1)), 30,
+        wait_for(lambda run=run: seqs(root, f"{branch}/live") == list(range(run + 1)), 30,
                  f"live message {run} from {broker.name} (log: {rec.stderr_path})")
         assert rec.stop() == 0
         s = rec.stats()

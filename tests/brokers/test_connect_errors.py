@@ -20,6 +20,7 @@ from tests.brokers.test_tls import start, tls_map
 from tests.certs import TestCA
 from tests.helpers import RecorderProc, free_port, wait_for
 
+
 def problems(rec: RecorderProc) -> list[str]:
     return [line for line in rec.log().splitlines() if " WARNING " in line or " ERROR " in line]
 

@@ -50,7 +50,7 @@ def quiet_log(rec: RecorderProc) -> None:
     """No warning, no error, one connection: what "no stall, no reconnect loop" looks like."""
     text = rec.log()
     bad = [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line]
-    assert not bad, f"the shard warned:\n" + "\n".join(bad[:10])
+    assert not bad, "the shard warned:\n" + "\n".join(bad[:10])
 
 
 def test_server_certificate_is_verified(tmp_path: Path, mosquitto_tls: MosquittoTLS, test_ca: TestCA,

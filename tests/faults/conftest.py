@@ -8,4 +8,5 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "faults: fault-injection scenarios (tests/faults; figures in docs/reliability.md)")
+    config.addinivalue_line("markers",
+                            "faults: fault-injection scenarios (tests/faults; figures in docs/reliability.md)")

@@ -56,7 +56,8 @@ def test_crash_loop_under_load(tmp_path: Path, broker: Mosquitto, supervisors: l
         killed_at = time.monotonic()
         sup.running(name, timeout=15, not_pid=victim)
         restart_times.append(time.monotonic() - killed_at)
-        wait_for(lambda: time.monotonic() - killed_at >= 2 or not flow.is_alive(), 5, "the next kill slot")
+        wait_for(lambda killed_at=killed_at: time.monotonic() - killed_at >= 2 or not flow.is_alive(), 5,
+                 "the next kill slot")
     flow.finish()
     rate = 2 * count / flow.elapsed  # published and acknowledged by the broker
     for name in "ab":

@@ -51,7 +51,7 @@ class Replacer(threading.Thread):
                 self.pub.publish_many([(self.topic, json.dumps({"i": self.sent, "pad": pad}).encode())])
                 self.sent += 1
             self.pub.wait_acked()
-        except BaseException as exc:  # noqa: BLE001 - raised by the test
+        except BaseException as exc:  # raised by the test
             self.error = exc
 
 

@@ -6,7 +6,6 @@ Real mosquitto, real ``shardlog supervise``, real kernel; see tests/faults/loopf
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ def cpu_share(procs: list[psutil.Process], seconds: float) -> list[float]:
     t0 = time.monotonic()
     wait_for(lambda: time.monotonic() - t0 >= seconds, seconds + 2, f"{seconds:g}s of measuring CPU")
     took = time.monotonic() - t0
-    return [(sum(p.cpu_times()[:2]) - b) / took for p, b in zip(procs, before)]
+    return [(sum(p.cpu_times()[:2]) - b) / took for p, b in zip(procs, before, strict=True)]
 
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])

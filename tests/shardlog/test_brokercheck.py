@@ -87,7 +87,7 @@ def test_inflight_cap_found_after_a_few_prompt_capped_batches() -> None:
 def test_inflight_cap_found_when_some_capped_batches_follow_late() -> None:
     """A loaded machine: every other capped batch is read 30 ms after the ack (scheduling),
     which is no evidence either way; the prompt ones still add up."""
-    probe, now, found = InflightProbe(batch_max=5000, max_delay=0.02), 100.0, None
+    probe, now = InflightProbe(batch_max=5000, max_delay=0.02), 100.0
     for k in range(8):
         first = now + (0.001 if k % 2 else 0.03)
         now = first + 0.016

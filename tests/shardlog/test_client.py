@@ -4,6 +4,7 @@ batched PUBACKs are the bytes paho would send one by one."""
 
 from __future__ import annotations
 
+import itertools
 import select
 import socket
 import struct
@@ -120,7 +121,7 @@ def run(client_cls: type, proto: int, data: bytes, cuts: list[int],
     client._sock = a
     client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
     bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         b.sendall(data[lo:hi])
         # until the client has consumed everything sent so far (bounded: one packet a pass at worst)
         for _ in range(len(data) + 10):

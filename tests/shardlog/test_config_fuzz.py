@@ -102,7 +102,8 @@ def put(doc: Any, path: tuple[Any, ...], value: Any, op: str) -> None:
 
 
 @FUZZ
-@given(mutations=st.lists(st.tuples(st.sampled_from(PATHS), VALUES, st.sampled_from(["set", "set", "delete", "rename"])),
+@given(mutations=st.lists(st.tuples(st.sampled_from(PATHS), VALUES,
+                                    st.sampled_from(["set", "set", "delete", "rename"])),
                           min_size=1, max_size=3))
 def test_mutated_example_maps_exit_0_or_78_naming_the_key(tmp_path_factory: pytest.TempPathFactory,
                                                           mutations: list[tuple[tuple[Any, ...], Any, str]]) -> None:
@@ -167,9 +168,10 @@ CASES: dict[str, tuple[str | bytes, str]] = {
     "aliases nesting past the depth": ("shards: [{name: a, prefix: '#'}]\n" + "".join(
         f"d{i}: &d{i} [[[[[[[[[[{'*d' + str(i - 1) if i else 0}]]]]]]]]]]\n" for i in range(10)),
         "nested deeper than 64 levels once aliases are expanded"),
-    "python object tag": (f"shards: [{{name: a, prefix: '#'}}]\nx: !!python/object/apply:os.system ['touch {MARKER}']\n",
+    "python object tag": ("shards: [{name: a, prefix: '#'}]\n"
+                          f"x: !!python/object/apply:os.system ['touch {MARKER}']\n",
                           "tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
-    "python name tag on a key": (f"shards: [{{name: a, prefix: !!python/name:os.system ''}}]\n", "shards[0].prefix: tag"),
+    "python name tag on a key": ("shards: [{name: a, prefix: !!python/name:os.system ''}]\n", "shards[0].prefix: tag"),
     "local tag": ("shards: [{name: a, prefix: !secret x}]\n", "shards[0].prefix: tag '!secret'"),
     "binary tag": ("broker: {password: !!binary aGk=}\nshards: [{name: a, prefix: '#'}]\n", "broker.password: tag"),
     "set tag": ("shards: !!set {a, b}\n", "shards: tag"),
@@ -180,7 +182,8 @@ CASES: dict[str, tuple[str | bytes, str]] = {
     "an int beyond Python's digit limit": ("broker: {port: " + "9" * 5000 + "}\nshards: [{name: a, prefix: '#'}]\n",
                                            "broker.port: cannot read"),
     "a bad explicit int": ("broker: {port: !!int abc}\nshards: [{name: a, prefix: '#'}]\n", "broker.port: cannot read"),
-    "a bad explicit bool": ("broker: {embedded: !!bool maybe}\nshards: [{name: a, prefix: '#'}]\n", "broker.embedded: cannot read"),
+    "a bad explicit bool": ("broker: {embedded: !!bool maybe}\nshards: [{name: a, prefix: '#'}]\n",
+                            "broker.embedded: cannot read"),
     "an int key": ("shards: [{name: a, prefix: '#', 5: x}]\n", "shards[0].5: the key '5'"),
     "a null key": ("~: x\nshards: [{name: a, prefix: '#'}]\n", "the key '~'"),
     "an unhashable key": ("? [a]\n: b\nshards: [{name: a, prefix: '#'}]\n", "not valid YAML"),
@@ -192,7 +195,8 @@ CASES: dict[str, tuple[str | bytes, str]] = {
     "NUL in a root": ('shards: [{name: a, prefix: "#", root: "a\\0b"}]\n', "shards[0].root: contains NUL"),
     "NaN duration": ("shards: [{name: a, prefix: '#'}]\nsupervisor: {heartbeat_timeout: .nan}\n",
                      "supervisor.heartbeat_timeout: expected >= 1ms, got nan"),
-    "infinite duration": ("shards: [{name: a, prefix: '#', lock_wait: .inf}]\n", "shards[0].lock_wait: expected at most"),
+    "infinite duration": ("shards: [{name: a, prefix: '#', lock_wait: .inf}]\n",
+                          "shards[0].lock_wait: expected at most"),
     "a duration past threading's limit": ("shards: [{name: a, prefix: '#', lock_wait: 999999999999w}]\n",
                                           "shards[0].lock_wait: expected at most 36500d"),
     "an unset variable": ("shards: [{name: a, prefix: '${SHARDLOG_FUZZ_UNSET}'}]\n",

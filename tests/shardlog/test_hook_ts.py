@@ -79,6 +79,7 @@ def test_a_hook_cannot_make_ts_go_backwards_and_time_filters_find_every_record(
                     "--until", str(hi))
         assert r.returncode == 0 and [int(x) for x in r.stdout.split()[1:]] == want, r.stderr
         out = tmp_path / f"x{lo}.sqlite"
-        assert run_cli("export", str(root), "good", "--to", str(out), "--since", str(lo), "--until", str(hi)).returncode == 0
+        r = run_cli("export", str(root), "good", "--to", str(out), "--since", str(lo), "--until", str(hi))
+        assert r.returncode == 0
         with sqlite3.connect(out) as con:
             assert [i for (i,) in con.execute('SELECT "payload.i" FROM records ORDER BY ts')] == want

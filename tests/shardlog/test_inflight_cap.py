@@ -28,7 +28,7 @@ def test_a_steady_publisher_is_no_inflight_cap(tmp_path: Path, broker: Mosquitto
         flow.start()
         flow.finish()
         sent += count
-        wait_for(lambda: (s := rec.stats()) and s.acked >= sent, 30, f"{sent} messages ({rec.stderr_path})")
+        wait_for(lambda sent=sent: (s := rec.stats()) and s.acked >= sent, 30, f"{sent} messages ({rec.stderr_path})")
         s = rec.stats()
         assert s is not None
         if s.inflight_cap is not None:

@@ -278,7 +278,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
 # -- end to end: a real broker, a real recorder, real signals --------------------------------
 
 
-def test_a_journaled_shard_killed_mid_stream_loses_nothing(tmp_path: Path, broker, recorders) -> None:  # noqa: ANN001
+def test_a_journaled_shard_killed_mid_stream_loses_nothing(tmp_path: Path, broker, recorders) -> None:
     """QoS 1 messages over 2,000 topics; the journaled recorder is SIGKILLed three times at
     random points of the stream and restarted: every message is in its topic file, and
     the duplicates are no more than the broker redelivered."""

@@ -74,10 +74,12 @@ REFUSED = {
     "reply topic inside a prefix": ({"shards": [{"name": "a", "prefix": "answers"}, {"name": "r", "prefix": "#"}],
                                      "control": {"mqtt": True, "reply_topic": "answers/{host}"}},
                                     "control.reply_topic: 'answers/{host}' overlaps shards[0].prefix 'answers'"),
-    "control topic {host}": ({"shards": [{"name": "rest", "prefix": "#"}], "control": {"mqtt": True, "topic": "{host}"}},
+    "control topic {host}": ({"shards": [{"name": "rest", "prefix": "#"}],
+                              "control": {"mqtt": True, "topic": "{host}"}},
                              "control.topic: '{host}': {host} in the first level matches topics of every first level"),
     # 6: replies published on the control topic: a loop
-    "reply topic = control topic": ({"shards": ONE, "control": {"mqtt": True, "reply_topic": "shardlog/control/{host}"}},
+    "reply topic = control topic": ({"shards": ONE,
+                                     "control": {"mqtt": True, "reply_topic": "shardlog/control/{host}"}},
                                     "control.reply_topic: 'shardlog/control/{host}' can be the control topic"),
     "reply topic = one host's control topic": ({"shards": ONE, "control": {"mqtt": True, "topic": "ctl/{host}",
                                                                            "reply_topic": "ctl/web1"}},
@@ -87,7 +89,8 @@ REFUSED = {
                                              "control.supervisor_topic: 'ctl/{host}' can be the control topic"),
     "a shard's status on the control topic": ({"shards": [{"name": "web1", "prefix": "a"}],
                                                "control": {"mqtt": True, "topic": "ctl/{host}", "status_topic": "ctl"}},
-                                              "control.status_topic: ctl/web1 (shard 'web1''s status) can be the control"),
+                                              "control.status_topic: ctl/web1 (shard 'web1''s status) "
+                                              "can be the control"),
     # 11: a name with a trailing newline (the broker refuses the client id at every connect), a port past 65535
     "name with a newline": ({"shards": [{"name": "a\n", "prefix": "a"}]},
                             "shards[0].name: expected a letter or digit, then at most 63 letters"),
@@ -163,6 +166,7 @@ def test_check_imports_hooks_but_never_calls_a_factory(tmp_path: Path) -> None:
 def test_a_topic_filter_with_a_trailing_newline_is_refused(tmp_path: Path, bad: str) -> None:
     """`keep: [a/#\\n]` passed ($ matches before a trailing newline) and, a literal level '#\\n',
     kept nothing: every message acknowledged and dropped."""
-    m = write(tmp_path, {"shards": [{"name": "a", "prefix": "a", "hooks": [{"use": "keep", "args": {"topics": [bad]}}]}]})
+    hook = {"use": "keep", "args": {"topics": [bad]}}
+    m = write(tmp_path, {"shards": [{"name": "a", "prefix": "a", "hooks": [hook]}]})
     r = run_cli("check", str(m))
     assert r.returncode == 78 and "shards[0].hooks[0].args.topics[0]" in r.stderr, r.stderr

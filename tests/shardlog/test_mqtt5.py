@@ -148,7 +148,8 @@ def test_properties_recorded_on_every_path(tmp_path: Path, broker: Mosquitto, cl
     assert rec.stop() == 0
     check_recorded(tmp_path / "data", n, redacted=path == "hooks")
     if path == "hooks":  # a changed message keeps the properties of the message it came from
-        changed = [decode_record(x) for x in all_lines(tmp_path / "data") if b'"secret":"x"' not in x and b"secret" in x]
+        changed = [decode_record(x) for x in all_lines(tmp_path / "data")
+                   if b'"secret":"x"' not in x and b"secret" in x]
         assert changed and all(r.properties() == ({} if r.value["i"] % 3 == 0 else expected_props(r.value["i"]))
                                for r in changed)
 
@@ -297,8 +298,8 @@ def test_retained_on_restart(tmp_path: Path, broker: Mosquitto, recorders: list[
             recorders.append(rec)
             # published after the SUBACK: it comes after the retained ones the subscription brings
             pub.publish(f"rt/live{run}", b'{"live":%d}' % run, 1, retain=True).wait_for_publish(10)
-            wait_for(lambda: any((r := decode_record(x)).value.get("live") == run and not r.retain
-                                 for x in all_lines(root)), 20, f"live{run} recorded ({rec.stderr_path})")
+            wait_for(lambda run=run: any((r := decode_record(x)).value.get("live") == run and not r.retain
+                                         for x in all_lines(root)), 20, f"live{run} recorded ({rec.stderr_path})")
             assert rec.stop() == 0
             s = rec.stats()
             assert s is not None

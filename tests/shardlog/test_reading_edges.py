@@ -206,7 +206,8 @@ def test_a_hole_in_the_middle_of_a_segment_is_skipped_by_tail_cat_and_export_in_
         assert [ts - T0 for (ts,) in con.execute("SELECT ts FROM records ORDER BY ts")] == list(range(12))
     con = history.connect(root)
     assert [ts - T0 for (ts,) in con.execute("SELECT ts_us FROM records ORDER BY ts_us").fetchall()] == list(range(12))
-    assert duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{tmp_path / 'x.parquet'}')").fetchone() == (12,)
+    parquet = tmp_path / "x.parquet"
+    assert duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{parquet}')").fetchone() == (12,)
 
 
 # -- a topic directory without read permission -------------------------------------------------

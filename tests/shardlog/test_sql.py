@@ -78,7 +78,7 @@ def by_history(root: Path, prefix: str = "", since: int | None = None, until: in
                   for t, r in history.read(root, prefix, since, until))
 
 
-def by_sql(con, where: str = "") -> list[tuple]:  # noqa: ANN001
+def by_sql(con, where: str = "") -> list[tuple]:
     rows = con.execute(f"SELECT topic, ts_us, qos, retain, payload FROM records {where}").fetchall()
     return sorted((t, ts, q, r, json.dumps(json.loads(p), sort_keys=True)) for t, ts, q, r, p in rows)
 
@@ -157,7 +157,8 @@ def test_sql_verb_formats_and_exit_codes(tmp_path: Path) -> None:
     csv_ = run_cli("sql", str(tmp_path), "SELECT topic, count(*) AS n FROM records GROUP BY ALL ORDER BY topic",
                    "--prefix", "plant")
     assert csv_.returncode == 0, csv_.stderr  # not a terminal: CSV by default
-    assert csv_.stdout.decode().splitlines() == ["topic,n", "plant/a,16", "plant/arr,9", "plant/c,14", "plant/p,6"]  # payload-only: the JSON ones
+    # payload-only: the JSON ones
+    assert csv_.stdout.decode().splitlines() == ["topic,n", "plant/a,16", "plant/arr,9", "plant/c,14", "plant/p,6"]
     table = run_cli("sql", str(tmp_path), "SELECT count(*) AS n FROM records", "--format", "table",
                     "--since", str(T0), "--until", str(T0 + 5000))
     assert table.returncode == 0 and table.stdout.decode().split() == ["n", "5", "(1", "row)"], table

@@ -59,9 +59,10 @@ def test_writes_attach_outside_reads_and_extensions_are_refused_by_default_and_r
          lambda r: r.returncode == 0),
         ("PRAGMA version", "PRAGMA statements are refused", lambda r: r.returncode == 0),
     ]
-    for q, why, unsafe_ok in cases:
+    for q, why, _unsafe_ok in cases:
         r = run_sql(str(root), q)
-        assert r.returncode == EX_NOPERM and why in r.stderr and "Traceback" not in r.stderr, (q, r.returncode, r.stderr)
+        assert r.returncode == EX_NOPERM and why in r.stderr and "Traceback" not in r.stderr, \
+            (q, r.returncode, r.stderr)
         assert "--unsafe" in r.stderr, r.stderr
         assert not bogus.exists() and not outside.exists() and not db.exists() and not (tmp_path / "exp").exists()
     assert [t.topic for t in history.topics(root)] == ["t"]  # no bogus topic

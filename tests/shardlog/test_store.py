@@ -5,8 +5,8 @@ full disk (a real size-limited tmpfs)."""
 from __future__ import annotations
 
 import base64
-import gzip
 import errno
+import gzip
 import json
 import os
 import subprocess
@@ -163,7 +163,8 @@ def test_recent_interval_defers_but_close_writes(tmp_path: Path) -> None:
 
 def test_a_sweep_stops_at_the_first_recent_file_the_disk_refuses(tmp_path: Path) -> None:
     """A full disk and many stale +recent.json: one refused write per sweep, not one per
-    file (the first refusal in a row is counted in errors and logged); once the disk takes them again, they are all written."""
+    file (the first refusal in a row is counted in errors and logged); once the disk takes
+    them again, they are all written."""
     store, c = make(tmp_path, recent=2, recent_interval=60)
     states: dict[str, TopicState] = {}
     for k in range(50):

@@ -67,7 +67,7 @@ def round_trips(topic: str, max_name: int = MAX_NAME_BYTES) -> bool:
     names = relpath.split("/")
     assert len(names) == len(levels)
     hashed = [is_hashed_name(n) for n in names]
-    for level, name, h in zip(levels, names, hashed):
+    for level, name, h in zip(levels, names, hashed, strict=True):
         assert h == (nbytes(encode_level(level, 10**9)) > max_name)
         if h:
             assert name.endswith(HASH_MARKER + sha32(level))

@@ -27,8 +27,7 @@ from paho.mqtt.properties import Properties
 
 from shardlog.counters import Counters, write_stats
 from shardlog.topics import topic_to_relpath
-from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # noqa: F401 - re-exported to the supervisor tests
-
+from tests.helpers import fallback_broker_settings, free_port, http_get, wait_for  # re-exported to the supervisor tests
 
 # -- fakes for the arbiter ---------------------------------------------------------------------
 
@@ -312,7 +311,7 @@ class Flow(threading.Thread):
                     assert info.is_published()
                 self.sent = min(self.count, start + self.batch)
                 time.sleep(self.pause)  # pacing, so that the flow spans what the test does
-        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+        except BaseException as exc:  # reported by finish()
             self.error = exc
 
     def finish(self, timeout: float = 60) -> None:

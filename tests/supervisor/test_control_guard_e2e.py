@@ -47,7 +47,8 @@ def test_rm_and_mv_never_cross_another_recorders_lock_nor_delete_foreign_files(b
     sup1.start(), sup2.start()
     sup1.running("a"), sup2.running("b")
     b_root = r / "a" / "x"
-    publisher.publish_many([(t, json.dumps({"i": i}).encode(), 1) for i in range(5) for t in ("a/x/mine", "a/y", "b/t")])
+    publisher.publish_many([(t, json.dumps({"i": i}).encode(), 1)
+                            for i in range(5) for t in ("a/x/mine", "a/y", "b/t")])
     wait_for(lambda: ids(r, "a/x/mine") == list(range(5)) and ids(r, "a/y") == list(range(5)), 15, "a's records")
     wait_for(lambda: ids(b_root, "b/t") == list(range(5)), 15, "b's records")
     lock = b_root / "b" / "+shard.lock"

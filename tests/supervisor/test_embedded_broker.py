@@ -163,7 +163,7 @@ def test_sigterm_stops_the_recorders_then_the_broker(embedded, tmp_path: Path) -
     assert not psutil.pid_exists(broker.pid) or broker.status() == psutil.STATUS_ZOMBIE
     log = sup.log()
     broker_stop = log.index("stopping embedded-broker")
-    for name, pid in zip(("chat", "rest"), recorders):
+    for name, pid in zip(("chat", "rest"), recorders, strict=True):
         stopped = log.index(f"shard {name} (pid {pid}) stopped: exit 0")  # flushed and disconnected
         assert stopped < broker_stop, f"the broker was stopped before shard {name}:\n{log}"
     assert log.index(f"embedded-broker (pid {broker.pid}) stopped") > broker_stop
@@ -194,8 +194,8 @@ def test_embedded_config_is_checked(tmp_path: Path) -> None:
 
 def test_arbiter_starts_the_broker_first_restarts_it_and_stops_it_last(tmp_path: Path, monkeypatch) -> None:
     from shardlog.config.load import load_map as load
-    from supervisor.broker import supervised as broker_mod
     from supervisor.arbiter.loop import Arbiter
+    from supervisor.broker import supervised as broker_mod
     from tests.supervisor.helpers import FakeClock, FakeSpawner
 
     listening = {"on": False}

@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.serve.http import StatusServer
-from supervisor.serve.framing import Frame, Limits, frame
 from shardlog.counters import Counters
-from supervisor.snapshot import EMPTY, ShardView
+from supervisor.serve.framing import Frame, Limits, frame
+from supervisor.serve.http import StatusServer
 from supervisor.serve.status import Sample, build_status
+from supervisor.snapshot import EMPTY, ShardView
 from tests.http_attack import (
     BAD_REQUESTS,
     Slowloris,
@@ -201,7 +201,8 @@ def test_status_answers_and_recording_goes_on_under_attack(broker, supervisors, 
     probe.join(60)
     flow.finish(90)
     print(f"\n[bad input] /status before: {summary(before)}; during 300 clients x 3 + 200 slowloris + "
-          f"{len(BAD_REQUESTS)} bad requests: {summary(during)}; crowd statuses {crowd}; slowloris held open {held}/200")
+          f"{len(BAD_REQUESTS)} bad requests: {summary(during)}; crowd statuses {crowd}; "
+          f"slowloris held open {held}/200")
     assert crowd == {200: 900}, crowd
     wrong = {w: s for w, s in bad.items() if s not in next(e for x, _, e in BAD_REQUESTS if x == w)}
     assert not wrong, wrong

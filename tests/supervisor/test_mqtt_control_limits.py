@@ -16,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shardlog.config.load import parse_map
+from supervisor.control import mqtt as mqtt_control
 from supervisor.control.admission import (
     BURST,
     MAX_COMMAND,
@@ -28,7 +29,6 @@ from supervisor.control.admission import (
     response_topic_problem,
     too_large,
 )
-from supervisor.control import mqtt as mqtt_control
 from supervisor.control.mqtt import MqttControl
 from supervisor.threads import Threads
 from tests.supervisor.helpers import Listener, SupervisorProc, make_map, read_records, topic_dir, wait_for

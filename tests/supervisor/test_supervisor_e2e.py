@@ -187,7 +187,7 @@ def test_crash_at_once_backs_off_then_fails_and_the_other_shard_records(broker, 
         elif (mt := _STARTED.match(line)) is not None:
             starts.append(_ts(mt.group(1)))
     assert [n for _, n, _ in exits] == [1, 2, 3, 4]
-    for (t_exit, n, delay), base in zip(exits, [0.2, 0.4, 0.8, 0.8]):
+    for (t_exit, n, delay), base in zip(exits, [0.2, 0.4, 0.8, 0.8], strict=True):
         assert 0.8 * base - 0.01 <= delay <= base + 0.01, (n, delay)
         t_start = starts[n]  # starts[0] is the first start
         assert t_start - t_exit >= delay - 0.01, (n, t_start - t_exit, delay)

@@ -85,7 +85,8 @@ def test_shardlog_status_names_a_restarted_thread() -> None:
 
     threads.start("shardlog-mqtt-control", target, stop)
     wait_for(lambda: len(runs) == 2, 10, "the restart")
-    server = StatusServer("127.0.0.1:0", lambda: build_status(EMPTY, Sample(), time.monotonic(), threads.view())).start()
+    server = StatusServer("127.0.0.1:0",
+                          lambda: build_status(EMPTY, Sample(), time.monotonic(), threads.view())).start()
     try:
         host, port = server.address
         r = subprocess.run([sys.executable, "-m", "shardlog", "status", "--url", f"http://{host}:{port}"],
