@@ -1,7 +1,7 @@
 """The optional parts of shardlog and the extra that installs each (pyproject.toml,
 ``[project.optional-dependencies]``; sizes in the README, "Installing"):
 
-- ``sql``: DuckDB, for ``shardlog sql``, ``shardlog export --to FILE.parquet`` and
+- ``sql``: DuckDB and NumPy, for ``shardlog sql``, ``shardlog export --to FILE.parquet`` and
   ``history.connect`` / ``history.export_parquet``;
 - ``hooks``: cbor2 and msgpack, for the built-in decoder hooks (shardlog/hooks/builtin.py,
   where a missing one is a configuration error naming the extra, exit 78).
@@ -39,5 +39,9 @@ def _need(what: str, module: str, package: str, extra: str) -> ModuleType:
 
 
 def duckdb(what: str = "SQL over a recording (history.connect, export_parquet)") -> ModuleType:
-    """The ``duckdb`` module, or :class:`MissingExtra` saying ``pip install 'shardlog[sql]'``."""
-    return _need(what, "duckdb", "DuckDB", "sql")
+    """The ``duckdb`` module, or :class:`MissingExtra` saying ``pip install 'shardlog[sql]'``.
+    NumPy too: DuckDB needs it for Python functions (the records view registers one) but does
+    not declare it, so DuckDB alone fails at the first query."""
+    module = _need(what, "duckdb", "DuckDB", "sql")
+    _need(what, "numpy", "NumPy (for DuckDB's Python functions)", "sql")
+    return module

@@ -104,3 +104,11 @@ def test_a_decoder_hook_without_the_hooks_extra_is_a_configuration_error_naming_
         assert r.returncode == 78 and f"configuration error: {reason}\n" in r.stderr, r.stderr
         ok = shardlog_without([], "check", str(m), cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr
+
+
+def test_duckdb_without_numpy_is_the_same_missing_extra(tmp_path: Path) -> None:
+    """DuckDB's Python functions need NumPy, which duckdb does not declare: DuckDB alone (installed
+    by hand) would fail at the first query with DuckDB's own "'numpy' is required"."""
+    root = str(a_root(tmp_path))
+    r = shardlog_without(["numpy"], "sql", root, "SELECT 1", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (69, f"shardlog: sql needs NumPy (for DuckDB's Python functions): {SQL_HINT}\n")
