@@ -34,7 +34,8 @@ LAYERS = [("shardlog", "supervisor")]
 #: its own layer and those below it, never one above. A name is a module or a subpackage.
 DOWNWARD = {
     "shardlog": [
-        ["shardlog", "shardlog.topics", "shardlog.records", "shardlog.counters", "shardlog.routes"],
+        ["shardlog", "shardlog.topics", "shardlog.records", "shardlog.counters", "shardlog.routes",
+         "shardlog.extras"],
         ["shardlog.config"],
         ["shardlog.ondisk"],
         ["shardlog.writing"],

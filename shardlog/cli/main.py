@@ -5,8 +5,10 @@ reading.py (topics, tail, cat, export), sql.py (sql), replaying.py (replay), ngi
 (nginx-routes). Verbs of other packages (``supervise``, ``status`` and the control verbs
 from ``supervisor``) are added through the ``shardlog.commands`` entry point group, so
 this package never imports them. Exit codes follow sysexits: 0 ok, 64 usage, 65 data
-error (replay skipped records, a bad SQL query), 66 no input (history verbs), 69 broker
-unavailable (replay), 70 internal error, 73 cannot create (export), 78 configuration.
+error (replay skipped records, a bad SQL query), 66 no input (history verbs), 69 unavailable:
+the broker (replay) or an optional part not installed (sql and export --to FILE.parquet
+without the ``sql`` extra, shardlog/extras.py), 70 internal error, 73 cannot create (export),
+78 configuration (also a decoder hook without the ``hooks`` extra).
 """
 
 from __future__ import annotations

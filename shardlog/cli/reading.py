@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 
+from shardlog import extras
 from shardlog.cli.argtypes import integer, seconds
-from shardlog.cli.common import EX_CANTCREAT, EX_DATAERR, _history_errors, _time_arg
+from shardlog.cli.common import EX_CANTCREAT, EX_DATAERR, EX_UNAVAILABLE, _history_errors, _time_arg
 
 
 def _with_topic(topic: str, line: bytes) -> bytes:
@@ -145,6 +146,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     parquet = args.to.endswith(".parquet")
     if not parquet and not args.to.endswith((".sqlite", ".sqlite3", ".db")):
         args.parser.error("--to FILE.parquet, or FILE.sqlite|.sqlite3|.db")
+    if parquet:  # before --force removes anything
+        try:
+            extras.duckdb("export --to FILE.parquet")
+        except extras.MissingExtra as exc:
+            print(f"shardlog: {exc} (the SQLite export needs nothing more)", file=sys.stderr)
+            return EX_UNAVAILABLE
     if os.path.exists(args.to):
         if not args.force:
             print(f"shardlog: {args.to} exists; use --force to replace it", file=sys.stderr)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from shardlog import extras
 from shardlog.cli.common import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE, _history_errors, _time_arg, format_table
 
 _BATCH = 10_000
@@ -103,9 +104,9 @@ def write_result(cur: Any, fmt: str, out: io.TextIOBase) -> int:
 
 def _cmd_sql(args: argparse.Namespace) -> int:
     try:
-        import duckdb
-    except ImportError:
-        print("shardlog: sql needs DuckDB (pip install duckdb)", file=sys.stderr)
+        duckdb = extras.duckdb("sql")
+    except extras.MissingExtra as exc:
+        print(f"shardlog: {exc}", file=sys.stderr)  # sql needs DuckDB: pip install 'shardlog[sql]'
         return EX_UNAVAILABLE
     from shardlog.reading import sandbox, sql
 

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from shardlog import extras
 from shardlog.config.schema import ConfigError, PositiveDuration, _convert
 from shardlog.hooks.message import Hook, Message
 
@@ -50,11 +51,15 @@ def _to_json_value(obj: Any) -> Any:
 _json_encoder = msgspec.json.Encoder(enc_hook=_to_json_value)
 
 
-def _need(module: str) -> Any:
+class _MissingPackage(ConfigError):
+    """A decoder's package is not installed: a configuration error naming the ``hooks`` extra."""
+
+
+def _need(module: str, hook: str) -> Any:
     try:
-        return __import__(module)
-    except ImportError:
-        raise ConfigError(f"needs the Python package {module}: pip install 'shardlog[hooks]'") from None
+        return extras._need(hook, module, f"the Python package {module}", "hooks")
+    except extras.MissingExtra as exc:
+        raise _MissingPackage(str(exc)) from None  # cbor_to_json needs the Python package cbor2: pip ...
 
 
 # -- decoders ---------------------------------------------------------------------------
@@ -67,7 +72,7 @@ class NoArgs(Struct, forbid_unknown_fields=True, kw_only=True):
 def cbor_to_json(args: NoArgs) -> Hook:
     """CBOR (RFC 8949) payload -> JSON: byte strings become base64 text, datetimes ISO 8601
     text, NaN and infinities null, other tags ``{"tag": n, "value": ...}``."""
-    cbor2 = _need("cbor2")
+    cbor2 = _need("cbor2", "cbor_to_json")
     loads, encode = cbor2.loads, _json_encoder.encode
 
     def hook(msg: Message) -> Message:
@@ -78,7 +83,7 @@ def cbor_to_json(args: NoArgs) -> Hook:
 def msgpack_to_json(args: NoArgs) -> Hook:
     """MessagePack payload -> JSON: binary becomes base64 text, timestamps ISO 8601 text,
     extension types ``{"ext": code, "data": base64}``; map keys may be numbers."""
-    msgpack = _need("msgpack")
+    msgpack = _need("msgpack", "msgpack_to_json")
     unpackb, encode = msgpack.unpackb, _json_encoder.encode
 
     def hook(msg: Message) -> Message:
@@ -219,6 +224,8 @@ def make(name: str, args: dict[str, Any], key: str) -> Hook:
     struct, factory = BUILTINS[name]
     try:
         return factory(_convert(args, struct, key))
+    except _MissingPackage as exc:  # not the args' fault: the hook's key alone
+        raise ConfigError(f"{key.removesuffix('.args')}: {exc}") from None
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(key) else f"{key}: {msg}") from None

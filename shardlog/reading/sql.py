@@ -58,6 +58,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, NamedTuple
 
+from shardlog import extras
 from shardlog.ondisk import formats
 from shardlog.ondisk.formats import CURRENTS
 from shardlog.ondisk.segments import rotated_segments
@@ -303,7 +304,9 @@ def connect(root: str | os.PathLike[str], prefix: str = "", since: TimeArg = Non
     """An in-memory DuckDB connection (or ``con``) with a ``records`` view of the
     records of ``prefix`` and below (``''``: all) with ``since <= ts < until``. A new
     connection is confined to reading ``root`` (shardlog.reading.sandbox) unless ``sandbox``
-    is False; a given ``con`` is used as it is."""
+    is False; a given ``con`` is used as it is. Without DuckDB (the ``sql`` extra): MissingExtra,
+    an ImportError saying ``pip install 'shardlog[sql]'``."""
+    extras.duckdb()
     import duckdb
 
     lo, hi = parse_time(since), parse_time(until)
@@ -334,6 +337,7 @@ def query(root: str | os.PathLike[str], sql: str, prefix: str = "", since: TimeA
     returned connection). A segment compressed or removed between the listing and the read
     (DuckDB: no such file) makes it list again and retry once. With ``sandbox`` (the default)
     a statement that is not ``sandbox.ALLOWED`` raises ``sandbox.Refused`` before anything runs."""
+    extras.duckdb()
     import duckdb
 
     lo, hi = parse_time(since), parse_time(until)
