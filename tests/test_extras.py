@@ -54,7 +54,8 @@ def test_parquet_export_without_duckdb_exits_69_and_keeps_the_old_file(tmp_path:
     out.write_bytes(b"an earlier export")
     r = shardlog_without(["duckdb"], "export", root, "chat", "--to", str(out), "--force", cwd=tmp_path)
     assert r.returncode == 69, r.stderr
-    assert r.stderr == f"shardlog: export --to FILE.parquet needs DuckDB: {SQL_HINT} (the SQLite export needs nothing more)\n"
+    assert r.stderr == (f"shardlog: export --to FILE.parquet needs DuckDB: {SQL_HINT} "
+                        "(the SQLite export needs nothing more)\n")
     assert out.read_bytes() == b"an earlier export", "--force removed the file before finding DuckDB missing"
     # the SQLite export is the base install's: it works with DuckDB blocked
     db = tmp_path / "out.sqlite"
@@ -69,7 +70,8 @@ def test_history_connect_without_duckdb_raises_an_import_error_naming_the_extra(
     code = ("import sys\n"
             "sys.modules['duckdb'] = None\n"
             "from shardlog import extras, history\n"
-            "for call in (lambda: history.connect(sys.argv[1]), lambda: history.export_parquet(sys.argv[1], '', sys.argv[2])):\n"
+            "for call in (lambda: history.connect(sys.argv[1]),\n"
+            "             lambda: history.export_parquet(sys.argv[1], '', sys.argv[2])):\n"
             "    try:\n"
             "        call()\n"
             "    except ImportError as exc:\n"

@@ -131,7 +131,8 @@ def test_the_wheel_and_the_sdist_hold_the_package(dists: tuple[Path, Path, list[
 def free_ports_map(text: str) -> tuple[str, int, int, int]:
     """The example map with its three ports (1883, 1884, 8470) moved to free ones."""
     port, port311, http = free_port(), free_port(), free_port()
-    for old, new in (("\n  port: 1883\n", f"\n  port: {port}\n"), ("embedded_port_311: 1884 ", f"embedded_port_311: {port311} "),
+    for old, new in (("\n  port: 1883\n", f"\n  port: {port}\n"),
+                     ("embedded_port_311: 1884 ", f"embedded_port_311: {port311} "),
                      ("listen: 127.0.0.1:8470 ", f"listen: 127.0.0.1:{http} ")):
         assert text.count(old) == 1, f"the example map no longer has {old.strip()!r} once: update this test"
         text = text.replace(old, new)
@@ -218,7 +219,8 @@ def supervise_the_example(python: Path, workdir: Path, example: str, started: li
     sup.proc.send_signal(signal.SIGTERM)
     rc = sup.proc.wait(60)
     assert rc == 0, f"supervise exited {rc} on SIGTERM:\n{sup.text()}"
-    left = [pid for pid in sup.children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    left = [pid for pid in sup.children
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"children left running after the supervisor stopped: {left}"
     assert "supervisor stopped (exit 0)" in sup.text()
 
