@@ -54,10 +54,16 @@ def props_member(attrs: dict[str, Any]) -> bytes:
     return b',"props":%s' % _json_encode(out) if out else b""
 
 
+#: a JSON payload with blanks around it is stored as text: embedded as JSON, a reader would get
+#: the value without them, not the bytes that were sent (``0\t`` read back as ``0``)
+_EDGE_SPACE = frozenset(b" \t")
+
+
 def encode_record(ts_us: int, qos: int, retain: bool, payload: bytes, props: bytes = b"") -> bytes:
     """The record line for one message, newline included (``props``: :func:`props_member`'s
     bytes, empty for most messages). Hot path: keep it lean."""
-    if payload and b"\n" not in payload and b"\r" not in payload:
+    if (payload and b"\n" not in payload and b"\r" not in payload
+            and payload[0] not in _EDGE_SPACE and payload[-1] not in _EDGE_SPACE):
         try:
             _json_decode(payload)
         except _DECODE_ERRORS:
