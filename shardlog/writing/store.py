@@ -48,6 +48,7 @@ class Store:
         self.compressor = compressor
         self.files = TopicFiles(shard, root_real, counters, compressor, self._quarantine_torn)
         self.fmt = self.files.fmt
+        self.payload_only = self.fmt.payload_only
         self.dirty: list[TopicState] = []
         #: topics the preparer has (their lines wait): state -> lines counted in waiting_lines.
         #: A flush does not look at them until they get new records (add() puts them in
@@ -66,8 +67,6 @@ class Store:
         self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
         self.fsync = shard.fsync != "never"
         self.degraded_reason: str | None = None
-        if self.fmt.payload_only:
-            self.add = self._add_payload  # type: ignore[method-assign]
         self.preparer: Preparer | None = None
 
     def start_preparer(self, threads: int = 1) -> None:
@@ -100,6 +99,13 @@ class Store:
         return TopicState(topic, *self.topic_path(topic), self.shard.recent)
 
     def add(self, st: TopicState, line: bytes, mid: int) -> None:
+        """Buffer a record line (a payload-only shard: its JSON payload alone) with its id."""
+        if self.payload_only:
+            item = self.fmt.item(line)
+            if item is None:
+                self._not_json(st, line, mid)
+                return
+            line = item
         st.lines.append(line)
         if mid:
             st.mids.append(mid)
@@ -107,13 +113,8 @@ class Store:
             st.dirty = True
             self.dirty.append(st)
 
-    def _add_payload(self, st: TopicState, line: bytes, mid: int) -> None:
-        """``add`` of a payload-only shard: the JSON payload alone; a payload that is
-        not JSON goes to the quarantine file (never silently dropped)."""
-        item = self.fmt.item(line)
-        if item is not None:
-            Store.add(self, st, item, mid)
-            return
+    def _not_json(self, st: TopicState, line: bytes, mid: int) -> None:
+        """A payload that is not JSON (payload-only shard): quarantined, never dropped."""
         try:
             rec = decode_record(line)
             ts, qos, retain, payload = rec.ts, rec.qos, rec.retain, rec.payload
@@ -180,9 +181,7 @@ class Store:
         written they are listed in ``self.released`` (acknowledge them then, before the
         newer ids; in the order they arrived within a topic, topics in the order the
         preparer finished them).
-
-        Cost: the topics with new records, and those the preparer handed back; topics
-        that only wait are not looked at."""
+        Cost: the topics with new records and those handed back; waiting ones are not looked at."""
         held: set[int] = set()
         released = self.released  # the caller empties it (kept if a flush raised before)
         preparer = self.preparer

@@ -65,8 +65,6 @@ class TopicFiles:
         self.current = fmt.current
         self.flags = OPEN_FLAGS if fmt.append else PWRITE_FLAGS
         self.plain = fmt is formats.JSONL
-        if not self.plain:
-            self.emit = self.emit_format  # type: ignore[method-assign]
 
     # -- writing ------------------------------------------------------------------
 
@@ -122,12 +120,11 @@ class TopicFiles:
         st.dirty = False
 
     def emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
-        """Write buffered ``lines`` (``data``: them joined). jsonl: ``data`` itself."""
-        self.append_rest(st, data, st.size, 0)
-
-    def emit_format(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
-        """Another format: its bytes for ``lines``, written at the end of the segment (json:
-        over its closing bracket). On failure the segment is put back as it was."""
+        """Write ``lines`` (``data``: them joined): jsonl ``data``; another format its bytes for
+        them at the end of the segment (json: over its ``]``), put back as it was on failure."""
+        if self.plain:
+            self.append_rest(st, data, st.size, 0)
+            return
         fmt = self.fmt
         before = st.size
         offset = before - len(fmt.closer) if before else 0
