@@ -106,18 +106,18 @@ class TopicFiles:
                 chunk.append(line)
                 chunk_len += len(line)
             self.emit(st, chunk, b"".join(chunk))
+        self.account(st, lines, now_us, len(data))
+        st.lines, st.mids, st.held, st.dirty = [], [], 0, False
+
+    def account(self, st: TopicState, lines: list[bytes], now_us: int, n: int = -1) -> None:
+        """``lines`` (``n`` bytes) were appended: the counters and the recent records."""
         if st.first_ts is None:
             st.first_ts = now_us
-        c = self.counters
-        c.messages += len(lines)
-        c.bytes += len(data)
+        self.counters.messages += len(lines)
+        self.counters.bytes += n if n >= 0 else sum(map(len, lines))
         if st.recent.maxlen:
             st.recent.extend(lines)
             st.recent_dirty = True
-        st.lines = []
-        st.mids = []
-        st.held = 0
-        st.dirty = False
 
     def emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
         """Write ``lines`` (``data``: them joined): jsonl ``data``; another format its bytes for
