@@ -74,10 +74,13 @@ class Preparer:
             try:
                 if st is None:
                     return
-                st.prep = self.prepare(st)
-                self.ready.append(st)  # after st.prep: the next flush writes it
+                self._one(st)
             finally:
                 self.queue.task_done()
+
+    def _one(self, st: TopicState) -> None:
+        st.prep = self.prepare(st)
+        self.ready.append(st)  # after st.prep: the next flush writes it
 
     def prepare(self, st: TopicState) -> Prepared:
         files = self.files
@@ -96,8 +99,8 @@ class Preparer:
                     raise
                 st.size = 0
             else:
-                try:
-                    st.size = files.regular_size(fd)
+                try:  # a directory just made holds only the file just created: empty, regular
+                    st.size = 0 if created else files.regular_size(fd)
                 except TopicError:
                     fd = -1  # closed by regular_size
                     raise
@@ -140,8 +143,22 @@ class Preparer:
         return True
 
     def wait_idle(self) -> None:
-        """Until every submitted topic is prepared."""
-        self.queue.join()
+        """Until every submitted topic is prepared. The calling thread prepares queued ones
+        meanwhile: its system calls and the threads' run side by side."""
+        q = self.queue
+        while True:
+            try:
+                st = q.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if st is None:  # stopping: the sentinel is a thread's
+                    q.put(None)
+                    break
+                self._one(st)
+            finally:
+                q.task_done()
+        q.join()
 
     def stop(self) -> None:
         for _ in self.threads:
