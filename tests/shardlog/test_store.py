@@ -559,3 +559,29 @@ def test_a_current_segment_that_is_no_regular_file_is_quarantined_never_waited_o
         assert os.read(reader, 4096) == b""
         os.close(reader)
     store.close()
+
+
+def test_a_waiting_flush_prepares_queued_topics_in_its_own_thread(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the preparer thread is busy (here: held on one topic), wait_idle prepares the
+    other queued topics in the calling thread, and their records are in their files."""
+    store, _ = make(tmp_path)
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (
+        threading.current_thread().name.startswith("preparer") and gate.wait(30), prepare(self, st))[1])
+    store.start_preparer()
+    states: dict[str, TopicState] = {}
+    want = {f"q/{i}": put(store, states, f"q/{i}", 1, start=i) for i in range(30)}
+    assert len(store.flush(T0, 0.0)) == 30
+    assert store.preparer is not None
+    waiter = threading.Thread(target=store.preparer.wait_idle)
+    waiter.start()
+    wait_for(lambda: sum(type(st.prep).__name__ == "Prepared" for st in states.values()) == 29, 20,
+             "29 of the 30 topics prepared by the waiting thread (the preparer's is held)")
+    gate.set()
+    waiter.join(30)
+    assert not waiter.is_alive() and store.flush(T0, 1.0) == set() and len(store.released) == 30
+    for topic, lines in want.items():
+        assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
+    store.close()
