@@ -60,7 +60,7 @@ class Store:
         self.released: list[int] = []
         self.open = self.files.open   # LRU of states holding an fd, oldest first
         #: the stale +recent.json files and who replaces them (shardlog/writing/recent.py)
-        self.recent = RecentFiles(self.files, shard.recent_interval, counters)
+        self.recent = RecentFiles(self.files, shard.recent_interval, counters, branch_root)
         self.quarantine_lines: list[bytes] = []
         self.quarantine_mids: list[int] = []
         self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
@@ -355,7 +355,7 @@ class Store:
         """The +recent.json figures into the counters (the stats file, /metrics)."""
         r = self.recent
         counters.recent_lag = round(r.lag(now_mono), 3)
-        counters.recent_stale = len(r.queue)
+        counters.recent_stale = len(r.queue) + len(r.left)
         counters.recent_written = r.written
 
     def rotate_now(self, st: TopicState, now_us: int) -> bool:

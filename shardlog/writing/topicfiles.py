@@ -370,9 +370,12 @@ class TopicFiles:
 
     # -- +recent.json and syncing ---------------------------------------------------------
 
+    def recent_body(self, st: TopicState) -> bytes:
+        return b"[" + b",".join([line[:-1] for line in st.recent.snapshot()]) + b"]\n"
+
     def write_recent(self, st: TopicState) -> None:
         """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
-        body = b"[" + b",".join([line[:-1] for line in st.recent.snapshot()]) + b"]\n"
+        body = self.recent_body(st)
         if st.recent_versions is None:
             st.recent_versions = set()
         swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,
