@@ -19,6 +19,7 @@ buffered, the store reports itself degraded, and the next flush tries again.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import time
@@ -159,9 +160,7 @@ class Store:
     def forget_mids(self) -> None:
         """The connection is gone: its message ids mean nothing any more. The
         buffered lines stay and are written; the broker redelivers the messages."""
-        for st in self.dirty:
-            st.mids, st.held = [], 0
-        for st in self.waiting:
+        for st in itertools.chain(self.dirty, self.waiting):
             st.mids, st.held = [], 0
             job = job_of(st.prep)
             if job is not None:  # the preparer's lines too: written, never acknowledged
