@@ -553,6 +553,7 @@ class Shardlog:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            t0 = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 rc = self.proc.wait(120)
@@ -560,6 +561,7 @@ class Shardlog:
                 self.proc.kill()
                 self.proc.wait()
                 rc = -9
+            say(f"  shardlog stopped {time.monotonic() - t0:.2f}s after SIGTERM (exit {rc})")
             if rc != 0:
                 say(f"  shardlog exited with {rc} on SIGTERM (log: {self.dir / 'shardlog.log'})")
         self._err.close()

@@ -19,6 +19,8 @@ from typing import NamedTuple
 CURRENT = "+log.jsonl"  # the default format's current segment (formats.CURRENTS: all)
 RECENT = "+recent.json"
 RECENT_TMP = "+recent.json.spare"  # the previous version, kept for atomic swaps
+#: (a shard's branch root) the +recent.json files a stop left stale, written at the next start
+RECENT_LEFT = "+recent.left"
 TOPIC_FILE = "+topic"
 LOCK = "+shard.lock"
 QUARANTINE = "+quarantine.jsonl"

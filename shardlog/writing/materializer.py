@@ -124,7 +124,7 @@ class Materializer:
                 self._busy = True
             try:
                 progressed = self.step()
-            except Exception:  # noqa: BLE001 - logged; the loop goes on after a pause
+            except Exception:  # logged; the loop goes on after a pause
                 log.exception("materializer: unexpected error; retrying in 1s")
                 self.store.counters.errors += 1
                 progressed = False
@@ -235,7 +235,7 @@ class Materializer:
                 d.append((line, seq, replaying))
                 n_deferred += 1
             elif st.__class__ is TopicState and not replaying:
-                add(st, line, seq)  # type: ignore[arg-type]
+                add(st, line, seq)
             else:
                 self._hand(key, st, line, seq, replaying)
         self.seq = seq
@@ -261,7 +261,7 @@ class Materializer:
         if replaying and self._on_disk(st, line):
             return
         if st.__class__ is TopicState:
-            store.add(st, line, seq)  # type: ignore[arg-type]
+            store.add(st, line, seq)
         elif key == journal.QUARANTINE_KEY:
             store.quarantine_line(line, seq)
         else:  # the topic cannot be stored: its record goes to the quarantine file

@@ -17,6 +17,11 @@ How fresh a file is: ``recent_lag`` (seconds; in the stats and ``/metrics``) is 
 age of the oldest change not yet in its ``+recent.json``; docs/history.md says what a
 reader can expect. A reader never sees a torn file (shardlog/writing/atomic.py).
 
+A stop writes stale files for at most ``STOP_BUDGET`` seconds (at 100,000 topics a drain
+can leave 45,000, ten seconds of work, past a supervisor's patience); the rest go, with
+their contents, into the branch's ``+recent.left`` (one sequential write), and the next
+start's thread writes them before anything else, then removes it.
+
 Threads: the recording (or materializing) thread appends to the queue and changes
 ``st.recent``; this thread takes a snapshot of ``st.recent`` (``tuple()`` of a deque is
 one C call, atomic under the GIL) after clearing ``st.recent_queued``, so a record
@@ -29,12 +34,16 @@ directory that is going away.
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 import threading
 import time
 import typing
 
-from shardlog.ondisk.segments import RECENT
+from shardlog.ondisk.segments import RECENT, RECENT_LEFT, RECENT_TMP
+from shardlog.topics import safe_join
+from shardlog.writing.atomic import swap_in
 
 if typing.TYPE_CHECKING:
     from shardlog.counters import Counters
@@ -51,13 +60,23 @@ RETRY_AFTER = 1.0
 BUSY_FOR = 0.2
 SLICE = 0.01
 SHARE = 0.33
+#: seconds a stop (each forced sweep) writes stale files; the rest are left to the next start
+STOP_BUDGET = 2.0
 
 
 class RecentFiles:
     """The queue of stale ``+recent.json`` files of one shard, and who replaces them."""
 
-    def __init__(self, files: TopicFiles, interval: float, counters: Counters) -> None:
+    def __init__(self, files: TopicFiles, interval: float, counters: Counters,
+                 branch_root: str | None = None) -> None:
         self.files = files
+        #: where a stop leaves the files it had no time for (None: it writes them all)
+        self.left_path = os.path.join(branch_root, RECENT_LEFT) if branch_root else None
+        #: (relpath, contents) a previous stop left: written first by the thread
+        self.left: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._left_loaded = False
+        #: a forced sweep ran out of STOP_BUDGET: the stop leaves the rest at once
+        self.out_of_time = False
         self.counters = counters  # errors: each refused replacement
         self.interval = interval
         #: (state, monotonic time it went stale), the most stale first
@@ -98,11 +117,13 @@ class RecentFiles:
 
     def sweep(self, now_mono: float, force: bool = False, until: float | None = None) -> float | None:
         """Replace the due files, most stale first. Stops at the first not yet due
-        (returns when it is; ``force``: writes every one now), at the first the disk
+        (returns when it is; ``force``: writes every one now, for STOP_BUDGET s at most), at the first the disk
         refuses (returns when to retry) or at monotonic time ``until`` (returns it).
         None: the queue is empty."""
         q = self.queue
         n = 0
+        # a forced sweep (a stop) with a +recent.left to leave the rest in: STOP_BUDGET at most
+        deadline = time.monotonic() + STOP_BUDGET if force and self.left_path is not None else None
         while q:
             if self.paused and not force:
                 return now_mono + RETRY_AFTER
@@ -111,6 +132,9 @@ class RecentFiles:
                 now_mono = time.monotonic()
                 if now_mono >= until:
                     return now_mono
+            if deadline is not None and n % 16 == 0 and time.monotonic() >= deadline:
+                self.out_of_time = True
+                return now_mono
             st, since = q[0]
             due = st.recent_at + self.interval
             if not force and due > now_mono:
@@ -120,6 +144,91 @@ class RecentFiles:
                 q.appendleft((st, since))
                 return now_mono + RETRY_AFTER
         return None
+
+    def _write_left(self, until: float) -> float | None:
+        """Write what a previous stop left, until monotonic ``until`` (returns it), or until the
+        disk refuses (returns when to retry); None when none is left (its file removed). A
+        topic whose directory went is skipped."""
+        left = self.left
+        while left:
+            now = time.monotonic()
+            if self.paused:
+                return now + RETRY_AFTER
+            if now >= until:
+                return now
+            relpath, body = left[0]
+            try:
+                path = safe_join(self.files.root, relpath)
+                with self.lock:
+                    if os.path.isdir(path):
+                        swap_in(os.path.join(path, RECENT), os.path.join(path, RECENT_TMP), body, set())
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # went meanwhile
+            except OSError as exc:
+                if self.refused is None:
+                    self.counters.errors += 1
+                    log.warning("%s: cannot replace %s: %s (retrying)", relpath, RECENT, exc.strerror or exc)
+                self.refused = f"{relpath}/{RECENT}: {exc.strerror or exc}"
+                return now + RETRY_AFTER
+            except ValueError:  # TopicError: no path of this root (any more)
+                pass
+            left.popleft()
+            self.written += 1
+            self.refused = None
+        self._unlink_left()
+        return None
+
+    def _unlink_left(self) -> None:
+        if self.left_path is not None:
+            try:
+                os.unlink(self.left_path)
+            except FileNotFoundError:
+                pass
+
+    def _load_left(self) -> None:
+        """The files a previous stop left (``self.left``)."""
+        if self.left_path is None or self._left_loaded:
+            return
+        self._left_loaded = True
+        try:
+            with open(self.left_path, "rb") as f:
+                for line in f:
+                    name, tab, body = line.partition(b"\t")
+                    if tab and body.endswith(b"\n"):  # a complete entry
+                        self.left.append((json.loads(name), body))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s: %s (its +recent.json files stay as they are)", self.left_path, exc)
+        if self.left:
+            log.info("%d %s file(s) left stale by the last stop: writing them first", len(self.left), RECENT)
+
+    def save_left(self) -> None:
+        """The stop: what is still stale (and still left) into ``+recent.left``, whole or not
+        at all (written aside, then renamed over it)."""
+        if self.left_path is None or not (self.queue or self._left_loaded):
+            return  # nothing new, and a file there (never read) stays as it is
+        self._load_left()  # (without the thread they were never read: kept)
+        if not self.left and not any(st.recent_queued and not st.recent_gone for st, _ in self.queue):
+            self._unlink_left()
+            return
+        tmp = self.left_path + ".tmp"
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                for relpath, body in self.left:
+                    f.write(json.dumps(relpath).encode() + b"\t" + body)
+                    n += 1
+                for st, _since in self.queue:
+                    if st.recent_queued and not st.recent_gone:
+                        f.write(json.dumps(st.relpath).encode() + b"\t" + self.files.recent_body(st))
+                        n += 1
+            os.replace(tmp, self.left_path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s (%d stale %s file(s) stay stale until their topic "
+                        "speaks)", self.left_path, exc, n, RECENT)
+            return
+        log.info("stopping with %d stale %s file(s): left to the next start in %s", n, RECENT, self.left_path)
 
     def _write(self, st: TopicState, now_mono: float) -> bool:
         with self.lock:
@@ -159,6 +268,7 @@ class RecentFiles:
     def start(self) -> None:
         """From now on the files are replaced by a thread of this class's own."""
         if self._thread is None:
+            self._load_left()
             self._thread = threading.Thread(target=self._run, name="shardlog-recent", daemon=True)
             self._thread.start()
 
@@ -167,8 +277,11 @@ class RecentFiles:
         while not self._stopping:
             now = time.monotonic()
             busy = now - self.busy_at < BUSY_FOR
+            until = now + SLICE if busy else now + 1.0
             try:
-                nxt = self.sweep(now, until=now + SLICE if busy else now + 1.0)
+                nxt = self._write_left(until) if self.left else None  # a previous stop's first
+                if nxt is None:
+                    nxt = self.sweep(now, until=until)
             except Exception:  # never die silently: log, count, go on
                 log.exception("the +recent.json writer failed; going on")
                 self.counters.errors += 1
@@ -188,10 +301,13 @@ class RecentFiles:
         return self._thread is None or self._thread.is_alive()
 
     def stop(self) -> None:
-        """Stop the thread, then write every stale file (the shard stops)."""
+        """Stop the thread, then write the stale files for at most STOP_BUDGET seconds and
+        leave the rest to the next start (the shard stops)."""
         t, self._thread = self._thread, None
         if t is not None:
             self._stopping = True
             self._wake.set()
             t.join(30)
-        self.sweep(time.monotonic(), force=True)
+        if not self.out_of_time:
+            self.sweep(time.monotonic(), force=True)
+        self.save_left()

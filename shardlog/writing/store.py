@@ -6,10 +6,9 @@ line with one ``write`` per topic (through :class:`shardlog.writing.topicfiles.T
 which does the system calls) and tells which lines could not be written (so their
 messages are not acknowledged). File descriptors are opened lazily and kept in a
 bounded LRU, so any number of topics fits in ``max_open_files`` descriptors. With
-:meth:`Store.start_preparer`, a topic's first open happens in a
-:class:`shardlog.writing.preparer.Preparer` thread and :meth:`Store.flush` holds that topic's
-lines until it is ready: a waiting topic costs a flush nothing until new records
-arrive for it or the preparer hands it back.
+:meth:`Store.start_preparer`, a topic's first open, and the write of the records it had
+then, happen in a :class:`shardlog.writing.preparer.Preparer` thread; the flushes hold its
+lines meanwhile, at no cost until new records arrive for it or the preparer hands it back.
 
 Errors: a topic that cannot be stored (its path is too long, a file stands where
 a directory should be, ...) has its records quarantined with the reason. A disk
@@ -20,17 +19,18 @@ buffered, the store reports itself degraded, and the next flush tries again.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import time
 
 from shardlog.config.schema import Shard
-from shardlog.ondisk.segments import QUARANTINE, RECENT
 from shardlog.counters import Counters
+from shardlog.ondisk.segments import QUARANTINE
 from shardlog.records import decode_record, encode_quarantine
 from shardlog.topics import TopicError, safe_join, topic_to_relpath
 from shardlog.writing.compressor import Compressor
-from shardlog.writing.preparer import _QUEUED, Prepared, Preparer
+from shardlog.writing.preparer import Job, Prepared, Preparer, job_of, settle
 from shardlog.writing.recent import RecentFiles
 from shardlog.writing.topic_state import TopicState
 from shardlog.writing.topicfiles import OPEN_FLAGS, TRANSIENT, TopicFiles
@@ -48,6 +48,7 @@ class Store:
         self.compressor = compressor
         self.files = TopicFiles(shard, root_real, counters, compressor, self._quarantine_torn)
         self.fmt = self.files.fmt
+        self.payload_only = self.fmt.payload_only
         self.dirty: list[TopicState] = []
         #: topics the preparer has (their lines wait): state -> lines counted in waiting_lines.
         #: A flush does not look at them until they get new records (add() puts them in
@@ -60,20 +61,18 @@ class Store:
         self.released: list[int] = []
         self.open = self.files.open   # LRU of states holding an fd, oldest first
         #: the stale +recent.json files and who replaces them (shardlog/writing/recent.py)
-        self.recent = RecentFiles(self.files, shard.recent_interval, counters)
+        self.recent = RecentFiles(self.files, shard.recent_interval, counters, branch_root)
         self.quarantine_lines: list[bytes] = []
         self.quarantine_mids: list[int] = []
         self.quarantine_held: list[int] = []  # quarantine ids an earlier flush returned as held
         self.fsync = shard.fsync != "never"
         self.degraded_reason: str | None = None
-        if self.fmt.payload_only:
-            self.add = self._add_payload  # type: ignore[method-assign]
         self.preparer: Preparer | None = None
 
     def start_preparer(self, threads: int = 1) -> None:
         """From now on, a topic's first open in this process (directory creation, file
-        creation, tail repair: up to milliseconds) happens in background threads, and
-        its records wait in memory, unacknowledged, until a later flush writes them."""
+        creation, tail repair: up to milliseconds) and the write of the records it has then
+        happen in background threads; its records wait, unacknowledged, until written."""
         if self.preparer is None:
             self.preparer = Preparer(self.files, self._ready, threads)
 
@@ -100,6 +99,13 @@ class Store:
         return TopicState(topic, *self.topic_path(topic), self.shard.recent)
 
     def add(self, st: TopicState, line: bytes, mid: int) -> None:
+        """Buffer a record line (a payload-only shard: its JSON payload alone) with its id."""
+        if self.payload_only:
+            item = self.fmt.item(line)
+            if item is None:
+                self._not_json(st, line, mid)
+                return
+            line = item
         st.lines.append(line)
         if mid:
             st.mids.append(mid)
@@ -107,17 +113,12 @@ class Store:
             st.dirty = True
             self.dirty.append(st)
 
-    def _add_payload(self, st: TopicState, line: bytes, mid: int) -> None:
-        """``add`` of a payload-only shard: the JSON payload alone; a payload that is
-        not JSON goes to the quarantine file (never silently dropped)."""
-        item = self.fmt.item(line)
-        if item is not None:
-            Store.add(self, st, item, mid)
-            return
+    def _not_json(self, st: TopicState, line: bytes, mid: int) -> None:
+        """A payload that is not JSON (payload-only shard): quarantined, never dropped."""
         try:
             rec = decode_record(line)
             ts, qos, retain, payload = rec.ts, rec.qos, rec.retain, rec.payload
-        except Exception:  # noqa: BLE001 - keep the line itself
+        except Exception:  # keep the line itself
             ts, qos, retain, payload = time.time_ns() // 1000, 0, False, line
         self.quarantine(ts, "payload is not JSON (payload_only shard)", st.topic.encode(), qos,
                         retain, payload, mid)
@@ -136,8 +137,8 @@ class Store:
             self.quarantine_mids.append(mid)
 
     def take_released(self) -> list[int]:
-        """The ids held by earlier flushes and written since (acknowledge them now, before
-        the newer ones); the list is emptied."""
+        """The ids held by earlier flushes and written since (acknowledge them now, before the
+        newer ones); the list is emptied."""
         released, self.released = self.released, []
         return released
 
@@ -159,10 +160,11 @@ class Store:
     def forget_mids(self) -> None:
         """The connection is gone: its message ids mean nothing any more. The
         buffered lines stay and are written; the broker redelivers the messages."""
-        for st in self.dirty:
+        for st in itertools.chain(self.dirty, self.waiting):
             st.mids, st.held = [], 0
-        for st in self.waiting:
-            st.mids, st.held = [], 0
+            job = job_of(st.prep)
+            if job is not None:  # the preparer's lines too: written, never acknowledged
+                job.mids = []
         self.quarantine_mids, self.quarantine_held, self.released = [], [], []
 
     def pending_records(self) -> int:
@@ -179,10 +181,8 @@ class Store:
         ``wait``). Ids returned by an earlier flush are the store's from then on: once
         written they are listed in ``self.released`` (acknowledge them then, before the
         newer ids; in the order they arrived within a topic, topics in the order the
-        preparer finished them).
-
-        Cost: the topics with new records, and those the preparer handed back; topics
-        that only wait are not looked at."""
+        preparer finished them; a topic's first records may be written by the preparer).
+        Cost: the topics with new records and those handed back; waiting ones are not looked at."""
         held: set[int] = set()
         released = self.released  # the caller empties it (kept if a flush raised before)
         preparer = self.preparer
@@ -202,15 +202,24 @@ class Store:
         written: list[TopicState] = []
         for st in dirty:
             if (preparer is not None and (st.prep is not None or (not st.loaded and st.fd < 0))
-                    and self._waits(st, preparer, wait)):
+                    and self._waits(st, preparer, wait, now_us)):
                 # it waits: out of dirty until add() or the preparer brings it back
                 st.dirty = False
                 if len(st.mids) > st.held:
                     held.update(st.mids[st.held:])
                     st.held = len(st.mids)
-                n = len(st.lines)
+                job = job_of(st.prep)
+                if job is None:  # new: to the preparer, with its records (it writes them)
+                    st.prep = job = Job(st.lines, st.mids)
+                    st.lines, st.mids, st.held = [], [], 0
+                    preparer.submit(st)
+                n = len(st.lines) + len(job.lines)
                 self.waiting_lines += n - self.waiting.get(st, 0)
                 self.waiting[st] = n
+                continue
+            if not st.lines:  # the preparer wrote them all
+                st.dirty = False
+                written.append(st)
                 continue
             try:
                 n_held, mids = st.held, st.mids
@@ -251,29 +260,20 @@ class Store:
         self._set_degraded(problem)
         return held
 
-    def _waits(self, st: TopicState, preparer: Preparer, wait: bool) -> bool:
-        """Must this never-opened topic wait for the preparer? Submits it if new;
-        applies a finished preparation (then the caller writes it)."""
+    def _waits(self, st: TopicState, preparer: Preparer, wait: bool, now_us: int) -> bool:
+        """Must this never-opened topic wait for the preparer? (A new one: the caller
+        submits it.) Applies a finished preparation (then the caller writes the rest)."""
         prep = st.prep
         if prep is None:
-            if wait:
-                return False  # prepared here, synchronously
-            st.prep = _QUEUED
-            preparer.submit(st)
-            return True
-        if prep is _QUEUED:
+            return not wait  # wait: prepared here, synchronously
+        if isinstance(prep, Job):
             return True
         st.prep = None
-        n = self.waiting.pop(st, None)  # handed back before its _ready entry was drained
-        if n is not None:
-            self.waiting_lines -= n
+        self.waiting_lines -= self.waiting.pop(st, 0)  # handed back before its _ready entry was drained
         assert isinstance(prep, Prepared)
-        if prep.created and self.fsync:
-            self.files.dirs_to_sync.add(st.path)
-        if prep.torn is not None:
-            self._quarantine_torn(st, prep.torn)
-        # a failed preparation (st.loaded still False): _write retries it here, and
+        # a failed preparation (st.loaded still False): the write retries its open, and
         # reports its error as any first open does
+        settle(self.files, st, prep, now_us, self.released)
         return False
 
     def _quarantine_torn(self, st: TopicState, garbage: bytes) -> None:
@@ -354,7 +354,7 @@ class Store:
         """The +recent.json figures into the counters (the stats file, /metrics)."""
         r = self.recent
         counters.recent_lag = round(r.lag(now_mono), 3)
-        counters.recent_stale = len(r.queue)
+        counters.recent_stale = len(r.queue) + len(r.left)
         counters.recent_written = r.written
 
     def rotate_now(self, st: TopicState, now_us: int) -> bool:
@@ -376,9 +376,7 @@ class Store:
         if st.dirty:  # pragma: no cover - callers flush first and refuse while degraded
             self.dirty = [d for d in self.dirty if d is not st]
             st.dirty = False
-        n = self.waiting.pop(st, None)
-        if n is not None:  # pragma: no cover - callers flush(wait=True) first
-            self.waiting_lines -= n
+        self.waiting_lines -= self.waiting.pop(st, 0)  # none: callers flush(wait=True) first
 
     def write_recent_now(self, st: TopicState) -> None:
         """Write a held-back +recent.json now (before its directory moves)."""

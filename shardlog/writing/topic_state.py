@@ -66,5 +66,5 @@ class TopicState:
         #: (mtime second, size) of this second's +recent.json versions (set by its first write)
         self.recent_versions: set[tuple[int, int]] | None = None
         self.loaded = False           # tail repaired and recent loaded (once per state)
-        #: background preparation (Preparer): None, _QUEUED, or its Prepared result
+        #: background preparation (Preparer): None, a Job while queued, or its Prepared result
         self.prep: object = None

@@ -18,9 +18,9 @@ import time
 import typing
 
 from shardlog.config.schema import Shard
+from shardlog.counters import Counters
 from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
-from shardlog.counters import Counters
 from shardlog.topics import TopicError, is_hashed_name, safe_join
 from shardlog.writing import topic_load
 from shardlog.writing.atomic import swap_in
@@ -65,8 +65,6 @@ class TopicFiles:
         self.current = fmt.current
         self.flags = OPEN_FLAGS if fmt.append else PWRITE_FLAGS
         self.plain = fmt is formats.JSONL
-        if not self.plain:
-            self.emit = self.emit_format  # type: ignore[method-assign]
 
     # -- writing ------------------------------------------------------------------
 
@@ -108,26 +106,25 @@ class TopicFiles:
                 chunk.append(line)
                 chunk_len += len(line)
             self.emit(st, chunk, b"".join(chunk))
+        self.account(st, lines, now_us, len(data))
+        st.lines, st.mids, st.held, st.dirty = [], [], 0, False
+
+    def account(self, st: TopicState, lines: list[bytes], now_us: int, n: int = -1) -> None:
+        """``lines`` (``n`` bytes) were appended: the counters and the recent records."""
         if st.first_ts is None:
             st.first_ts = now_us
-        c = self.counters
-        c.messages += len(lines)
-        c.bytes += len(data)
+        self.counters.messages += len(lines)
+        self.counters.bytes += n if n >= 0 else sum(map(len, lines))
         if st.recent.maxlen:
             st.recent.extend(lines)
             st.recent_dirty = True
-        st.lines = []
-        st.mids = []
-        st.held = 0
-        st.dirty = False
 
     def emit(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
-        """Write buffered ``lines`` (``data``: them joined). jsonl: ``data`` itself."""
-        self.append_rest(st, data, st.size, 0)
-
-    def emit_format(self, st: TopicState, lines: list[bytes], data: bytes) -> None:
-        """Another format: its bytes for ``lines``, written at the end of the segment (json:
-        over its closing bracket). On failure the segment is put back as it was."""
+        """Write ``lines`` (``data``: them joined): jsonl ``data``; another format its bytes for
+        them at the end of the segment (json: over its ``]``), put back as it was on failure."""
+        if self.plain:
+            self.append_rest(st, data, st.size, 0)
+            return
         fmt = self.fmt
         before = st.size
         offset = before - len(fmt.closer) if before else 0
@@ -373,9 +370,12 @@ class TopicFiles:
 
     # -- +recent.json and syncing ---------------------------------------------------------
 
+    def recent_body(self, st: TopicState) -> bytes:
+        return b"[" + b",".join([line[:-1] for line in st.recent.snapshot()]) + b"]\n"
+
     def write_recent(self, st: TopicState) -> None:
         """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
-        body = b"[" + b",".join([line[:-1] for line in st.recent.snapshot()]) + b"]\n"
+        body = self.recent_body(st)
         if st.recent_versions is None:
             st.recent_versions = set()
         swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,

@@ -10,6 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from shardlog.writing import recent
 from shardlog.writing.topic_state import TopicState
 from tests.helpers import wait_for
 from tests.shardlog.test_store import T0, make, put
@@ -113,3 +116,57 @@ def test_close_writes_every_stale_file_and_a_dropped_topic_gets_none(tmp_path: P
     assert recent_of(tmp_path, "keep") == [1, 2]
     assert not (tmp_path / "gone").exists(), "a write recreated a directory that was moved away"
     assert recent_of(tmp_path, "moved") == [0]
+
+
+def test_a_stop_out_of_time_leaves_the_stale_files_to_the_next_start(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop writes stale files for STOP_BUDGET seconds at most; the rest go with their
+    contents into the branch's +recent.left, which the next start's thread writes first
+    (skipping a topic whose directory went), then removes (issue 21)."""
+    monkeypatch.setattr(recent, "STOP_BUDGET", 0.0)  # out of time after the first 15 files
+    store, _ = make(tmp_path, recent=2, recent_interval=3600)
+    store.start_recent_writer()
+    states: dict[str, TopicState] = {}
+    for i in range(100):
+        put(store, states, f"t/{i}", 1, start=10 * i)
+    store.flush(T0, time.monotonic())
+    wait_for(lambda: all(recent_of(tmp_path, f"t/{i}") == [10 * i] for i in range(100)), 20,
+             "the first +recent.json of each topic (due at once)")
+    for i in range(100):  # stale now, held back for an hour
+        put(store, states, f"t/{i}", 2, start=10 * i + 1)
+    store.flush(T0, time.monotonic())
+    store.close()
+    left = tmp_path / "+recent.left"
+    fresh = [i for i in range(100) if recent_of(tmp_path, f"t/{i}") == [10 * i + 1, 10 * i + 2]]
+    assert len(fresh) == 15 and left.exists()  # 85 left stale, their contents in +recent.left
+    assert sum(1 for _ in left.open("rb")) == 85
+    (tmp_path / "t" / "99").rename(tmp_path / "moved99")  # gone meanwhile: nothing recreated
+    monkeypatch.setattr(recent, "STOP_BUDGET", 2.0)
+    store2, _ = make(tmp_path, recent=2, recent_interval=3600)
+    store2.start_recent_writer()
+    wait_for(lambda: not left.exists(), 20, "the next start to write what the stop left")
+    for i in range(99):
+        assert recent_of(tmp_path, f"t/{i}") == [10 * i + 1, 10 * i + 2], i
+    assert not (tmp_path / "t" / "99").exists()
+    store2.close()
+    assert not left.exists()  # nothing stale: no file left
+
+
+def test_a_store_without_the_thread_keeps_what_an_earlier_stop_left(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store closed without ever starting the writer thread writes the entries already in
+    +recent.left back with its own (none is lost)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "+recent.left").write_bytes(json.dumps("a").encode() + b'\t[{"payload":{"i":7}}]\n')
+    monkeypatch.setattr(recent, "STOP_BUDGET", 0.0)
+    store, _ = make(tmp_path, recent=2, recent_interval=3600)
+    states: dict[str, TopicState] = {}
+    for i in range(20):
+        put(store, states, f"b/{i}", 1, start=i)
+    store.flush(T0, 0.0)
+    for i in range(20):
+        put(store, states, f"b/{i}", 1, start=100 + i)
+    store.flush(T0, 1.0)  # held back: stale
+    store.close()
+    entries = [json.loads(line.partition(b"\t")[0]) for line in (tmp_path / "+recent.left").open("rb")]
+    assert entries[0] == "a" and len(entries) == 1 + 20 - 15

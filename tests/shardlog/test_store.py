@@ -23,6 +23,7 @@ from shardlog.writing.compressor import Compressor
 from shardlog.writing.preparer import Preparer
 from shardlog.writing.store import Store
 from shardlog.writing.topic_state import TopicState
+from shardlog.writing.topicfiles import TopicFiles
 from tests.helpers import wait_for
 
 T0 = 1_763_815_800_000_000  # µs
@@ -369,7 +370,7 @@ def test_waiting_topics_cost_a_flush_nothing(tmp_path: Path, monkeypatch: pytest
     gate = stalled_preparer(store, monkeypatch)
     looked: list[str] = []
     waits = Store._waits
-    monkeypatch.setattr(Store, "_waits", lambda self, st, p, w: (looked.append(st.topic), waits(self, st, p, w))[1])
+    monkeypatch.setattr(Store, "_waits", lambda self, st, *a: (looked.append(st.topic), waits(self, st, *a))[1])
     states: dict[str, TopicState] = {}
     lines = {f"n/{i}": put(store, states, f"n/{i}", 2, start=2 * i) for i in range(1000)}
     assert store.flush(T0, 0.0) == set(range(1, 2001))
@@ -406,7 +407,94 @@ def test_waiting_topic_is_not_evictable_and_forget_mids_clears_held(tmp_path: Pa
     gate.set()
     assert store.flush(T0, 1.0, wait=True) == set() and store.released == []
     assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
-    assert store.evictable(states["w"]) is False  # open fd: kept in the LRU
+    assert store.evictable(states["w"])  # written by the preparer, its descriptor closed
+    store.close()
+
+
+def test_preparer_writes_a_new_topics_first_records_itself(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records a new topic had when it was handed to the preparer are written by its
+    thread (the recording thread's write is not called for them); their ids are held until
+    a flush takes the result, then released; records that arrived meanwhile follow them in
+    the file, and later ones are flushed as any others (issue 21)."""
+    store, c = make(tmp_path)
+    gate = stalled_preparer(store, monkeypatch)
+    writes: list[str] = []
+    write = TopicFiles.write
+    monkeypatch.setattr(TopicFiles, "write", lambda self, st, now: (writes.append(st.topic), write(self, st, now))[1])
+    states: dict[str, TopicState] = {}
+    want = {f"n/{i}": put(store, states, f"n/{i}", 2, start=10 * i) for i in range(20)}
+    assert store.flush(T0, 0.0) == {10 * i + k + 1 for i in range(20) for k in range(2)}
+    want["n/3"] += put(store, states, "n/3", 1, start=32)  # while it is being prepared
+    assert store.flush(T0, 1.0) == {33} and store.pending_records() == 41
+    gate.set()
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    log = tmp_path / "n" / "5" / "+log.jsonl"
+    assert log.read_bytes().splitlines(keepends=True) == want["n/5"]  # before any flush took it
+    assert store.released == [] and c.messages == 0
+    assert store.flush(T0, 2.0) == set()
+    assert writes == ["n/3"]  # only the record that came during the preparation
+    assert sorted(store.released) == sorted({10 * i + k + 1 for i in range(20) for k in range(2)} | {33})
+    store.released = []
+    assert c.messages == 41 and store.pending_records() == 0 and not store.waiting
+    for i in range(20):  # later records: through the recording thread's write, behind them
+        want[f"n/{i}"] += put(store, states, f"n/{i}", 1, start=10 * i + 5)
+    assert store.flush(T0, 3.0) == set() and len(writes) == 21
+    for topic, lines in want.items():
+        assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
+    assert json.loads((tmp_path / "n" / "3" / "+recent.json").read_bytes())[-1]["payload"]["i"] == 35
+    store.close()
+
+
+def test_preparer_write_refused_leaves_them_to_the_recording_thread(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the disk refuses in the preparer thread leaves no partial line; its records
+    go back, still held, in front of the newer ones, and the next flush writes them."""
+    import shardlog.writing.preparer as preparer_mod
+
+    store, _ = make(tmp_path)
+    gate = stalled_preparer(store, monkeypatch)
+    real_write = os.write
+    calls: list[int] = []
+
+    def half_then_full(fd: int, data: bytes) -> int:  # half of it written, then ENOSPC
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preparer_mod.os, "write", half_then_full, raising=True)
+    states: dict[str, TopicState] = {}
+    want = put(store, states, "w", 3)
+    assert store.flush(T0, 0.0) == {1, 2, 3}
+    want += put(store, states, "w", 1, start=3)
+    assert store.flush(T0, 1.0) == {4}
+    gate.set()
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    monkeypatch.setattr(preparer_mod.os, "write", real_write)
+    assert len(calls) == 2 and (tmp_path / "w" / "+log.jsonl").read_bytes() == b""  # cut back
+    assert store.flush(T0, 2.0) == set() and store.released == [1, 2, 3, 4]
+    assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    store.close()
+
+
+def test_forget_mids_while_the_preparer_writes_releases_nothing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection went while a topic's first records were with the preparer: they are
+    written, but their ids (of the old connection) are never released."""
+    store, c = make(tmp_path)
+    gate = stalled_preparer(store, monkeypatch)
+    states: dict[str, TopicState] = {}
+    want = put(store, states, "w", 2)
+    assert store.flush(T0, 0.0) == {1, 2}
+    store.forget_mids()
+    gate.set()
+    assert store.preparer is not None
+    store.preparer.wait_idle()
+    assert store.flush(T0, 1.0) == set() and store.released == [] and c.messages == 2
+    assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
     store.close()
 
 
@@ -471,4 +559,30 @@ def test_a_current_segment_that_is_no_regular_file_is_quarantined_never_waited_o
     if reader is not None:
         assert os.read(reader, 4096) == b""
         os.close(reader)
+    store.close()
+
+
+def test_a_waiting_flush_prepares_queued_topics_in_its_own_thread(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the preparer thread is busy (here: held on one topic), wait_idle prepares the
+    other queued topics in the calling thread, and their records are in their files."""
+    store, _ = make(tmp_path)
+    gate = threading.Event()
+    prepare = Preparer.prepare
+    monkeypatch.setattr(Preparer, "prepare", lambda self, st: (
+        threading.current_thread().name.startswith("preparer") and gate.wait(30), prepare(self, st))[1])
+    store.start_preparer()
+    states: dict[str, TopicState] = {}
+    want = {f"q/{i}": put(store, states, f"q/{i}", 1, start=i) for i in range(30)}
+    assert len(store.flush(T0, 0.0)) == 30
+    assert store.preparer is not None
+    waiter = threading.Thread(target=store.preparer.wait_idle)
+    waiter.start()
+    wait_for(lambda: sum(type(st.prep).__name__ == "Prepared" for st in states.values()) == 29, 20,
+             "29 of the 30 topics prepared by the waiting thread (the preparer's is held)")
+    gate.set()
+    waiter.join(30)
+    assert not waiter.is_alive() and store.flush(T0, 1.0) == set() and len(store.released) == 30
+    for topic, lines in want.items():
+        assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
     store.close()
