@@ -47,7 +47,6 @@ from shardlog.routes import Skip, Unstorable
 from shardlog.topics import TopicError, topic_from_bytes
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.store import Store
-from shardlog.writing.topic_state import TopicState
 
 if TYPE_CHECKING:
     from shardlog.hooks.chain import Chain
@@ -150,7 +149,8 @@ class Recorder(RecorderLoop, BrokerSession):
             sink = JournalSink(shard, root_real, branch_root, self.counters, compressor, self.stamps,
                                self.max_states, self.max_waiting, self.batch_max)
         else:
-            sink = StoreSink(Store(shard, root_real, branch_root, self.counters, compressor), self.max_waiting)
+            sink = StoreSink(Store(shard, root_real, branch_root, self.counters, compressor), self.max_waiting,
+                             self.routes)
         self.sink, self.store = sink, sink.store
         return compressor
 
@@ -269,7 +269,7 @@ class Recorder(RecorderLoop, BrokerSession):
             # write (unacknowledged, the broker redelivers them: duplicates, never losses)
             self.acks = []
             raise
-        if held or self.unacked or released:
+        if held or self.unacked:  # (released ids are in unacked: held by an earlier flush)
             ack = self._in_order(held, released)
         else:
             ack = self.acks  # the common case: every id written, none waiting before them
@@ -345,14 +345,12 @@ class Recorder(RecorderLoop, BrokerSession):
         """A block in which the recording thread may use the store and the topic states
         (control operations); nothing else touches them meanwhile. It yields None, or why
         the shard cannot act now (then do nothing)."""
-        if self.sink.target is not TopicState:
-            self.flush()  # a journal: what is buffered goes in before the files catch up
-        with self.sink.quiesced() as busy:
+        with self.sink.quiesced(self.flush) as busy:
             yield busy
 
     def topic_states(self) -> dict[bytes, Any]:
         """Topic states by key (in ``quiesced``); see :meth:`state_key`."""
-        return self.routes if self.sink.target is TopicState else self.sink.topic_states()
+        return self.sink.topic_states()
 
     def state_key(self, topic: str) -> bytes:
         return self.sink.state_key(topic)

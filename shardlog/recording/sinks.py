@@ -96,9 +96,9 @@ class Sink(Protocol):
 
     def close(self) -> None: ...
 
-    def quiesced(self) -> contextlib.AbstractContextManager[str | None]: ...
+    def quiesced(self, flush: Callable[[], None]) -> contextlib.AbstractContextManager[str | None]: ...
 
-    def topic_states(self) -> dict[bytes, TopicState | str]: ...
+    def topic_states(self) -> dict[bytes, Any]: ...
 
     def state_key(self, topic: str) -> bytes: ...
 
@@ -110,8 +110,9 @@ class StoreSink:
 
     target = TopicState
 
-    def __init__(self, store: Store, max_waiting: int) -> None:
+    def __init__(self, store: Store, max_waiting: int, routes: dict[bytes, Any]) -> None:
         self.store = store
+        self.routes = routes  # the recorder's: its TopicState targets are the topic states
         self.max_waiting = max_waiting
         self.add = store.add
         self.quarantine = store.quarantine
@@ -141,11 +142,11 @@ class StoreSink:
     def close(self) -> None:
         self.store.close()
 
-    def quiesced(self) -> contextlib.AbstractContextManager[str | None]:
-        return contextlib.nullcontext()  # the recording thread is the store's only user
+    def quiesced(self, flush: Callable[[], None]) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext()  # the recording thread is the store's only user (operations flush)
 
-    def topic_states(self) -> dict[bytes, TopicState | str]:
-        raise NotImplementedError  # the recorder's routes are the states (Recorder.topic_states)
+    def topic_states(self) -> dict[bytes, Any]:
+        return self.routes
 
     def state_key(self, topic: str) -> bytes:
         return topic.encode()
@@ -304,10 +305,11 @@ class JournalSink:
         self.writer.close()
 
     @contextlib.contextmanager
-    def quiesced(self) -> Iterator[str | None]:
-        """Everything journaled is in the topic files, and the materializer waits. If the
-        files cannot catch up within OPERATION_CATCH_UP (the heartbeat must go on), it
-        yields why. The caller flushes first."""
+    def quiesced(self, flush: Callable[[], None]) -> Iterator[str | None]:
+        """What is buffered journaled (``flush``: the recorder's, which acknowledges it),
+        everything journaled in the topic files, and the materializer waiting. If the files
+        cannot catch up within OPERATION_CATCH_UP (the heartbeat must go on), it yields why."""
+        flush()
         m = self.materializer
         with m.paused():
             if m.catch_up(time.monotonic() + OPERATION_CATCH_UP):
