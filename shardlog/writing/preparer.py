@@ -26,7 +26,7 @@ import typing
 from shardlog.ondisk import segments
 from shardlog.topics import TopicError
 from shardlog.writing.topic_state import TopicState
-from shardlog.writing.topicfiles import TopicFiles
+from shardlog.writing.topicfiles import TopicFiles, append_all
 
 
 class Job:
@@ -128,16 +128,10 @@ class Preparer:
         if (files.max_bytes is not None and size + n > files.max_bytes) or segments.should_rotate(
                 size, n, st.first_ts, time.time_ns() // 1000, files.max_bytes, files.max_age):
             return False
-        done = 0
         try:
-            while done < n:
-                done += os.write(fd, data[done:])
+            append_all(fd, data, size, 0, st.relpath)
         except OSError:  # the recording thread retries, and reports it as its own write would
-            if done:
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    st.loaded = False  # repaired (cut) when it is opened again
+            st.loaded = False  # its next open checks the tail again (cut, if the cut-back failed)
             return False
         st.size = size + n
         return True

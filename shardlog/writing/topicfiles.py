@@ -149,20 +149,7 @@ class TopicFiles:
         st.size = offset + len(out)
 
     def append_rest(self, st: TopicState, data: bytes, before: int, done: int) -> None:
-        """Append ``data[done:]`` (the first ``done`` bytes are in); on failure cut the
-        file back to ``before``, so no partial line stays."""
-        try:
-            view = memoryview(data)[done:]
-            while view:
-                n = os.write(st.fd, view)
-                view = view[n:]
-        except OSError:
-            if len(view) < len(data):  # part of it was written: cut it off
-                try:
-                    os.ftruncate(st.fd, before)
-                except OSError as exc2:  # the disk refuses even that: cut when reopened
-                    log.error("cannot cut %s back after a failed write: %s", st.relpath, exc2)
-            raise
+        append_all(st.fd, data, before, done, st.relpath)
         st.size = before + len(data)
 
     # -- opening ------------------------------------------------------------------
@@ -375,10 +362,9 @@ class TopicFiles:
 
     def write_recent(self, st: TopicState) -> None:
         """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
-        body = self.recent_body(st)
         if st.recent_versions is None:
             st.recent_versions = set()
-        swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), body,
+        swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), self.recent_body(st),
                 st.recent_versions)
 
     def sync(self, written: list[TopicState]) -> None:
@@ -398,3 +384,17 @@ class TopicFiles:
             # data may not be on disk: keep the whole batch unacknowledged by failing loudly
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}") from exc
 
+
+def append_all(fd: int, data: bytes, before: int, done: int, name: str) -> None:
+    """Append ``data[done:]`` at ``fd`` (the file was ``before`` long); on failure cut it back to it."""
+    view = memoryview(data)[done:]
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        if len(view) < len(data):  # part of it was written: cut it off
+            try:
+                os.ftruncate(fd, before)
+            except OSError as exc2:  # the disk refuses even that: cut when reopened
+                log.error("cannot cut %s back after a failed write: %s", name, exc2)
+        raise
