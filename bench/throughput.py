@@ -850,8 +850,8 @@ def machine_info() -> dict[str, str]:
 def export_head(dest: Path) -> str:
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, check=True).stdout.strip()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "shardlog"], capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "shardlog", "supervisor"],
+                             capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return rev
 
