@@ -303,6 +303,7 @@ class Result:
     duplicates: int = 0
     qos: int = 1
     files_seconds: float | None = None  # shardlog: until every record is in its topic file
+    recent_seconds: float | None = None  # shardlog: then until every +recent.json is current
 
     @property
     def rate(self) -> float:
@@ -545,6 +546,18 @@ class Shardlog:
         self._alive()
         return False
 
+    def recent_done(self, deadline: float) -> float:
+        """Monotonic time when the shard's stats first say no +recent.json is stale (read every
+        heartbeat); a RuntimeError past ``deadline``."""
+        while True:
+            s = self.stats()
+            if s is not None and s.recent_stale == 0 and s.messages >= getattr(self.final, "messages", 0):
+                return time.monotonic()
+            self._alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"+recent.json still stale at the deadline ({s.recent_stale if s else '?'} files)")
+            time.sleep(0.02)
+
     def rss(self) -> int:
         try:
             return self.ps.memory_info().rss
@@ -762,6 +775,9 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
                     next_sample = now + 0.1
                 time.sleep(0.005)
             files_s = time.monotonic() - t0
+        recent_s = None
+        if type(side) is Shardlog:  # then until every +recent.json is current (the stats say so)
+            recent_s = side.recent_done(deadline) - t0 - files_s
         assert cpu is not None
         if mode == "live":
             cpu = (cpu[0] - sub0[0], cpu[1] - sub0[1])  # not its start-up before the clock
@@ -773,10 +789,13 @@ def measure(side_name: str, mode: str, run: int, work: Workload, args: argparse.
             pub_seconds = pub_result[0] if pub_result else 0.0
         side.stop()
         res = Result(side_name, mode, run, n, t1 - t0, cpu[0] + cpu[1], cpu[1], broker_cpu, pub_seconds,
-                     max(0.0, others / (t1 - t0)), peak, samples, qos=qos, files_seconds=files_s)
+                     max(0.0, others / (t1 - t0)), peak, samples, qos=qos, files_seconds=files_s,
+                     recent_seconds=recent_s)
         res.ok, res.check, res.duplicates = side.verify(n)
         sys_share = 100 * res.cpu_sys / max(res.cpu, 1e-9)
         files = f" (in the topic files after {files_s:.2f}s)" if files_s is not None else ""
+        if recent_s is not None:
+            files += f" (every +recent.json current {recent_s:.1f}s later)"
         say(f"{tag}: {res.rate:,.0f} msg/s{files}, {res.cpu_per_m:.1f} CPU s/1M ({sys_share:.0f}% system; "
             f"broker {res.broker_cpu_per_m:.1f}), "
             f"peak RSS {peak / 2**20:.0f} MiB; other processes used {res.others_cores:.2f} cores; "
@@ -811,17 +830,20 @@ def table(results: list[Result], mode: str, qos: int = 1) -> str:
     sides = [s for s in ("mosquitto_sub", "mosquitto_sub-tls", *VARIANTS) if any(r.side == s for r in rows)]
     base = _med([r.rate for r in rows if r.side == "mosquitto_sub"])
     out = [("| subscriber | msg/s (median) | min - max | CPU s per 1M msgs | broker CPU s per 1M | "
-            "ratio to mosquitto_sub | publisher msg/s | others' load (cores) |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "ratio to mosquitto_sub | publisher msg/s | others' load (cores) | every +recent.json current after |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sides:
         rs = [r for r in rows if r.side == s]
         rate = _med([r.rate for r in rs])
         ratio = "-" if math.isnan(base) else f"{rate / base:.2f}"
+        recent = [r.recent_seconds for r in rs if r.recent_seconds is not None]
+        current = f"{_med(recent):.1f} s" if recent else "-"
         out.append(
             f"| {LABELS[s].replace('-q 1', f'-q {qos}')} "
             f"| {rate:,.0f} | {min(r.rate for r in rs):,.0f} - {max(r.rate for r in rs):,.0f} "
             f"| {_med([r.cpu_per_m for r in rs]):.1f} | {_med([r.broker_cpu_per_m for r in rs]):.1f} "
-            f"| {ratio} | {_med([r.pub_rate for r in rs]):,.0f} | {_med([r.others_cores for r in rs]):.2f} |")
+            f"| {ratio} | {_med([r.pub_rate for r in rs]):,.0f} | {_med([r.others_cores for r in rs]):.2f} "
+            f"| {current} |")
     return "\n".join(out)
 
 
