@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import stat
-import time
 import typing
 
 from shardlog.config.schema import Shard
@@ -22,7 +21,7 @@ from shardlog.counters import Counters
 from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
 from shardlog.topics import TopicError, is_hashed_name, safe_join
-from shardlog.writing import topic_load
+from shardlog.writing import retention, topic_load
 from shardlog.writing.atomic import swap_in
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.topic_state import TopicState
@@ -329,31 +328,8 @@ class TopicFiles:
                 if not seg.compressed:  # left over by a crash or a stop
                     self.compressor.submit(os.path.join(st.path, seg.name))
             self.compressor.submit(os.path.join(st.path, name))
-        self.apply_retention(st, rotated + [segments.Segment(seq, name, False)])
-
-    def apply_retention(self, st: TopicState, rotated: list[segments.Segment]) -> None:
-        r = self.shard.retention
-        if r.max_segments is None and r.max_age is None:
-            return
-        infos = []
-        names: dict[int, tuple[str, str]] = {}
-        for seg in rotated:
-            plain = seg.name[:-3] if seg.compressed else seg.name
-            names[seg.seq] = (plain, plain + ".gz")
-            # the compressor may turn name into name.gz at any moment: look for both
-            for name in names[seg.seq]:
-                try:
-                    infos.append((seg.seq, os.stat(os.path.join(st.path, name)).st_mtime))
-                    break
-                except FileNotFoundError:
-                    continue
-        for seq in segments.segments_to_delete(infos, time.time(), r.max_segments, r.max_age):
-            for name in names[seq]:
-                try:
-                    os.unlink(os.path.join(st.path, name))
-                    self.counters.deleted_segments += 1
-                except FileNotFoundError:
-                    pass
+        retention.apply(st.path, rotated + [segments.Segment(seq, name, False)], self.shard.retention,
+                        self.counters)
 
     # -- +recent.json and syncing ---------------------------------------------------------
 
