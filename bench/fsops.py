@@ -24,6 +24,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shardlog.writing.atomic import create_new, swap_in  # noqa: E402  (the repository's, not an installed copy)
 
 
 def measure(label: str, fn: Callable[[int], object], n: int) -> None:
@@ -58,6 +62,14 @@ def main() -> int:
         os.write(fd, b"[]\n")
         os.close(fd)
 
+    body = b'[{"ts":1,"payload":"x"}]\n'
+
+    def first_swap_in(i: int) -> None:  # the first +recent.json of a new topic, through swap_in
+        swap_in(d(i) + "/+recent.json", d(i) + "/+recent.json.spare", body, set())
+
+    def first_created(i: int) -> None:  # the same, knowing the directory is new: create, write, rename
+        create_new(d(i) + "/+recent.json", d(i) + "/+recent.json.spare", body, set())
+
     os.mkdir(root + "/a")
     print(f"{n:,} topics below {root}\n")
     print("| operation | wall µs | system µs | user µs |\n|---|---:|---:|---:|")
@@ -68,6 +80,14 @@ def main() -> int:
     measure("os.path.realpath", lambda i: os.path.realpath(d(i)), n)
     measure("create a third file (the spare)", spare, n)
     measure("rename it", lambda i: os.rename(d(i) + "/+recent.json.spare", d(i) + "/+recent.json"), n)
+    half = n // 2
+    for i in range(n):  # a clean start for the first +recent.json: none there yet
+        os.unlink(d(i) + "/+recent.json")
+    measure(f"first +recent.json, swap_in (topics 1-{half:,})", first_swap_in, half)
+    measure(f"first +recent.json, create_new (the other {n - half:,})",
+            lambda i: first_created(i + half), n - half)
+    measure("replace +recent.json, the second time (swap_in makes the spare)", first_swap_in, n)
+    measure("replace +recent.json, later (swap_in: the spare exchanged)", first_swap_in, n)
     t0 = time.perf_counter()
     shutil.rmtree(root)
     print(f"| rm -rf, per topic | {(time.perf_counter() - t0) / n * 1e6:.1f} | | |")

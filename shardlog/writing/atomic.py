@@ -78,6 +78,33 @@ def swap_in(path: str, spare: str, data: bytes, versions: set[tuple[int, int]] |
         os.replace(spare, path)
 
 
+def create_new(path: str, spare: str, data: bytes, versions: set[tuple[int, int]] | None = None) -> None:
+    """:func:`swap_in` for a ``path`` that cannot exist yet (its directory was just made): the
+    spare created, written and renamed to ``path``, five system calls where swap_in's first
+    write makes nine (two failed lookups, a truncate, the exchange that finds nothing). A spare
+    already there (the directory was not new after all), or earlier versions in ``versions``
+    (a directory made again after an ``rm``: an HTTP client may hold an old ETag), go the
+    swap_in way."""
+    if versions:
+        swap_in(path, spare, data, versions)
+        return
+    try:
+        fd = os.open(spare, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        swap_in(path, spare, data, versions)
+        return
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if versions is not None:  # no earlier version: this one's (second, size) is new
+            st = os.fstat(fd)
+            versions.add((st.st_mtime_ns // 1_000_000_000, st.st_size))
+    finally:
+        os.close(fd)
+    os.replace(spare, path)
+
+
 def _distinct(fd: int, path: str, data: bytes, versions: set[tuple[int, int]]) -> None:
     """NGINX's ETag is the file's mtime in whole seconds and its size. Two versions written
     in the same second with the same size get the same ETag, so a client revalidating with

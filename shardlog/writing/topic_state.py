@@ -39,7 +39,7 @@ class TopicState:
 
     __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size", "size_known",
                  "first_ts", "last_ts", "recent", "recent_dirty", "recent_queued", "recent_gone",
-                 "recent_at", "recent_versions", "loaded", "prep")
+                 "recent_at", "recent_versions", "recent_new", "loaded", "prep")
 
     def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
         self.topic = topic
@@ -65,6 +65,7 @@ class TopicState:
         self.recent_at = -1e18        # monotonic time of the last +recent.json write
         #: (mtime second, size) of this second's +recent.json versions (set by its first write)
         self.recent_versions: set[tuple[int, int]] | None = None
+        self.recent_new = False       # its directory was made by this process: no +recent.json there yet
         self.loaded = False           # tail repaired and recent loaded (once per state)
         #: background preparation (Preparer): None, a Job while queued, or its Prepared result
         self.prep: object = None

@@ -22,7 +22,7 @@ from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
 from shardlog.topics import TopicError, is_hashed_name, safe_join
 from shardlog.writing import retention, topic_load
-from shardlog.writing.atomic import swap_in
+from shardlog.writing.atomic import create_new, swap_in
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.topic_state import TopicState
 
@@ -174,8 +174,10 @@ class TopicFiles:
             self.retire_other_currents(st)
         self.open[st] = None
         self.counters.topics_open = len(self.open)
-        if created and self.fsync:
-            self.dirs_to_sync.add(st.path)
+        if created:  # no +recent.json in it yet: its first is created, not swapped in
+            st.recent_new = True
+            if self.fsync:
+                self.dirs_to_sync.add(st.path)
         if not st.loaded:
             torn = self.load(st, path)
             st.loaded = True
@@ -340,8 +342,9 @@ class TopicFiles:
         """Replace ``st``'s +recent.json with its recent records (raises OSError)."""
         if st.recent_versions is None:
             st.recent_versions = set()
-        swap_in(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), self.recent_body(st),
-                st.recent_versions)
+        write, st.recent_new = create_new if st.recent_new else swap_in, False
+        write(os.path.join(st.path, RECENT), os.path.join(st.path, RECENT_TMP), self.recent_body(st),
+              st.recent_versions)
 
     def sync(self, written: list[TopicState]) -> None:
         """fdatasync the written topics and fsync the directories created or renamed in."""

@@ -170,3 +170,61 @@ def test_a_store_without_the_thread_keeps_what_an_earlier_stop_left(tmp_path: Pa
     store.close()
     entries = [json.loads(line.partition(b"\t")[0]) for line in (tmp_path / "+recent.left").open("rb")]
     assert entries[0] == "a" and len(entries) == 1 + 20 - 15
+
+
+def etag(path: Path) -> tuple[int, int]:
+    """What NGINX's ETag is made of: the mtime in whole seconds and the size."""
+    st = os.stat(path)
+    return st.st_mtime_ns // 1_000_000_000, st.st_size
+
+
+def test_a_new_topics_first_recent_file_is_created_then_swapped(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic whose directory this process made gets its first +recent.json through
+    create_new (five system calls, not swap_in's nine); every later one is swapped in; a
+    topic found on disk is never given create_new's first write (its old version must keep
+    a distinct ETag, test below)."""
+    from shardlog.writing import topicfiles
+    calls: list[tuple[str, str]] = []
+    for name in ("create_new", "swap_in"):
+        real = getattr(topicfiles, name)
+        monkeypatch.setattr(topicfiles, name, lambda p, *a, _n=name, _r=real: (calls.append((_n, p)), _r(p, *a))[1])
+    store, _ = make(tmp_path, recent=3, recent_interval=0)
+    states: dict[str, TopicState] = {}
+    put(store, states, "new/a", 2)
+    store.flush(T0, time.monotonic())
+    put(store, states, "new/a", 1, start=2)
+    store.flush(T0, time.monotonic())
+    assert [n for n, _ in calls] == ["create_new", "swap_in"], calls
+    assert recent_of(tmp_path, "new/a") == [0, 1, 2]
+    store.close()
+
+    calls.clear()  # the next process finds the topic on disk
+    store, _ = make(tmp_path, recent=3, recent_interval=0)
+    states = {}
+    put(store, states, "new/a", 1, start=3)
+    store.flush(T0, time.monotonic())
+    assert [n for n, _ in calls] == ["swap_in"], calls
+    assert recent_of(tmp_path, "new/a") == [1, 2, 3]
+    store.close()
+
+
+def test_create_new_keeps_etags_distinct_and_falls_back_when_not_new(tmp_path: Path) -> None:
+    """create_new on a name with a spare beside it, or with earlier versions of this second
+    known (a directory removed and made again), goes swap_in's way: the content is right and
+    the ETag differs from the earlier version's."""
+    from shardlog.writing.atomic import create_new, swap_in
+    path, spare = tmp_path / "+recent.json", tmp_path / "+recent.json.spare"
+    create_new(str(path), str(spare), b"[1]\n")
+    assert path.read_bytes() == b"[1]\n" and not spare.exists()
+    versions: set[tuple[int, int]] = set()
+    swap_in(str(path), str(spare), b"[2]\n", versions)   # a spare now exists
+    first = etag(path)
+    create_new(str(path), str(spare), b"[3]\n", versions)
+    assert json.loads(path.read_bytes()) == [3] and etag(path) != first
+    os.unlink(path)  # the directory emptied and used again in the same second: an HTTP client
+    os.unlink(spare)  # may hold the ETag of a version of 4 bytes
+    old = (time.time_ns() // 1_000_000_000, 4)
+    versions = {old}
+    create_new(str(path), str(spare), b"[4]\n", versions)
+    assert json.loads(path.read_bytes()) == [4] and etag(path) != old
