@@ -87,15 +87,23 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
     rec = Recorder(smap, smap.shards[0])
     install = getattr(rec, "install_hooks", None)  # absent in trees older than hooks
     chain = install() if install is not None else None
-    rec.open_store(*rec._prepare_root())
-    client = rec._make_client()
+    try:
+        from shardlog.recording.loop import RecorderLoop, prepare_root
+    except ImportError:  # a tree older than issue 21's composed recorder (side 'before')
+        rec.open_store(*rec._prepare_root())
+        client = rec._make_client()
+        rec.client, rec.connected = client, True
+        due = rec._due
+    else:
+        rec.open_store(*prepare_root(rec.shard))
+        client = RecorderLoop(rec).session.make_client()  # delivers to rec
+        rec.connection_up(client, False)  # as at a CONNACK: rec acknowledges through it
+        due = rec.due
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
     client._sock = a
     client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-    rec.client = client
-    rec.connected = True
     acked_bytes = 0
     piece = 64 * 1024
     c0 = os.times()
@@ -111,7 +119,7 @@ def run_once(stream: bytes, n: int, protocol: str, root: Path, map_set: list[str
         if client.buffered:
             client.read_buffered()
         now = time.monotonic()
-        if pos >= len(stream) or rec._due(now):
+        if pos >= len(stream) or due(now):
             if rec.pending:
                 rec.flush()
         if client.want_write():

@@ -47,7 +47,7 @@ GROUPS = [
 
 #: functions whose cumulative time is worth naming (suffix of "file:function")
 CUMULATIVE = [
-    ("Recorder._loop", "recording/loop.py", "_loop"),
+    ("RecorderLoop._loop", "recording/loop.py", "_loop"),
     ("paho Client.loop", "client.py", "loop"),
     ("paho Client.loop_read", "client.py", "loop_read"),
     ("paho _packet_read", "client.py", "_packet_read"),
@@ -59,7 +59,7 @@ CUMULATIVE = [
     ("Store.flush", "store.py", "flush"),
     ("RecentFiles._write (+recent.json)", "recent.py", "_write"),
     ("Client.ack (all acks)", "client.py", "ack"),
-    ("Recorder._tick", "recording/loop.py", "_tick"),
+    ("RecorderLoop._tick", "recording/loop.py", "_tick"),
 ]
 
 

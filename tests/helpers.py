@@ -228,11 +228,14 @@ class SocketpairClient:
     acknowledges. ``rec`` is a shardlog.recording.recorder.Recorder with its store open."""
 
     def __init__(self, rec: Any) -> None:
-        self.client = rec._make_client()
+        from shardlog.recording.loop import RecorderLoop
+
+        session = RecorderLoop(rec).session  # its client delivers to rec
+        self.client = session.make_client()
         self.a, self.b = socket.socketpair()
         self.client._sock = self.a
         self.client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
-        rec.client, rec.connected = self.client, True
+        rec.connection_up(self.client, False)  # as at a CONNACK: rec acknowledges through it
 
     def pubacks(self) -> list[int]:
         """The packet ids of the PUBACKs sent since the last call, in order."""

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
+    from shardlog.recording.loop import RecorderLoop
     from shardlog.recording.recorder import Recorder
 
     try:
@@ -31,9 +32,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EX_CONFIG
-    recorder = Recorder(smap, shard, stats_file=args.stats_file, parent_pid=args.parent_pid,
-                   heartbeat=args.heartbeat, control_path=args.control)
-    return recorder.run()
+    loop = RecorderLoop(Recorder(smap, shard), stats_file=args.stats_file, parent_pid=args.parent_pid,
+                        heartbeat=args.heartbeat, control_path=args.control)
+    return loop.run()
 
 
 def _add_record(sub: argparse._SubParsersAction) -> None:

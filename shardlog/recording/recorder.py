@@ -16,8 +16,11 @@ a burst of new topics does not hold up the topics already known. At most
 Where the records go is the sink's business (shardlog/recording/sinks.py): the topic
 files directly, or, with ``journal.enabled``, a journal that the topic files follow.
 
-Its broker session is shardlog/recording/session.py; its start, main loop and stop
-(and the exit codes) shardlog/recording/loop.py.
+The recorder does not connect, loop or stop: shardlog/recording/loop.py's
+:class:`~shardlog.recording.loop.RecorderLoop` has it, and a
+:class:`~shardlog.recording.session.BrokerSession` (shardlog/recording/session.py) that
+delivers the messages to it and tells it when a connection begins and ends (the
+recorder is the session's :class:`~shardlog.recording.session.Receiver`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,10 @@ import paho.mqtt.client as mqtt
 from shardlog.config.routing import Router
 from shardlog.config.schema import Broker, Shard, ShardMap
 from shardlog.control.commands import topic_filter_matches
-from shardlog.control.operations import Operations
 from shardlog.counters import Counters
 from shardlog.recording.brokercheck import InflightProbe
-from shardlog.recording.client import BufferedClient, PahoErrors, StockClient
-from shardlog.recording.loop import RecorderLoop
-from shardlog.recording.session import BrokerSession
+from shardlog.recording.client import BufferedClient, StockClient
+from shardlog.recording.session import broker_dropped
 from shardlog.recording.sinks import MAX_WAITING, JournalSink, Sink, Stamps, StoreSink
 from shardlog.records import encode_record, props_member
 from shardlog.routes import Skip, Unstorable
@@ -58,26 +59,20 @@ _monotonic = time.monotonic
 DISCARD, BROKER_DROPPED = Skip.DISCARD, Skip.BROKER_DROPPED
 
 
-class Recorder(RecorderLoop, BrokerSession):
-    """One shard's recorder. Its broker session is :class:`BrokerSession`'s
-    (shardlog/recording/session.py), its start, main loop and stop are
-    :class:`RecorderLoop`'s (shardlog/recording/loop.py); its records go to a sink
-    (shardlog/recording/sinks.py: the topic files, or a journal). This class holds the
-    state and does what happens per message, in one path for every shard: route, stamp,
-    encode (through the hooks, if any), buffer, flush, acknowledge."""
+class Recorder:
+    """One shard's recorder: what happens per message, in one path for every shard: route,
+    stamp, encode (through the hooks, if any), buffer in the sink (shardlog/recording/sinks.py:
+    the topic files, or a journal), flush, acknowledge in order; and when a batch is due (its
+    size follows the broker's in-flight cap, :class:`InflightProbe`). Its session and its loop
+    are other objects (see the module docstring)."""
 
     #: where the records go (set by open_store)
     sink: Sink
 
-    def __init__(self, smap: ShardMap, shard: Shard, stats_file: str | None = None,
-                 parent_pid: int | None = None, heartbeat: float = 1.0,
-                 control_path: str | None = None) -> None:
+    def __init__(self, smap: ShardMap, shard: Shard) -> None:
         self.smap = smap
         self.shard = shard
         self.broker: Broker = smap.broker_of(shard)
-        self.stats_file = stats_file
-        self.parent_pid = parent_pid
-        self.heartbeat = heartbeat
         self.counters = Counters(shard=shard.name, pid=os.getpid(), started_ts=time.time_ns() // 1000)
         self.router = Router((s.branch, s.name) for s in smap.shards
                              if smap.broker_of(s) == self.broker)
@@ -101,30 +96,20 @@ class Recorder(RecorderLoop, BrokerSession):
         self.max_delay = shard.batch.max_delay
         self.max_payload = shard.max_payload
         self.max_states = shard.max_topics
-        self.stop_requested = False
-        self._subscribe_mid = -1  # the SUBACK that makes this shard "subscribed"
-        self.connected = False
         self.next_retry = 0.0
         self.store: Store | None = None
-        self.client: BufferedClient | StockClient | None = None
-        self.control_path = control_path  # the supervisor's control socket for this shard
-        self.ops = Operations(self, None)
+        #: the client to acknowledge through while connected (connection_up), else None
+        self.ack_client: BufferedClient | StockClient | None = None
         ctl = smap.control
         #: never recorded: the control topic (commands may carry a token) and its replies
         self.unrecorded = [ctl.topic] + ([ctl.reply_topic] if ctl.reply_topic else []) if ctl.mqtt else []
-        self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
-        # how this broker differs (shardlog/recording/brokercheck.py): notes logged once, kept in the stats
-        self.expect_session = False  # the broker should have this client id's session
-        self._sys_mid = -1           # the $SYS watch's SUBACK, while it is outstanding
-        self.watch_sys = self.broker.sys_topics and not self.broker.embedded
+        #: the broker's in-flight cap, searched from deadline flushes (the loop asks it; set_batch_step)
         self.probe = InflightProbe(self.batch_max, self.max_delay)
         self.batch_step = self.batch_max  # flush every this many records (the broker's cap, if lower)
-        self.paho_errors = PahoErrors()
-        self.backoff = 0.5  # seconds before the next connection attempt; reset by a CONNACK
         #: with hooks (shardlog.hooks.path.install): what the chain makes of each message
         self.hooks: HookedPath | None = None
         #: with ``retained: new|none``: this connection's retained messages are not recorded
-        #: (shard ``retained``, set at each CONNACK by the session)
+        #: (shard ``retained``, given at each CONNACK by the session: connection_up)
         self.skip_retained = False
         if self.broker.mqtt5 and (shard.format == "csv" or shard.payload_only):
             log.warning("shard %s: the %s format does not store MQTT 5 properties; messages are "
@@ -154,12 +139,14 @@ class Recorder(RecorderLoop, BrokerSession):
         self.sink, self.store = sink, sink.store
         return compressor
 
-    # -- messages -----------------------------------------------------------------------
+    # -- the connection (what the session tells: session.Receiver) ------------------------
 
-    def _lost_connection(self) -> None:
-        self.connected = False
-        self.counters.connected = False
-        self.counters.subscribed = False
+    def connection_up(self, client: BufferedClient | StockClient, skip_retained: bool) -> None:
+        self.ack_client = client
+        self.skip_retained = skip_retained
+
+    def connection_lost(self) -> None:
+        self.ack_client = None
         # Message ids belong to the connection: the broker redelivers the unacknowledged
         # messages after we reconnect, so their buffered records are still written (the
         # redelivered copies become duplicates, never losses).
@@ -170,6 +157,8 @@ class Recorder(RecorderLoop, BrokerSession):
             self.sink.forget_mids()
         if self.hooks is not None:
             self.hooks.fan.clear()
+
+    # -- messages -----------------------------------------------------------------------
 
     def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # msg._topic: the raw topic bytes. paho's .topic property decodes on every
@@ -188,7 +177,7 @@ class Recorder(RecorderLoop, BrokerSession):
         if target is None:
             target = self.route(topic)
         elif target is BROKER_DROPPED:
-            self._broker_dropped(payload)
+            broker_dropped(self.counters, payload)
             return
         sink = self.sink
         c = self.counters
@@ -281,8 +270,8 @@ class Recorder(RecorderLoop, BrokerSession):
         self.flush_at = self.pending + self.batch_step
         if len(self.routes) > self.max_states:
             self._trim_routes()
-        if ack and self.connected and self.client is not None:
-            self.client.ack_many(ack)  # one write; sent by the loop if inside a callback
+        if ack and (client := self.ack_client) is not None:
+            client.ack_many(ack)  # one write; sent by the loop if inside a callback
             self.counters.acked += len(ack)
 
     def _in_order(self, held: set[int], released: list[int]) -> list[int]:
@@ -298,19 +287,23 @@ class Recorder(RecorderLoop, BrokerSession):
             ack.append(unacked.popleft())
         return ack
 
-    def _deadline_flush(self, now: float) -> None:
-        """A flush because the batch's time is up; watches for a broker in-flight cap."""
+    def deadline_flush(self, now: float) -> int | None:
+        """A flush because the batch's time is up. Returns the probe's new batch step if this
+        flush changed what it knows of a broker in-flight cap (the loop calls set_batch_step)."""
         first, acked = self.batch_started, self.counters.acked
         self.flush()
         last = self.counters.last_message_ts
         if last is None or self.counters.degraded:
-            return
+            return None
         offset = time.time() - now  # wall clock minus monotonic
-        step = self.probe.on_deadline_flush(now, self.counters.acked - acked, first, last / 1e6 - offset, acked)
-        if step is not None:
-            self._inflight_step(step)
+        return self.probe.on_deadline_flush(now, self.counters.acked - acked, first, last / 1e6 - offset, acked)
 
-    def _flush_deadline(self) -> float | None:
+    def set_batch_step(self, step: int) -> None:
+        """Flush every ``step`` records from now on (the probe's answer)."""
+        self.batch_step = step
+        self.flush_at = self.pending + step
+
+    def flush_deadline(self) -> float | None:
         """When the buffered records must be flushed: the batch's max_delay, or, while
         the sink refuses writes, the next retry. None when nothing is buffered."""
         if not self.pending:
@@ -319,8 +312,8 @@ class Recorder(RecorderLoop, BrokerSession):
             return self.next_retry
         return self.batch_started + self.probe.delay  # max_delay, longer for a test of a broker cap
 
-    def _due(self, now: float) -> bool:
-        deadline = self._flush_deadline()
+    def due(self, now: float) -> bool:
+        deadline = self.flush_deadline()
         return deadline is not None and now >= deadline
 
     def _trim_routes(self) -> None:

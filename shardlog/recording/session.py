@@ -1,12 +1,16 @@
 """The recorder's broker session: the paho client, connecting, and the paho callbacks
-that are about the session itself (CONNACK, SUBACK, disconnection).
+that are about the session itself (CONNACK, SUBACK, UNSUBACK, disconnection).
 
-A part of :class:`shardlog.recording.recorder.Recorder` (a base class of it, using the
-recorder's own attributes, set by ``Recorder.__init__``), kept apart so that the
-recorder's module is about messages, buffers and acknowledgements. Each shard keeps a
+:class:`BrokerSession` is one object with one role, which the recorder's loop
+(shardlog/recording/loop.py) creates and drives. It owns the client, the connection's
+state, the reconnection backoff and the session memo, and gets everything else in its
+constructor: the shard map and the shard, the counters, the router, the route cache
+(where it marks the $SYS dropped counter), the recorder to deliver messages to (a
+:class:`Receiver`: the client's message callbacks go straight to it), and two callables of
+the loop (whether a stop was asked for; write the stats file). Each shard keeps a
 persistent session (a stable client id, MQTT 5 clean_start=False with a session expiry,
 or 3.1.1 clean_session=False); what the broker does differently is read from its answers
-by the pure functions of shardlog/recording/brokercheck.py and noted once.
+by the pure functions of shardlog/recording/brokercheck.py and noted once (:meth:`BrokerSession.note`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,7 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from shardlog.config.load import client_id
 from shardlog.config.routing import subscription
 from shardlog.config.tls import broker_key
-from shardlog.recording.brokercheck import InflightProbe, connack_notes, recorded_before, suback_note
+from shardlog.recording.brokercheck import connack_notes, recorded_before, suback_note
 from shardlog.recording.client import (
     BufferedClient,
     PahoErrors,
@@ -61,95 +65,109 @@ def _mid(sent: tuple[object, int | None]) -> int:
     return -1 if sent[1] is None else sent[1]
 
 
-def _cap_note(cap: int, batch_max: int) -> str:
-    return (f"the broker sends at most {cap} unacknowledged messages (its in-flight cap, below "
-            f"batch.max_messages {batch_max}): flushing every {cap} messages instead of "
-            f"waiting batch.max_delay; raise the cap on the broker for throughput (docs/brokers.md)")
+class Receiver(Protocol):
+    """What the session calls of the recorder it delivers to (shardlog.recording.recorder.Recorder;
+    a protocol: this module does not import the recorder)."""
+
+    def on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None: ...
+
+    def on_publish(self, topic: bytes, payload: bytes, qos: int, mid: int, dup: bool, retain: bool,
+                   props: bytes = b"") -> None: ...
+
+    def connection_up(self, client: BufferedClient | StockClient, skip_retained: bool) -> None:
+        """The broker accepted the connection: acknowledge through ``client``; ``skip_retained``:
+        this connection's retained messages are not recorded."""
+
+    def connection_lost(self) -> None:
+        """The connection ended: its message ids are void."""
 
 
 class BrokerSession:
-    """The session half of a recorder (see the module docstring)."""
+    """One shard's session with its broker (see the module docstring)."""
 
-    # set by Recorder.__init__
-    smap: ShardMap
-    shard: Shard
-    broker: Broker
-    counters: Counters
-    router: Router
-    routes: dict[bytes, Any]
-    client: BufferedClient | StockClient | None
-    connected: bool
-    stop_requested: bool
-    expect_session: bool
-    watch_sys: bool
-    status_topic: str | None
-    probe: InflightProbe
-    batch_max: int
-    batch_step: int
-    flush_at: int
-    pending: int
-    paho_errors: PahoErrors
-    backoff: float
-    _subscribe_mid: int
-    _sys_mid: int
-    # methods of Recorder and RecorderLoop
-    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None]
-    on_publish: Callable[..., None]  # (topic, payload, qos, mid, dup, retain, props=b"")
-    _lost_connection: Callable[[], None]
-    _write_stats: Callable[[], None]
-    # the session memo (shardlog/recording/sessionmemo.py), set by _recall_session
-    _memo_file: str | None = None
-    _memo: SessionMemo | None = None
-    _granted: frozenset[str] = frozenset()  # filters this connection's broker granted
-    _stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
-    _unsubscribe_mid: int = -1
-    skip_retained: bool  # this connection's retained messages are not recorded (set at the CONNACK)
-    # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
-    _connack_due: float | None = None
-    _attempt_failed: str | None = None
+    def __init__(self, smap: ShardMap, shard: Shard, counters: Counters, router: Router,
+                 routes: dict[bytes, Any], receiver: Receiver, *, stopping: Callable[[], bool],
+                 write_stats: Callable[[], None]) -> None:
+        self.smap = smap
+        self.shard = shard
+        self.broker: Broker = smap.broker_of(shard)
+        self.counters = counters
+        self.router = router
+        self.routes = routes  # the recorder's route cache: the $SYS dropped counter is marked in it
+        self.receiver = receiver
+        self.stopping = stopping        # whether the loop was asked to stop (a disconnect is then ours)
+        self.write_stats = write_stats  # at the SUBACK: the supervisor sees "subscribed" at once
+        self.client_id = client_id(smap, shard)
+        self.client: BufferedClient | StockClient | None = None  # make_client
+        self.connected = False
+        self.backoff = 0.5  # seconds before the next connection attempt; reset by a CONNACK
+        self.expect_session = False  # the broker should have this client id's session (recall)
+        ctl = smap.control
+        self.status_topic = f"{ctl.status_topic}/{shard.name}" if ctl.status_topic else None
+        self.watch_sys = self.broker.sys_topics and not self.broker.embedded
+        self.paho_errors = PahoErrors()
+        self._subscribe_mid = -1  # the SUBACK that makes this shard "subscribed"
+        self._sys_mid = -1        # the $SYS watch's SUBACK, while it is outstanding
+        # the session memo (shardlog/recording/sessionmemo.py), read by recall
+        self._memo_file: str | None = None
+        self._memo: SessionMemo | None = None
+        self._granted: frozenset[str] = frozenset()  # filters this connection's broker granted
+        self._stale: tuple[str, ...] = ()             # filters being unsubscribed (until the UNSUBACK)
+        self._unsubscribe_mid = -1
+        # this connection attempt: when its CONNACK is overdue, and what went wrong (logged once)
+        self._connack_due: float | None = None
+        self._attempt_failed: str | None = None
 
-    def _recall_session(self, root_real: str, branch_root: str) -> bool:
+    def recall(self, root_real: str, branch_root: str) -> None:
         """At start: read the memo; whether the broker should hold this client id's session."""
         self._memo_file = memo_path(root_real, self.shard.name)
         self._memo = read_memo(self._memo_file)
-        return expects_session(self._memo, client_id(self.smap, self.shard), recorded_before(branch_root))
+        self.expect_session = expects_session(self._memo, self.client_id, recorded_before(branch_root))
 
     def _remember(self) -> None:
         """Write the memo: the filters the session holds now (granted, and those not yet unsubscribed)."""
         if self._memo_file is None:
             return
-        memo = SessionMemo(client_id=client_id(self.smap, self.shard),
-                           subscriptions=sorted(self._granted | set(self._stale)))
+        memo = SessionMemo(client_id=self.client_id, subscriptions=sorted(self._granted | set(self._stale)))
         if memo != self._memo:
             write_memo(self._memo_file, memo)
             self._memo = memo
 
-    def _make_client(self) -> BufferedClient | StockClient:
+    def make_client(self) -> BufferedClient | StockClient:
+        """The session's client, its callbacks set (messages go straight to the receiver).
+        Raises ConfigError (a TLS file, credentials)."""
         b = self.broker
-        cid = client_id(self.smap, self.shard)
         if b.mqtt5:
-            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid,
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=mqtt.MQTTv5, manual_ack=True)
         else:
-            client = make_client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False,
+            client = make_client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                                  protocol=mqtt.MQTTv311, manual_ack=True)
         apply_credentials(client, b, broker_key(self.smap, self.shard))  # ConfigError: exit 78
         client.on_connect = self.on_connect
         client.on_disconnect = self.on_disconnect
-        client.on_message = self.on_message
+        client.on_message = self.receiver.on_message
         if isinstance(client, BufferedClient):
-            client.on_publish_fields = self.on_publish  # the fast path skips building a message
+            client.on_publish_fields = self.receiver.on_publish  # the fast path skips building a message
         client.on_subscribe = self.on_subscribe
         client.on_unsubscribe = self.on_unsubscribe
         client.reconnect_delay_set(1, int(max(1, b.reconnect_max)))
-        client.connect_timeout = float(b.connect_timeout)  # TCP and TLS; the CONNACK: _check_connack
+        client.connect_timeout = float(b.connect_timeout)  # TCP and TLS; the CONNACK: check_connack
         if self.status_topic:  # the broker publishes it if the connection dies without DISCONNECT
             client.will_set(self.status_topic, "offline", qos=1, retain=True)
         # paho's own errors ("failed to receive on socket: [SSL: ...]") name why a connection died
         client.enable_logger(logging.getLogger("paho") if log.isEnabledFor(logging.DEBUG) else self.paho_errors)
+        self.client = client
         return client
 
-    def _connect(self) -> None:
+    def next_backoff(self) -> float:
+        """The wait before the attempt after this one, doubled for the one after (up to
+        broker.reconnect_max) until a CONNACK resets it."""
+        wait = self.backoff
+        self.backoff = min(self.backoff * 2, self.broker.reconnect_max)
+        return wait
+
+    def connect(self) -> None:
         b = self.broker
         assert self.client is not None
         self._attempt_failed = None
@@ -163,7 +181,7 @@ class BrokerSession:
             self.client.connect(b.host, b.port, b.keepalive)
         self._connack_due = time.monotonic() + float(b.connect_timeout)
 
-    def _check_connack(self, now: float) -> None:
+    def check_connack(self, now: float) -> None:
         """Each turn of the loop: a CONNACK that has not come within broker.connect_timeout
         ends the attempt (one WARNING), and the loop retries with its backoff. Without this,
         paho waited a whole keepalive and said the broker closed the connection."""
@@ -177,6 +195,19 @@ class BrokerSession:
                     "(an overloaded broker, or not an MQTT broker on this port?)", b.host, b.port,
                     float(b.connect_timeout), " (TLS completed)" if b.tls is not None else "")
         drop_connection(self.client)
+
+    def lost(self) -> None:
+        """The connection ended (paho's on_disconnect, or the loop found the socket gone)."""
+        self.connected = False
+        self.counters.connected = False
+        self.counters.subscribed = False
+        self.receiver.connection_lost()
+
+    def note(self, text: str) -> None:
+        """A way this broker differs: one WARNING line, once, and listed in the stats."""
+        if text not in self.counters.broker_notes:
+            log.warning("%s", text)
+            self.counters.broker_notes.append(text)
 
     # -- paho callbacks ---------------------------------------------------------------
 
@@ -201,8 +232,7 @@ class BrokerSession:
         for note in connack_notes(session_present=flags.session_present, expect_session=self.expect_session,
                                   first=c.connects == 1, mqtt5=self.broker.mqtt5,
                                   props=properties.json() if properties is not None else {},
-                                  asked_expiry=int(self.broker.session_expiry),
-                                  client_id=client_id(self.smap, self.shard)):
+                                  asked_expiry=int(self.broker.session_expiry), client_id=self.client_id):
             self.note(note)
         c.session_present = flags.session_present
         self.expect_session = True
@@ -211,13 +241,14 @@ class BrokerSession:
         self._granted = frozenset()
         self._stale = ()
         if flags.session_present:  # filters of an older prefix stay in the session until unsubscribed
-            if stale := stale_filters(self._memo, client_id(self.smap, self.shard), wanted):
+            if stale := stale_filters(self._memo, self.client_id, wanted):
                 log.info("unsubscribing from %s: kept by the broker's session, no longer this shard's",
                          ", ".join(stale))
                 self._stale = tuple(stale)
                 self._unsubscribe_mid = _mid(client.unsubscribe(stale))
-        self.skip_retained = skip_retained(self.shard.retained, flags.session_present, self._memo,
-                                           client_id(self.smap, self.shard), topic)
+        assert self.client is not None
+        self.receiver.connection_up(self.client, skip_retained(self.shard.retained, flags.session_present,
+                                                               self._memo, self.client_id, topic))
         if self.broker.mqtt5:
             options = SubscribeOptions(qos=self.shard.qos, retainHandling=_RETAIN_HANDLING[self.shard.retained])
             self._subscribe_mid = _mid(client.subscribe(topic, options=options))
@@ -238,38 +269,6 @@ class BrokerSession:
         self._unsubscribe_mid = -1
         self._stale = ()
         self._remember()
-
-    # -- the broker's in-flight cap (brokercheck.InflightProbe) ----------------------------
-
-    def _inflight_step(self, step: int) -> None:
-        """The probe changed how many messages a batch may hold: a test begun, a cap found,
-        kept after a test, or dropped."""
-        self.batch_step = step
-        self.flush_at = self.pending + step
-        cap, known = self.probe.cap, self.counters.inflight_cap
-        if cap is not None and known is None:
-            self.counters.inflight_cap = cap
-            self.note(_cap_note(cap, self.batch_max))
-        elif cap is None and known is not None:
-            self.counters.inflight_cap = None
-            notes = self.counters.broker_notes
-            if (text := _cap_note(known, self.batch_max)) in notes:
-                notes.remove(text)
-            log.warning("the broker sent more than %d unacknowledged messages at once: it has no such "
-                        "in-flight cap (any more); flushing by batch.max_messages %d again", known,
-                        self.batch_max)
-
-    def _recheck_inflight(self, now: float) -> None:
-        """About once a heartbeat: let one batch grow past a cap found, to see if it still holds."""
-        if self.probe.recheck(now, self.counters.acked):
-            self.batch_step = self.probe.step()
-            self.flush_at = self.pending + self.batch_step
-
-    def note(self, text: str) -> None:
-        """A way this broker differs: one WARNING line, once, and listed in the stats."""
-        if text not in self.counters.broker_notes:
-            log.warning("%s", text)
-            self.counters.broker_notes.append(text)
 
     def on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                      reasons: list, properties: Properties | None) -> None:
@@ -295,42 +294,30 @@ class BrokerSession:
         self.counters.subscribed = True
         self._granted |= {subscription(self.shard.branch)}
         self._remember()
-        self._write_stats()
+        self.write_stats()
 
     def on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
                       reason: object, properties: Properties | None) -> None:
         error = self.paho_errors.take()
-        if self.connected and self._sys_mid != -1 and not self.stop_requested:
+        stopping = self.stopping()
+        if self.connected and self._sys_mid != -1 and not stopping:
             self.watch_sys = False  # iotcore (rumqttd) does this: never ask again in this process
             self.note(f"the broker closed the connection on the subscription to {SYS_DROPPED} instead of "
                       "answering it; not asking again (set broker.sys_topics: false for this broker)")
-        elif self.connected and not self.stop_requested:
+        elif self.connected and not stopping:
             log.warning("disconnected from the broker: %s%s", reason, f" ({error})" if error else "")
         elif self._attempt_failed is not None:
             pass  # a refusal or a missing CONNACK, already said with its reason
-        elif not self.stop_requested:
+        elif not stopping:
             log.warning("broker %s:%s closed the connection before accepting it: %s; retrying (TLS client "
                         "certificate, credentials, or the broker's limits?)", self.broker.host,
                         self.broker.port, error or reason)
         self._sys_mid = -1
         self._connack_due = None
-        self._lost_connection()
+        self.lost()
 
-    def _broker_dropped(self, payload: bytes) -> None:
-        try:
-            n = int(payload)
-        except ValueError:
-            return
-        before = self.counters.broker_dropped
-        self.counters.broker_dropped = n
-        if before is not None and n > before:
-            log.warning("the broker dropped %d message(s) (%s now %d): messages queued for offline "
-                        "sessions may be lost; raise mosquitto's max_queued_messages", n - before,
-                        SYS_DROPPED, n)
-        elif before is None and n:
-            log.warning("the broker has dropped %d message(s) since it started (%s)", n, SYS_DROPPED)
-
-    def _disconnect(self) -> None:
+    def disconnect(self) -> None:
+        """At stop: DISCONNECT (after the PUBACKs queued), keeping the session on the broker."""
         client = self.client
         assert client is not None
         if client.socket() is not None:
@@ -340,6 +327,23 @@ class BrokerSession:
             deadline = time.monotonic() + 5.0
             while client.socket() is not None and time.monotonic() < deadline:
                 client.loop(0.05)
+
+
+def broker_dropped(counters: Counters, payload: bytes) -> None:
+    """A message of the $SYS dropped counter (SYS_DROPPED): the broker's count, and a WARNING
+    when it grew."""
+    try:
+        n = int(payload)
+    except ValueError:
+        return
+    before = counters.broker_dropped
+    counters.broker_dropped = n
+    if before is not None and n > before:
+        log.warning("the broker dropped %d message(s) (%s now %d): messages queued for offline "
+                    "sessions may be lost; raise mosquitto's max_queued_messages", n - before,
+                    SYS_DROPPED, n)
+    elif before is None and n:
+        log.warning("the broker has dropped %d message(s) since it started (%s)", n, SYS_DROPPED)
 
 
 #: the shard's ``retained`` -> MQTT 5 Retain Handling (0: at every subscribe, 1: only for a new

@@ -687,11 +687,12 @@ def test_rotate_operation_in_another_format(fmt_name: str, tmp_path: Path) -> No
     import msgspec
 
     from shardlog.control.operations import Operations
+    from shardlog.recording.loop import prepare_root
     from shardlog.recording.recorder import Recorder
     smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
                                   "format": fmt_name}]}, env={})
     rec = Recorder(smap, smap.shards[0])
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     rec.ops = Operations(rec, None)
     try:
         for i in range(3):

@@ -327,6 +327,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     """A real Recorder and store, a real client on a socketpair (no broker): a message that
     a hook turns into a record of a known topic and one of a new topic (held by the preparer)
     is acknowledged only once both are written, and once."""
+    from shardlog.recording.loop import prepare_root
     from shardlog.recording.recorder import Recorder
 
     (tmp_path / "hk").mkdir()
@@ -337,7 +338,7 @@ def test_a_fanned_out_message_is_acked_after_its_last_record(tmp_path: Path,
     rec = Recorder(smap, smap.shards[0])
     chain = rec.install_hooks()
     assert rec.hooks is not None and chain is not None
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     assert rec.store is not None
     gate = gate_preparer(monkeypatch)
     pair = SocketpairClient(rec)
@@ -409,6 +410,7 @@ def test_a_journaled_shard_runs_its_hooks_and_acks_once_everything_is_journaled(
     """The one per-message path serves a journal too: what the hooks make of a message
     (changed, fanned out into a new topic, dropped, failed) is journaled, acknowledged in
     arrival order once journaled, and the materializer puts it in the topic files."""
+    from shardlog.recording.loop import prepare_root
     from shardlog.recording.recorder import Recorder
 
     (tmp_path / "hk").mkdir()
@@ -424,7 +426,7 @@ def test_a_journaled_shard_runs_its_hooks_and_acks_once_everything_is_journaled(
     rec = Recorder(smap, smap.shards[0])
     chain = rec.install_hooks()
     assert chain is not None
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     rec.store.start_preparer()  # type: ignore[union-attr]
     rec.sink.start()
     pair = SocketpairClient(rec)

@@ -337,13 +337,14 @@ def test_control_operations_see_every_journaled_record_and_nothing_comes_back(tm
     nothing journaled before it is written after it), and a restart replays nothing of
     the deleted branch."""
     from shardlog.control.operations import Operations
+    from shardlog.recording.loop import prepare_root
     from shardlog.recording.recorder import Recorder
 
     def start() -> Recorder:
         smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
                                       "journal": {"enabled": True}}]}, env={})
         r = Recorder(smap, smap.shards[0])
-        r.open_store(*r._prepare_root())
+        r.open_store(*prepare_root(r.shard))
         assert r.store is not None
         r.store.start_preparer()
         r.sink.start()

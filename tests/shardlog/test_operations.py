@@ -16,6 +16,7 @@ from shardlog.config.load import parse_map
 from shardlog.control.channel import ControlSocket
 from shardlog.control.operations import ASIDE, Operations
 from shardlog.ondisk.segments import LOCK, QUARANTINE, TOPIC_FILE
+from shardlog.recording.loop import prepare_root
 from shardlog.recording.recorder import Recorder
 from shardlog.topics import topic_to_relpath
 from tests.helpers import wait_for
@@ -28,7 +29,7 @@ def rec(tmp_path: Path) -> Recorder:
                                  {"name": "rest", "prefix": "#", "root": str(tmp_path / "data")}],
                       "control": {"mqtt": True}}, env={})
     r = Recorder(smap, smap.shards[0])
-    r.open_store(*r._prepare_root())
+    r.open_store(*prepare_root(r.shard))
     r.ops = Operations(r, None)
     yield r
     assert r.store is not None
@@ -173,7 +174,7 @@ def test_the_control_topic_is_never_recorded(tmp_path: Path) -> None:
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data")}],
                       "control": {"mqtt": True, "reply_topic": "answers/{host}"}}, env={})
     r = Recorder(smap, smap.shards[0])
-    r.open_store(*r._prepare_root())
+    r.open_store(*prepare_root(r.shard))
     for t in ("shardlog/control/web1", "shardlog/control/web1/reply", "answers/web1", "shardlog/x"):
         send(r, t, 1)
     assert r.store is not None

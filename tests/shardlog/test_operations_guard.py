@@ -17,13 +17,14 @@ from shardlog.config.load import parse_map
 from shardlog.control.operations import Operations
 from shardlog.ondisk.segments import LOCK
 from shardlog.recording.lock import ShardLock
+from shardlog.recording.loop import prepare_root
 from shardlog.recording.recorder import Recorder
 
 
 def recorder(root: Path, prefix: str) -> Recorder:
     smap = parse_map({"shards": [{"name": "s", "prefix": prefix, "root": str(root)}]}, env={})
     r = Recorder(smap, smap.shards[0])
-    r.open_store(*r._prepare_root())
+    r.open_store(*prepare_root(r.shard))
     r.ops = Operations(r, None)
     return r
 

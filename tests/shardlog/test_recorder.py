@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from shardlog.config.load import parse_map
+from shardlog.recording.loop import prepare_root
 from shardlog.recording.recorder import Recorder
 from shardlog.records import decode_record
 from shardlog.topics import HashedNameError, relpath_to_topic
@@ -238,7 +239,7 @@ def test_topics_a_broker_may_deliver_are_stored_or_quarantined(tmp_path: Path) -
     should refuse): driven through on_message with real paho messages, no network."""
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data")}]}, env={})
     rec = Recorder(smap, smap.shards[0])
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     odd = [t for t in hostile.HOSTILE_TOPICS if not deliverable(t) and not t.startswith("$")]
     raw_topics = [t.encode() for t in odd] + hostile.INVALID_TOPIC_BYTES
     for i, raw in enumerate(raw_topics):
@@ -326,7 +327,7 @@ def test_records_waiting_for_new_topics_are_bounded(tmp_path: Path) -> None:
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data"),
                                   "batch": {"max_messages": 10}}]}, env={})
     rec = Recorder(smap, smap.shards[0])
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     assert rec.store is not None
     rec.store.start_preparer()
     rec.sink.max_waiting = 50
@@ -349,7 +350,7 @@ def test_ids_of_waiting_topics_are_acked_once_after_their_write(tmp_path: Path,
     every PUBACK in the order of the PUBLISHes (MQTT 5 4.6.0-2): a held id holds back later ones."""
     smap = parse_map({"shards": [{"name": "all", "prefix": "#", "root": str(tmp_path / "data")}]}, env={})
     rec = Recorder(smap, smap.shards[0])
-    rec.open_store(*rec._prepare_root())
+    rec.open_store(*prepare_root(rec.shard))
     assert rec.store is not None
     gate = gate_preparer(monkeypatch)
     pair = SocketpairClient(rec)
