@@ -330,3 +330,4 @@ class JournalSink:
         m = self.materializer
         counters.topics_cached = len(m.states)
         counters.journal_lag_bytes = m.lag_bytes()
+        self.store.report_recent(now, counters)  # the materializer's +recent.json files (its thread's queue)

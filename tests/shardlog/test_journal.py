@@ -387,3 +387,35 @@ def test_journal_refuses_what_it_cannot_replay_and_takes_hooks() -> None:
     smap = parse_map({"shards": [{"name": "s", "prefix": "#", "journal": {"enabled": True}, "hooks": ["drop"]}]},
                      env={})
     assert smap.shards[0].journal.enabled and smap.shards[0].hooks
+
+
+def test_a_journaled_shard_reports_its_stale_recent_files(tmp_path: Path) -> None:
+    """recent_lag and recent_stale (stats, /metrics) count the materializer's +recent.json
+    files too: a journaled shard used to report 0 stale whatever its files' state."""
+    from shardlog.recording.loop import prepare_root
+    from shardlog.recording.recorder import Recorder
+
+    smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"),
+                                  "recent_interval": "1h", "journal": {"enabled": True}}]}, env={})
+    r = Recorder(smap, smap.shards[0])
+    r.open_store(*prepare_root(r.shard))
+    r.sink.start()
+    log_file = tmp_path / "data" / "a" / "x" / "+log.jsonl"
+
+    def records() -> int:
+        return len(log_file.read_bytes().splitlines()) if log_file.exists() else 0
+    try:
+        for i in (1, 2):  # the first +recent.json is written at once, the second is held (1h)
+            r.on_publish(b"a/x", b'{"i":%d}' % i, 1, i, False, False)
+            r.flush()
+            wait_for(lambda i=i: records() == i, 10, f"record {i} in the topic file")
+        c = r.counters
+
+        def reported() -> bool:
+            r.sink.housekeeping(time.monotonic(), c)
+            return c.recent_stale == 1 and c.recent_lag > 0
+        wait_for(reported, 10, "the held +recent.json reported stale, with its lag")
+        recent = json.loads((log_file.parent / "+recent.json").read_bytes())
+        assert [x["payload"]["i"] for x in recent] == [1]
+    finally:
+        r.sink.close()
