@@ -17,7 +17,8 @@ nginx=$(command -v nginx || echo /usr/sbin/nginx)
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/shardlog-nginx.XXXXXX")
 pid=""
-trap '[ -z "$pid" ] || { kill -TERM "$pid" 2>/dev/null; wait "$pid" || true; }; rm -rf "$tmp"' EXIT
+# (|| true: under set -e a failed kill, nginx already gone after the same Ctrl-C, made the exit 1, not 130)
+trap '[ -z "$pid" ] || { kill -TERM "$pid" 2>/dev/null || true; wait "$pid" || true; }; rm -rf "$tmp"' EXIT
 interrupted=""
 trap 'interrupted=1' INT TERM  # Ctrl-C: exit 130 below, also when nginx (same group) exits first
 # the shipped config, pointed at ROOT and deploy/www/ (both of its roots become ROOT: the example
