@@ -25,8 +25,9 @@ import typing
 
 from shardlog.ondisk import segments
 from shardlog.topics import TopicError
+from shardlog.writing.appending import append_all, left_longer
 from shardlog.writing.topic_state import TopicState
-from shardlog.writing.topicfiles import TopicFiles, append_all
+from shardlog.writing.topicfiles import TopicFiles
 
 
 class Job:
@@ -131,7 +132,8 @@ class Preparer:
         try:
             append_all(fd, data, size, 0, st.relpath)
         except OSError:  # the recording thread retries, and reports it as its own write would
-            st.loaded = False  # its next open checks the tail again (cut, if the cut-back failed)
+            if left_longer(fd, size):  # not cut back: its next open cuts it (appending.py)
+                st.cut_to = size
             return False
         st.size = size + n
         return True

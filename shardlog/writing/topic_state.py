@@ -39,7 +39,7 @@ class TopicState:
 
     __slots__ = ("topic", "relpath", "path", "lines", "mids", "held", "dirty", "fd", "size", "size_known",
                  "first_ts", "last_ts", "recent", "recent_dirty", "recent_queued", "recent_gone",
-                 "recent_at", "recent_versions", "recent_new", "loaded", "prep")
+                 "recent_at", "recent_versions", "recent_new", "loaded", "prep", "cut_to")
 
     def __init__(self, topic: str, relpath: str, path: str, recent: int) -> None:
         self.topic = topic
@@ -67,5 +67,8 @@ class TopicState:
         self.recent_versions: set[tuple[int, int]] | None = None
         self.recent_new = False       # its directory was made by this process: no +recent.json there yet
         self.loaded = False           # tail repaired and recent loaded (once per state)
+        #: a failed write left a part of its batch at the end (the disk refused the cut back):
+        #: the current segment's size to cut back to at the next open (-1: none)
+        self.cut_to = -1
         #: background preparation (Preparer): None, a Job while queued, or its Prepared result
         self.prep: object = None

@@ -22,6 +22,7 @@ from shardlog.ondisk import formats, segments
 from shardlog.ondisk.segments import RECENT, RECENT_TMP, TOPIC_FILE
 from shardlog.topics import TopicError, is_hashed_name, safe_join
 from shardlog.writing import retention, topic_load
+from shardlog.writing.appending import append_all, cut_back, left_longer
 from shardlog.writing.atomic import create_new, swap_in
 from shardlog.writing.compressor import Compressor
 from shardlog.writing.topic_state import TopicState
@@ -148,7 +149,12 @@ class TopicFiles:
         st.size = offset + len(out)
 
     def append_rest(self, st: TopicState, data: bytes, before: int, done: int) -> None:
-        append_all(st.fd, data, before, done, st.relpath)
+        try:
+            append_all(st.fd, data, before, done, st.relpath)
+        except OSError:
+            if left_longer(st.fd, before):  # not cut back: the next open cuts it (appending.py)
+                st.cut_to = before
+            raise
         st.size = before + len(data)
 
     # -- opening ------------------------------------------------------------------
@@ -168,6 +174,8 @@ class TopicFiles:
             fd = self.open_segment(path)
         if not (st.size_known and self.plain):  # else: the size it had when evicted (one writer)
             st.size = self.regular_size(fd)
+        if st.cut_to >= 0:  # a failed write the disk would not let us cut back (appending.py)
+            self.cut_partial(st, fd, path)
         st.fd = fd
         st.size_known = False
         if not created and not st.loaded and st.size == 0:
@@ -196,6 +204,17 @@ class TopicFiles:
                 reason = "not a regular file" if exc.errno in (errno.ELOOP, errno.ENXIO) else exc.strerror
                 raise TopicError(f"cannot open {self.current}: {reason}") from None
             raise
+
+    def cut_partial(self, st: TopicState, fd: int, path: str) -> None:
+        """Cut the current segment back to ``st.cut_to`` (``fd`` closed if the disk still refuses)."""
+        try:
+            st.size, cut = cut_back(fd, path, st.cut_to)
+        except OSError:
+            os.close(fd)
+            raise
+        st.cut_to = -1
+        if cut:
+            self.on_torn(st, cut)
 
     def regular_size(self, fd: int) -> int:
         """The size of the segment open at ``fd``; a TopicError (``fd`` closed) if it is
@@ -362,18 +381,3 @@ class TopicFiles:
         except OSError as exc:
             # data may not be on disk: keep the whole batch unacknowledged by failing loudly
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}") from exc
-
-
-def append_all(fd: int, data: bytes, before: int, done: int, name: str) -> None:
-    """Append ``data[done:]`` at ``fd`` (the file was ``before`` long); on failure cut it back to it."""
-    view = memoryview(data)[done:]
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        if len(view) < len(data):  # part of it was written: cut it off
-            try:
-                os.ftruncate(fd, before)
-            except OSError as exc2:  # the disk refuses even that: cut when reopened
-                log.error("cannot cut %s back after a failed write: %s", name, exc2)
-        raise

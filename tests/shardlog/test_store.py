@@ -447,10 +447,13 @@ def test_preparer_writes_a_new_topics_first_records_itself(tmp_path: Path,
     store.close()
 
 
-def test_preparer_write_refused_leaves_them_to_the_recording_thread(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cut_refused", [False, True], ids=["cut-back", "cut-back-refused"])
+def test_preparer_write_refused_leaves_them_to_the_recording_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   cut_refused: bool) -> None:
     """A write the disk refuses in the preparer thread leaves no partial line; its records
-    go back, still held, in front of the newer ones, and the next flush writes them."""
+    go back, still held, in front of the newer ones, and the next flush writes them. When
+    the disk refuses the cut back too, the recording thread's open cuts the partial line
+    (quarantined) before it writes them."""
     import shardlog.writing.preparer as preparer_mod
 
     store, _ = make(tmp_path)
@@ -465,6 +468,11 @@ def test_preparer_write_refused_leaves_them_to_the_recording_thread(tmp_path: Pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(preparer_mod.os, "write", half_then_full, raising=True)
+    real_truncate = os.ftruncate
+    if cut_refused:
+        def refused(fd: int, size: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(preparer_mod.os, "ftruncate", refused)
     states: dict[str, TopicState] = {}
     want = put(store, states, "w", 3)
     assert store.flush(T0, 0.0) == {1, 2, 3}
@@ -474,9 +482,14 @@ def test_preparer_write_refused_leaves_them_to_the_recording_thread(tmp_path: Pa
     assert store.preparer is not None
     store.preparer.wait_idle()
     monkeypatch.setattr(preparer_mod.os, "write", real_write)
-    assert len(calls) == 2 and (tmp_path / "w" / "+log.jsonl").read_bytes() == b""  # cut back
+    monkeypatch.setattr(preparer_mod.os, "ftruncate", real_truncate)
+    left = (tmp_path / "w" / "+log.jsonl").read_bytes()
+    assert len(calls) == 2 and (left != b"" if cut_refused else left == b"")  # cut back, unless refused
     assert store.flush(T0, 2.0) == set() and store.released == [1, 2, 3, 4]
     assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    if cut_refused:  # the partial line: cut at the next open, kept in the quarantine
+        q = [json.loads(x) for x in (tmp_path / "+quarantine.jsonl").read_bytes().splitlines()]
+        assert [r["reason"] for r in q] == ["torn tail of w"]
     store.close()
 
 
@@ -585,4 +598,44 @@ def test_a_waiting_flush_prepares_queued_topics_in_its_own_thread(tmp_path: Path
     assert not waiter.is_alive() and store.flush(T0, 1.0) == set() and len(store.released) == 30
     for topic, lines in want.items():
         assert (tmp_path / topic / "+log.jsonl").read_bytes().splitlines(keepends=True) == lines
+    store.close()
+
+
+def test_a_write_that_cannot_be_cut_back_is_cut_at_the_next_open(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a batch written, then ENOSPC, and the disk refuses even the ftruncate that would
+    cut it back: the partial line must not stay in the middle of the file. The topic is
+    reopened as on its first open: the partial line is cut off and quarantined, the batch
+    written again after the last whole record, and acknowledged then."""
+    from shardlog.writing import topicfiles
+    store, c = make(tmp_path)
+    states: dict[str, TopicState] = {}
+    want = put(store, states, "w", 1)
+    assert store.flush(T0, 0.0) == set()
+    real_write, real_truncate = os.write, os.ftruncate
+
+    calls: list[int] = []
+
+    def part_then_full(fd: int, data: bytes) -> int:  # a part of a line written, then ENOSPC
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[:len(data) // 2 + 5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def refused(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(topicfiles.os, "write", part_then_full)
+    monkeypatch.setattr(topicfiles.os, "ftruncate", refused)
+    want += put(store, states, "w", 2, start=1)
+    assert store.flush(T0, 1.0) == {2, 3}
+    monkeypatch.setattr(topicfiles.os, "write", real_write)
+    monkeypatch.setattr(topicfiles.os, "ftruncate", real_truncate)
+    torn = (tmp_path / "w" / "+log.jsonl").read_bytes()
+    assert len(torn) > len(want[0]) and not torn.endswith(b"\n")  # the partial line is there
+    assert store.flush(T0, 2.0) == set() and store.take_released() == [2, 3]
+    assert (tmp_path / "w" / "+log.jsonl").read_bytes().splitlines(keepends=True) == want
+    assert c.repaired == 1
+    q = [json.loads(x) for x in (tmp_path / "+quarantine.jsonl").read_bytes().splitlines()]
+    assert len(q) == 1 and q[0]["reason"] == "torn tail of w"
     store.close()
