@@ -285,6 +285,7 @@ class Operations:
         whole = os.path.realpath(path) == os.path.realpath(store.branch_root)
         self._ours(path, prefix, whole_branch=whole)
         self._let_go(affected)
+        store.retarget_recent_left(os.path.relpath(path, store.root), None)  # a stop's stale +recent.json
         aside = os.path.join(store.root, f"{ASIDE}{self.rec.shard.name}.{secrets.token_hex(6)}")
         with self._compressor_lock():
             if whole:
@@ -337,6 +338,7 @@ class Operations:
                 rename_noreplace(src_path, dst_path)
             except FileExistsError:
                 raise Refused(f"dst {dst!r} exists already (a move never merges or overwrites)") from None
+        store.retarget_recent_left(os.path.relpath(src_path, store.root), os.path.relpath(dst_path, store.root))
         fixed = _retarget_topic_files(dst_path, src, dst)
         return {"moved": True, "topics_closed": len(affected), **({"topic_files": fixed} if fixed else {})}
 

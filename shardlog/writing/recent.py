@@ -156,27 +156,45 @@ class RecentFiles:
                 return now + RETRY_AFTER
             if now >= until:
                 return now
-            relpath, body = left[0]
-            try:
-                path = safe_join(self.files.root, relpath)
-                with self.lock:
+            with self.lock:  # (a move or delete changes the entries under it: retarget_left)
+                if not left:
+                    break
+                relpath, body = left[0]
+                try:
+                    path = safe_join(self.files.root, relpath)
                     if os.path.isdir(path):
                         swap_in(os.path.join(path, RECENT), os.path.join(path, RECENT_TMP), body, set())
-            except (FileNotFoundError, NotADirectoryError):
-                pass  # went meanwhile
-            except OSError as exc:
-                if self.refused is None:
-                    self.counters.errors += 1
-                    log.warning("%s: cannot replace %s: %s (retrying)", relpath, RECENT, exc.strerror or exc)
-                self.refused = f"{relpath}/{RECENT}: {exc.strerror or exc}"
-                return now + RETRY_AFTER
-            except ValueError:  # TopicError: no path of this root (any more)
-                pass
-            left.popleft()
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # went meanwhile
+                except OSError as exc:
+                    if self.refused is None:
+                        self.counters.errors += 1
+                        log.warning("%s: cannot replace %s: %s (retrying)", relpath, RECENT, exc.strerror or exc)
+                    self.refused = f"{relpath}/{RECENT}: {exc.strerror or exc}"
+                    return now + RETRY_AFTER
+                except ValueError:  # TopicError: no path of this root (any more)
+                    pass
+                left.popleft()
             self.written += 1
             self.refused = None
         self._unlink_left()
         return None
+
+    def retarget_left(self, relpath: str, to: str | None) -> None:
+        """The directory ``relpath`` is being deleted (``to`` None) or moved to ``to``: what a
+        previous stop left for the topics under it is dropped, or goes with them. Else a topic
+        deleted and speaking again could get its deleted records back in +recent.json."""
+        self._load_left()
+        with self.lock:
+            kept = []
+            for name, body in self.left:
+                if name == relpath or name.startswith(relpath + "/"):
+                    if to is None:
+                        continue
+                    name = to + name[len(relpath):]
+                kept.append((name, body))
+            self.left.clear()
+            self.left.extend(kept)
 
     def _unlink_left(self) -> None:
         if self.left_path is not None:

@@ -252,7 +252,7 @@ class Store:
             else:
                 released.extend(q_held)
         if self.fsync:
-            problem = self._sync(written) or problem
+            self.files.sync(written)  # raises: the whole batch stays unacknowledged
         for st in written:
             self._after_write(st, now_mono)
         if written:
@@ -315,10 +315,6 @@ class Store:
         self.counters.quarantined += len(self.quarantine_lines)
         self.quarantine_lines, self.quarantine_mids, self.quarantine_held = [], [], []
 
-    def _sync(self, written: list[TopicState]) -> str | None:
-        self.files.sync(written)  # raises: the whole batch stays unacknowledged
-        return None
-
     def _after_write(self, st: TopicState, now_mono: float) -> None:
         self.files.touch(st)
         if st.recent_dirty:
@@ -377,6 +373,10 @@ class Store:
             self.dirty = [d for d in self.dirty if d is not st]
             st.dirty = False
         self.waiting_lines -= self.waiting.pop(st, 0)  # none: callers flush(wait=True) first
+
+    def retarget_recent_left(self, relpath: str, to: str | None) -> None:
+        """The directory ``relpath`` is deleted (``to`` None) or moved: RecentFiles.retarget_left."""
+        self.recent.retarget_left(relpath, to)
 
     def write_recent_now(self, st: TopicState) -> None:
         """Write a held-back +recent.json now (before its directory moves)."""

@@ -182,3 +182,22 @@ def test_the_control_topic_is_never_recorded(tmp_path: Path) -> None:
     assert sorted(p.parent.relative_to(tmp_path / "data").as_posix()
                   for p in (tmp_path / "data").rglob("+log.jsonl")) == ["shardlog/x"]
     assert r.counters.discarded == 3
+
+
+def test_what_a_stop_left_stale_follows_a_move_and_goes_with_a_delete(rec: Recorder) -> None:
+    """+recent.left (the stale +recent.json files a stop had no time for) is written by the
+    next start's thread: a topic deleted before that must not get its deleted records back
+    (its directory made again meanwhile), and a moved topic's file goes to its new place."""
+    assert rec.store is not None
+    send(rec, "a/x", 1)
+    send(rec, "a/y", 2)
+    old = b'[{"ts":1,"qos":1,"retain":false,"payload":{"i":%d}}]\n'
+    (tdir(rec, "a") / "+recent.left").write_bytes(
+        b'"a/x"\t' + old % 10 + b'"a/y"\t' + old % 20)
+    assert do(rec, op="delete", prefix="a/x")["removed"]
+    assert do(rec, op="move", src="a/y", dst="a/z")["moved"]
+    tdir(rec, "a/x").mkdir()  # made again (a topic speaking, a user's mkdir) before the thread runs
+    rec.store.start_recent_writer()
+    wait_for(lambda: not (tdir(rec, "a") / "+recent.left").exists(), 10, "the thread to write what was left")
+    assert not (tdir(rec, "a/x") / "+recent.json").exists()
+    assert json.loads((tdir(rec, "a/z") / "+recent.json").read_bytes())[0]["payload"]["i"] == 20

@@ -521,7 +521,7 @@ def test_released_ids_survive_a_flush_that_raises(tmp_path: Path, monkeypatch: p
     gate.set()
     assert store.preparer is not None
     store.preparer.wait_idle()
-    monkeypatch.setattr(Store, "_sync", lambda self, written: (_ for _ in ()).throw(OSError(5, "fsync failed")))
+    monkeypatch.setattr(TopicFiles, "sync", lambda self, written: (_ for _ in ()).throw(OSError(5, "fsync failed")))
     with pytest.raises(OSError):
         store.flush(T0, 1.0)
     monkeypatch.undo()
