@@ -79,6 +79,7 @@ class RecorderLoop:
         self.heartbeat = heartbeat
         self.control_path = control_path  # the supervisor's control socket for this shard
         self.stop_requested = False
+        self.exit_code = EX_OK  # EX_SOFTWARE once a worker thread died (_housekeeping)
         self.session = BrokerSession(rec.smap, rec.shard, rec.counters, rec.router, rec.routes, rec,
                                      stopping=self.stopping, write_stats=self.write_stats)
         self.ops = Operations(rec, None)  # with the control socket once started (_run_locked)
@@ -151,7 +152,7 @@ class RecorderLoop:
             self.write_stats()
         log.info("stopped: %d messages, %d acknowledged, %d quarantined",
                  self.counters.messages, self.counters.acked, self.counters.quarantined)
-        return EX_OK
+        return self.exit_code
 
     def _loop(self) -> None:
         rec, session, client = self.rec, self.session, self.session.client
@@ -208,6 +209,14 @@ class RecorderLoop:
         rec = self.rec
         self.counters.topics_cached = len(rec.routes)
         rec.sink.housekeeping(now, self.counters)
+        dead = rec.sink.dead_thread()
+        if dead is not None and not self.stop_requested:
+            # the shard cannot go on as it should: stop it, so the supervisor restarts it (what
+            # is not acknowledged, the broker redelivers); its exit code and log say why
+            log.error("the %s thread died: stopping with exit code %d to be restarted", dead, EX_SOFTWARE)
+            self.counters.errors += 1
+            self.exit_code = EX_SOFTWARE
+            self.stop_requested = True
         # let one batch grow past a cap found, to see if it still holds
         if rec.probe.recheck(now, self.counters.acked):
             rec.set_batch_step(rec.probe.step())

@@ -49,6 +49,16 @@ OPERATION_CATCH_UP = 5.0
 _QUARANTINE = journal.QUARANTINE_KEY + b"\t"
 
 
+def dead_thread(store: Store) -> str | None:
+    """The name of a worker thread of ``store`` that died (None: all alive). Each catches what
+    its work may raise; this is the net under them (the loop stops the shard: exit 70)."""
+    for name, worker in (("preparer", store.preparer), ("+recent.json writer", store.recent),
+                         ("compressor", store.compressor)):
+        if worker is not None and not worker.alive():
+            return name
+    return None
+
+
 class Stamps:
     """Record timestamps (µs), strictly increasing within a shard (what makes a journal's
     replay exact, and the order of a topic file's records unambiguous). The recorder's hot
@@ -104,6 +114,8 @@ class Sink(Protocol):
 
     def housekeeping(self, now: float, counters: Counters) -> None: ...
 
+    def dead_thread(self) -> str | None: ...  # a worker thread that died (sinks.dead_thread)
+
 
 class StoreSink:
     """Records straight into the topic files (shardlog/writing/store.py)."""
@@ -154,6 +166,9 @@ class StoreSink:
     def housekeeping(self, now: float, counters: Counters) -> None:
         self.store.sweep_recent(now)
         self.store.report_recent(now, counters)
+
+    def dead_thread(self) -> str | None:
+        return dead_thread(self.store)
 
 
 class _JournaledStore(Store):
@@ -331,3 +346,6 @@ class JournalSink:
         counters.topics_cached = len(m.states)
         counters.journal_lag_bytes = m.lag_bytes()
         self.store.report_recent(now, counters)  # the materializer's +recent.json files (its thread's queue)
+
+    def dead_thread(self) -> str | None:
+        return "materializer" if not self.materializer.alive() else dead_thread(self.store)

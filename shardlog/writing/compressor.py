@@ -47,6 +47,9 @@ class Compressor:
             except OSError as exc:
                 self.counters.errors += 1
                 log.warning("cannot compress %s: %s", path, exc)
+            except Exception:  # never die silently: the segment stays plain, listed as it is
+                self.counters.errors += 1
+                log.exception("cannot compress %s", path)
 
     @staticmethod
     def compress(path: str) -> None:
@@ -63,6 +66,9 @@ class Compressor:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + ".gz")
             raise
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def stop(self, timeout: float) -> None:
         self.queue.put(None)

@@ -114,6 +114,10 @@ class Materializer:
     def start(self) -> None:
         self.thread.start()
 
+    def alive(self) -> bool:
+        """Started and not dead (before start, and after stop, it is not asked)."""
+        return self.thread.is_alive()
+
     def _run(self) -> None:
         while True:
             with self._cond:

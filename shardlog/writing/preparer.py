@@ -66,6 +66,9 @@ class Preparer:
         for t in self.threads:
             t.start()
 
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
     def submit(self, st: TopicState) -> None:
         self.queue.put(st)
 

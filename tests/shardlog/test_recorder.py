@@ -382,3 +382,37 @@ def test_ids_of_waiting_topics_are_acked_once_after_their_write(tmp_path: Path,
         gate.set()
         rec.store.close()
         pair.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death
+@pytest.mark.parametrize("journal", [False, True], ids=["store", "journal"])
+def test_a_dead_worker_thread_stops_the_shard_with_exit_70(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture, journal: bool) -> None:
+    """A worker thread (here the compressor, killed by what its handlers do not catch) that
+    dies is found at the next housekeeping: the shard stops with exit code 70, so the
+    supervisor restarts it (status: "internal error"), and the log names the thread."""
+    import time
+
+    from shardlog.recording.loop import EX_SOFTWARE, RecorderLoop
+    from shardlog.writing.compressor import Compressor
+
+    smap = parse_map({"shards": [{"name": "a", "prefix": "a", "root": str(tmp_path / "data"), "compress": "gzip",
+                                  "journal": {"enabled": journal}}]}, env={})
+    rec = Recorder(smap, smap.shards[0])
+    loop = RecorderLoop(rec)
+    compressor = rec.open_store(*prepare_root(rec.shard))
+    assert compressor is not None and rec.store is not None
+    rec.store.start_preparer()
+    rec.store.start_recent_writer()
+    rec.sink.start()
+    try:
+        loop._housekeeping(time.monotonic())
+        assert not loop.stop_requested and rec.sink.dead_thread() is None
+        monkeypatch.setattr(Compressor, "compress", staticmethod(lambda path: sys.exit(1)))
+        compressor.submit(str(tmp_path / "nothing"))
+        wait_for(lambda: not compressor.alive(), 10, "the compressor thread to die")
+        loop._housekeeping(time.monotonic())
+        assert loop.stop_requested and loop.exit_code == EX_SOFTWARE
+        assert "the compressor thread died: stopping with exit code 70" in caplog.text
+    finally:
+        rec.sink.close()
