@@ -171,8 +171,10 @@ def settle(files: TopicFiles, st: TopicState, prep: Prepared, now_us: int, relea
     written lines into the counters and the recent records, their ids into ``released``
     (acknowledge them); unwritten ones back in front of the buffer, held (written next)."""
     job = prep.job
-    if prep.created and files.fsync:
-        files.dirs_to_sync.add(st.path)
+    if prep.created:  # as open_fd: no +recent.json there yet (created, not swapped in)
+        st.recent_new = True
+        if files.fsync:
+            files.dirs_to_sync.add(st.path)
     if prep.torn is not None:
         files.on_torn(st, prep.torn)  # the store quarantines it
     if job is None:

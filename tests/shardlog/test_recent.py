@@ -178,8 +178,9 @@ def etag(path: Path) -> tuple[int, int]:
     return st.st_mtime_ns // 1_000_000_000, st.st_size
 
 
-def test_a_new_topics_first_recent_file_is_created_then_swapped(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("preparer", [False, True], ids=["opened-in-the-flush", "by-the-preparer"])
+def test_a_new_topics_first_recent_file_is_created_then_swapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                preparer: bool) -> None:
     """A topic whose directory this process made gets its first +recent.json through
     create_new (five system calls, not swap_in's nine); every later one is swapped in; a
     topic found on disk is never given create_new's first write (its old version must keep
@@ -190,9 +191,13 @@ def test_a_new_topics_first_recent_file_is_created_then_swapped(tmp_path: Path,
         real = getattr(topicfiles, name)
         monkeypatch.setattr(topicfiles, name, lambda p, *a, _n=name, _r=real: (calls.append((_n, p)), _r(p, *a))[1])
     store, _ = make(tmp_path, recent=3, recent_interval=0)
+    if preparer:  # the recorder's case: a new topic's directory is made by the preparer thread
+        store.start_preparer()
     states: dict[str, TopicState] = {}
     put(store, states, "new/a", 2)
     store.flush(T0, time.monotonic())
+    if preparer:
+        store.flush(T0, time.monotonic(), wait=True)
     put(store, states, "new/a", 1, start=2)
     store.flush(T0, time.monotonic())
     assert [n for n, _ in calls] == ["create_new", "swap_in"], calls
